@@ -1,0 +1,145 @@
+"""The job contract: one pydantic model, validated at submit time and again by the worker.
+
+Seed mapping: `seed` seeds one `numpy.random.default_rng(seed)` shared by every prior run of the job
+(in input order, then the negative), and a second, fresh `default_rng(seed)` for the decoder. With no
+seed the worker derives one from the task id (stable across redeliveries) and reports it in the result.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import re
+from typing import Annotated, Literal
+from urllib.parse import urlsplit
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from kiq.errors import JobInvalid
+
+MAX_INPUTS = 16
+MAX_PROMPT_CHARS = 1000
+MAX_REF_CHARS = 2048
+MAX_DATA_URI_BYTES = 4 * 1024 * 1024
+MAX_WEIGHT = 100.0
+MIN_SIDE, MAX_SIDE, SIDE_STEP = 64, 2048, 64
+MAX_PRIOR_STEPS, MAX_DECODER_STEPS = 200, 500
+MAX_GUIDANCE = 50.0
+MAX_NUM_IMAGES = 8
+MAX_SEED = 2**32 - 1
+
+OutputFormat = Literal["png", "jpeg", "webp"]
+_DATA_URI = re.compile(r"data:image/[a-z0-9.+-]+;base64,(?P<payload>.*)", re.IGNORECASE | re.DOTALL)
+
+
+class JobInput(BaseModel):
+    """One conditioning input: exactly one of `text` or `image`, with its interpolation weight."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    text: str | None = Field(default=None, max_length=MAX_PROMPT_CHARS)
+    image: str | None = Field(default=None, max_length=MAX_REF_CHARS + MAX_DATA_URI_BYTES * 4 // 3 + 64)
+    weight: float = Field(allow_inf_nan=False, ge=-MAX_WEIGHT, le=MAX_WEIGHT)
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> JobInput:
+        if (self.text is None) == (self.image is None):
+            raise ValueError("give exactly one of 'text' or 'image'")
+        if self.text is not None and not self.text.strip():
+            raise ValueError("'text' must not be empty")
+        return self
+
+    @field_validator("image")
+    @classmethod
+    def _image_reference(cls, ref: str | None) -> str | None:
+        if ref is not None:
+            check_image_reference(ref)
+        return ref
+
+
+def check_image_reference(ref: str) -> None:
+    """Refuse references the worker could never read, with the reason."""
+    if ref[:5].lower() == "data:":
+        _check_data_uri(ref)
+        return
+    if len(ref) > MAX_REF_CHARS:
+        raise ValueError(f"image reference is longer than {MAX_REF_CHARS} characters")
+    parts = urlsplit(ref)
+    if parts.scheme in ("http", "https"):
+        if not parts.hostname:
+            raise ValueError(f"image URL has no host: {ref!r}")
+    elif parts.scheme == "s3":
+        if not parts.netloc or not parts.path.strip("/"):
+            raise ValueError(f"s3 reference must be s3://bucket/key, got {ref!r}")
+    else:
+        raise ValueError(f"unsupported image reference scheme {parts.scheme!r}: use https://, s3:// or data:image/…")
+
+
+def _check_data_uri(ref: str) -> None:
+    match = _DATA_URI.fullmatch(ref)
+    if match is None:
+        raise ValueError("data URI must look like data:image/<type>;base64,<payload>")
+    try:
+        payload = base64.b64decode(match["payload"], validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise ValueError(f"data URI payload is not valid base64: {exc}") from None
+    if not payload:
+        raise ValueError("data URI payload is empty")
+    if len(payload) > MAX_DATA_URI_BYTES:
+        raise ValueError(f"data URI image is over {MAX_DATA_URI_BYTES} bytes: upload it to S3 and use s3://")
+
+
+Side = Annotated[int, Field(ge=MIN_SIDE, le=MAX_SIDE, multiple_of=SIDE_STEP)]
+Guidance = Annotated[float, Field(ge=0.0, le=MAX_GUIDANCE, allow_inf_nan=False)]
+
+
+class Job(BaseModel):
+    """An interpolation job. Defaults follow the Kandinsky 2.2 pipelines' own defaults."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    inputs: list[JobInput] = Field(min_length=1, max_length=MAX_INPUTS)
+    negative_prompt: str = Field(default="", max_length=MAX_PROMPT_CHARS)
+    height: Side = 768
+    width: Side = 768
+    prior_steps: int = Field(default=25, ge=1, le=MAX_PRIOR_STEPS)
+    decoder_steps: int = Field(default=100, ge=1, le=MAX_DECODER_STEPS)
+    prior_guidance_scale: Guidance = 4.0
+    guidance_scale: Guidance = 4.0
+    seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
+    num_images: int = Field(default=1, ge=1, le=MAX_NUM_IMAGES)
+    output_format: OutputFormat = "png"
+
+    @model_validator(mode="after")
+    def _weights_not_all_zero(self) -> Job:
+        if all(i.weight == 0 for i in self.inputs):
+            raise ValueError("at least one input weight must be non-zero")
+        return self
+
+    def settings_summary(self) -> dict[str, object]:
+        """The generation settings without the inputs (which may be large data URIs)."""
+        return self.model_dump(exclude={"inputs"})
+
+
+def parse_job(data: object) -> Job:
+    """Validate raw job data; raise `JobInvalid` with every problem, each prefixed by its field."""
+    try:
+        return Job.model_validate(data)
+    except ValidationError as exc:
+        raise JobInvalid(format_validation_error(exc)) from None
+
+
+def format_validation_error(exc: ValidationError) -> str:
+    lines = []
+    for err in exc.errors(include_url=False, include_input=False):
+        where = ".".join(str(p) for p in err["loc"]) or "job"
+        lines.append(f"{where}: {err['msg'].removeprefix('Value error, ')}")
+    return "invalid job: " + "; ".join(lines)
+
+
+def seed_for(job: Job, job_id: str) -> int:
+    """The job's seed, or one derived from its id: random-looking, yet the same on redelivery."""
+    if job.seed is not None:
+        return job.seed
+    return int.from_bytes(hashlib.sha256(job_id.encode()).digest()[:4], "big")

@@ -1,0 +1,17 @@
+"""Names both sides agree on: task names, Redis keys, custom states. No imports beyond the stdlib."""
+
+GENERATE_TASK = "kiq.generate"
+DEFAULT_QUEUE = "kiq"
+
+PROGRESS = "PROGRESS"
+TERMINAL_STATES = frozenset({"SUCCESS", "FAILURE", "REVOKED"})
+
+
+def job_record_key(job_id: str) -> str:
+    """Written at submit time so that `status` can tell an unknown id from a queued job."""
+    return f"kiq:job:{job_id}"
+
+
+def cancel_key(job_id: str) -> str:
+    """Set by `cancel`; the worker checks it before the job and at every denoising step."""
+    return f"kiq:cancel:{job_id}"

@@ -1,0 +1,105 @@
+"""One settings object per process, read from `KIQ_*` environment variables.
+
+AWS credentials are not kiq settings: boto3 reads them its usual way (env, ~/.aws, instance role).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+from kiq.errors import SettingsError
+from kiq.names import DEFAULT_QUEUE
+
+PREFIX = "KIQ_"
+DeviceTarget = Literal["Ascend", "CPU"]
+
+
+@dataclass(frozen=True)
+class Settings:
+    broker_url: str = "redis://localhost:6379/0"
+    result_backend: str = ""  # empty: same as the broker
+    s3_endpoint_url: str = ""  # empty: AWS S3
+    s3_bucket: str = "kiq"
+    s3_prefix: str = "jobs/"
+    s3_region: str = "us-east-1"
+    prior_model: str = "kandinsky-community/kandinsky-2-2-prior"
+    decoder_model: str = "kandinsky-community/kandinsky-2-2-decoder"
+    device_target: DeviceTarget = "Ascend"
+    device_id: int = 0
+    queue: str = DEFAULT_QUEUE
+    result_ttl_s: int = 7 * 24 * 3600
+    presign_ttl_s: int = 24 * 3600
+    fetch_timeout_s: float = 20.0
+    fetch_max_bytes: int = 20 * 1024 * 1024
+    fetch_max_pixels: int = 40_000_000
+
+    def __post_init__(self) -> None:
+        _check_url("broker_url", self.broker_url, ("redis", "rediss"))
+        if self.result_backend:
+            _check_url("result_backend", self.result_backend, ("redis", "rediss"))
+        if self.s3_endpoint_url:
+            _check_url("s3_endpoint_url", self.s3_endpoint_url, ("http", "https"))
+        if self.device_target not in ("Ascend", "CPU"):
+            raise SettingsError(f"{env_name('device_target')} must be Ascend or CPU, got {self.device_target!r}")
+        if not self.s3_bucket:
+            raise SettingsError(f"{env_name('s3_bucket')} must not be empty")
+        for name in (
+            "device_id",
+            "result_ttl_s",
+            "presign_ttl_s",
+            "fetch_timeout_s",
+            "fetch_max_bytes",
+            "fetch_max_pixels",
+        ):
+            if getattr(self, name) < (0 if name == "device_id" else 1):
+                raise SettingsError(f"{env_name(name)} is out of range: {getattr(self, name)}")
+
+    @property
+    def backend_url(self) -> str:
+        return self.result_backend or self.broker_url
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        """Read every field from `KIQ_<FIELD>`; a malformed value raises SettingsError naming the variable."""
+        env = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for field in fields(cls):
+            raw = env.get(env_name(field.name))
+            if raw is not None:
+                values[field.name] = _coerce(field.name, field.type, raw.strip())
+        return cls(**values)
+
+    @classmethod
+    def from_url(cls, broker_url: str, **overrides: Any) -> Settings:
+        """Settings for a given Redis URL (arq style), everything else default or overridden."""
+        return cls(broker_url=broker_url, **overrides)
+
+
+def env_name(field: str) -> str:
+    return PREFIX + field.upper()
+
+
+def setting_names() -> list[str]:
+    return [env_name(f.name) for f in fields(Settings)]
+
+
+def _coerce(name: str, type_name: Any, raw: str) -> Any:
+    kind = str(type_name)
+    try:
+        if kind == "int":
+            return int(raw)
+        if kind == "float":
+            return float(raw)
+    except ValueError:
+        raise SettingsError(f"{env_name(name)} must be a number, got {raw!r}") from None
+    return raw
+
+
+def _check_url(name: str, url: str, schemes: tuple[str, ...]) -> None:
+    parts = urlsplit(url)
+    if parts.scheme not in schemes or not parts.hostname:
+        raise SettingsError(f"{env_name(name)} must be a {'/'.join(schemes)} URL with a host, got {url!r}")

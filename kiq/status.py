@@ -1,0 +1,48 @@
+"""The status JSON that clients poll, and the result a worker returns (dataclass-like pydantic models)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+State = Literal["PENDING", "STARTED", "PROGRESS", "SUCCESS", "FAILURE", "REVOKED"]
+Stage = Literal["fetch", "prior", "decoder", "upload"]
+
+
+class Progress(BaseModel):
+    stage: Stage
+    step: int = Field(ge=0)
+    total: int = Field(ge=0)
+
+
+class ImageRef(BaseModel):
+    uri: str
+    url: str
+    width: int
+    height: int
+    format: str
+
+
+class JobResult(BaseModel):
+    images: list[ImageRef]
+    seed: int
+    device: str
+    timings: dict[str, float]
+
+
+class ErrorInfo(BaseModel):
+    type: str
+    message: str
+
+
+class JobStatus(BaseModel):
+    id: str
+    state: State
+    progress: Progress | None = None
+    result: JobResult | None = None
+    error: ErrorInfo | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.state in ("SUCCESS", "FAILURE", "REVOKED")

@@ -1,0 +1,149 @@
+"""`kiq`: submit, status, wait, cancel; plus `worker`, `make-tiny-models` and `demo`, which load the
+worker side lazily so that the producer commands never import MindSpore.
+
+Exit codes: 0 success, 1 the job failed or was cancelled, 2 bad input or settings, 3 wait timed out,
+4 unknown job id.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from kiq.errors import JobInvalid, KiqError, SettingsError, UnknownJob, WaitTimeout
+from kiq.settings import Settings
+from kiq.status import JobStatus
+
+EXIT_FAILED, EXIT_INVALID, EXIT_TIMEOUT, EXIT_UNKNOWN = 1, 2, 3, 4
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args, extra = build_parser().parse_known_args(argv)
+    if extra and args.command != "worker":
+        build_parser().error(f"unrecognized arguments: {' '.join(extra)}")
+    try:
+        return int(args.handler(args, extra) or 0)
+    except (JobInvalid, SettingsError) as exc:
+        return _fail(str(exc), EXIT_INVALID)
+    except UnknownJob as exc:
+        return _fail(str(exc), EXIT_UNKNOWN)
+    except WaitTimeout as exc:
+        return _fail(str(exc), EXIT_TIMEOUT)
+    except KiqError as exc:
+        return _fail(str(exc), EXIT_FAILED)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kiq", description="Kandinsky 2.2 interpolation queue")
+    sub = parser.add_subparsers(dest="command", required=True)
+    submit = sub.add_parser("submit", help="validate and enqueue a job; prints its id")
+    submit.add_argument("job", help="job JSON file, or - for stdin")
+    submit.add_argument("--wait", action="store_true", help="wait for the job and print its final status")
+    submit.add_argument("--timeout", type=float, default=None, help="seconds to wait (with --wait)")
+    submit.set_defaults(handler=cmd_submit)
+    for name, handler in (("status", cmd_status), ("cancel", cmd_cancel)):
+        p = sub.add_parser(name, help=f"{name} a job by id")
+        p.add_argument("id")
+        p.set_defaults(handler=handler)
+    wait = sub.add_parser("wait", help="wait for a job to end; prints its final status")
+    wait.add_argument("id")
+    wait.add_argument("--timeout", type=float, default=None)
+    wait.set_defaults(handler=cmd_wait)
+    worker = sub.add_parser("worker", help="run a worker on KIQ_DEVICE_TARGET/KIQ_DEVICE_ID (extra args go to celery)")
+    worker.set_defaults(handler=cmd_worker)
+    tiny = sub.add_parser("make-tiny-models", help="write random-weight pipelines to DIR/prior and DIR/decoder")
+    tiny.add_argument("dir")
+    tiny.add_argument("--seed", type=int, default=0)
+    tiny.set_defaults(handler=cmd_make_tiny_models)
+    demo = sub.add_parser("demo", help="bring up what is missing, run the example job, save the image")
+    demo.add_argument("--out", default="kiq-demo.png", help="where to save the image")
+    demo.set_defaults(handler=cmd_demo)
+    return parser
+
+
+def _client() -> Any:
+    from producer.client import Client
+
+    return Client(Settings.from_env())
+
+
+def cmd_submit(args: argparse.Namespace, _: list[str]) -> int:
+    job = read_job(args.job)
+    client = _client()
+    job_id = client.submit(job)
+    print(job_id, flush=True)
+    return wait_and_print(client, job_id, args.timeout) if args.wait else 0
+
+
+def cmd_status(args: argparse.Namespace, _: list[str]) -> int:
+    print_status(_client().status(args.id))
+    return 0
+
+
+def cmd_wait(args: argparse.Namespace, _: list[str]) -> int:
+    return wait_and_print(_client(), args.id, args.timeout)
+
+
+def cmd_cancel(args: argparse.Namespace, _: list[str]) -> int:
+    print_status(_client().cancel(args.id))
+    return 0
+
+
+def cmd_worker(_: argparse.Namespace, extra: list[str]) -> int:
+    from worker.main import run_worker
+
+    run_worker(extra)
+    return 0
+
+
+def cmd_make_tiny_models(args: argparse.Namespace, _: list[str]) -> int:
+    from worker.tiny import make_tiny_models
+
+    prior, decoder = make_tiny_models(args.dir, seed=args.seed)
+    print(f"{prior}\n{decoder}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace, _: list[str]) -> int:
+    from producer.demo import run_demo
+
+    return run_demo(args.out)
+
+
+def read_job(path: str) -> Any:
+    try:
+        text = sys.stdin.read() if path == "-" else open(path, encoding="utf-8").read()
+    except OSError as exc:
+        raise JobInvalid(f"cannot read job file: {exc}") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise JobInvalid(f"job is not valid JSON: {exc}") from None
+
+
+def wait_and_print(client: Any, job_id: str, timeout: float | None) -> int:
+    from producer.progress import ProgressBar
+
+    bar = ProgressBar()
+    try:
+        final = client.wait(job_id, timeout=timeout, on_progress=bar)
+    finally:
+        bar.close()
+    print_status(final)
+    return 0 if final.state == "SUCCESS" else EXIT_FAILED
+
+
+def print_status(status: JobStatus) -> None:
+    print(status.model_dump_json(indent=2, exclude_none=True), flush=True)
+
+
+def _fail(message: str, code: int) -> int:
+    print(f"kiq: {message}", file=sys.stderr)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,100 @@
+"""The Python client: submit, status, wait, cancel. Sends tasks by name; never imports the worker."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from celery import Celery
+from celery.result import AsyncResult
+
+from kiq.celeryconf import common_config
+from kiq.contract import Job, parse_job
+from kiq.errors import UnknownJob, WaitTimeout
+from kiq.names import GENERATE_TASK, PROGRESS, cancel_key, job_record_key
+from kiq.settings import Settings
+from kiq.status import ErrorInfo, JobResult, JobStatus, Progress
+
+ProgressCallback = Callable[[JobStatus], None]
+
+
+class Client:
+    def __init__(self, settings: Settings, app: Celery | None = None) -> None:
+        self.settings = settings
+        self.app = app or Celery("kiq-producer", set_as_current=False)
+        if app is None:
+            self.app.conf.update(common_config(settings))
+
+    @property
+    def _redis(self) -> Any:
+        return self.app.backend.client
+
+    def submit(self, job: Job | Mapping[str, Any]) -> str:
+        """Validate, record and enqueue the job; return its id. Invalid jobs raise JobInvalid, enqueue nothing."""
+        parsed = job if isinstance(job, Job) else parse_job(job)
+        job_id = str(uuid.uuid4())
+        self._redis.set(job_record_key(job_id), "1", ex=self.settings.result_ttl_s)
+        self.app.send_task(
+            GENERATE_TASK, args=[parsed.model_dump(mode="json")], task_id=job_id, queue=self.settings.queue
+        )
+        return job_id
+
+    def status(self, job_id: str) -> JobStatus:
+        meta = self.app.backend.get_task_meta(job_id)
+        state = meta["status"]
+        if state == "PENDING" and not self._redis.exists(job_record_key(job_id)):
+            raise UnknownJob(f"no job with id {job_id!r} (never submitted, or expired)")
+        return to_status(job_id, state, meta.get("result"))
+
+    def wait(
+        self,
+        job_id: str,
+        timeout: float | None = None,
+        on_progress: ProgressCallback | None = None,
+        poll_s: float = 0.2,
+    ) -> JobStatus:
+        """Poll until the job ends; `on_progress` sees every status that differs from the last one."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        last = None
+        while True:
+            current = self.status(job_id)
+            if on_progress is not None and current != last:
+                on_progress(current)
+            if current.done:
+                return current
+            if deadline is not None and time.monotonic() >= deadline:
+                raise WaitTimeout(f"job {job_id} still {current.state} after {timeout} s")
+            last = current
+            time.sleep(poll_s)
+
+    def cancel(self, job_id: str) -> JobStatus:
+        """A queued job never runs; a running one stops at its next denoising step."""
+        current = self.status(job_id)
+        if current.done:
+            return current
+        self._redis.set(cancel_key(job_id), "1", ex=self.settings.result_ttl_s)
+        self.app.control.revoke(job_id)
+        if current.state == "PENDING":
+            AsyncResult(job_id, app=self.app).backend.mark_as_revoked(job_id, reason="cancelled")
+        return self.status(job_id)
+
+
+def to_status(job_id: str, state: str, info: Any) -> JobStatus:
+    if state == PROGRESS and isinstance(info, dict):
+        return JobStatus(id=job_id, state="PROGRESS", progress=Progress.model_validate(info))
+    if state == "SUCCESS":
+        return JobStatus(id=job_id, state="SUCCESS", result=JobResult.model_validate(info))
+    if state == "FAILURE":
+        return JobStatus(id=job_id, state="FAILURE", error=_error(info))
+    if state == "REVOKED":
+        return JobStatus(id=job_id, state="REVOKED", error=ErrorInfo(type="Cancelled", message="job was cancelled"))
+    return JobStatus(id=job_id, state=state if state in ("PENDING", "STARTED") else "PENDING")
+
+
+def _error(info: Any) -> ErrorInfo:
+    if isinstance(info, BaseException):
+        message = str(info.args[0]) if len(info.args) == 1 else str(info)
+        return ErrorInfo(type=type(info).__name__, message=message)
+    return ErrorInfo(type="Error", message=str(info))

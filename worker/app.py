@@ -1,0 +1,37 @@
+"""Build the worker's Celery app: one solo-pool process per device, the models loaded before it consumes."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import Celery
+from celery.signals import worker_init
+
+from kiq.celeryconf import common_config
+from kiq.settings import Settings
+from worker import tasks
+from worker.runner import Runner
+
+
+def create_app(settings: Settings, runner: Runner | None = None) -> Celery:
+    app = Celery("kiq-worker")
+    app.conf.update(common_config(settings))
+    app.conf.update(
+        worker_pool="solo",  # the model lives in this process; never fork an accelerator context
+        worker_concurrency=1,
+        worker_prefetch_multiplier=1,
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        task_track_started=True,
+        worker_send_task_events=True,
+        task_send_sent_event=True,
+    )
+    runner = runner or Runner(settings)
+    tasks.register(app, runner)
+
+    def setup_models(sender: Any = None, **_: Any) -> None:
+        if getattr(sender, "app", None) is app:
+            runner.setup()
+
+    worker_init.connect(setup_models, weak=False)
+    return app

@@ -1,0 +1,7 @@
+"""`celery -A worker worker` finds the app here. Settings are read once, from KIQ_* variables."""
+
+from kiq.settings import Settings
+from worker.app import create_app
+
+settings = Settings.from_env()
+app = create_app(settings)

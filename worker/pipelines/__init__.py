@@ -1,0 +1,1 @@
+"""Model backends, one file each. Only `kandinsky` (mindone, MindSpore) exists today."""

@@ -1,0 +1,82 @@
+"""mindone's Kandinsky 2.2 prior + decoder, loaded once per process from a hub id or a local directory."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from worker.device import DeviceConfig
+
+StepCallback = Callable[[int, int], None]
+
+
+@dataclass(frozen=True)
+class PriorParams:
+    steps: int
+    guidance_scale: float
+    negative_prompt: str
+    num_images: int
+
+
+@dataclass(frozen=True)
+class DecoderParams:
+    height: int
+    width: int
+    steps: int
+    guidance_scale: float
+
+
+class KandinskyPipelines:
+    def __init__(self, prior: Any, decoder: Any) -> None:
+        self.prior, self.decoder = prior, decoder
+
+    @classmethod
+    def load(cls, prior_model: str, decoder_model: str, device: DeviceConfig) -> KandinskyPipelines:
+        import mindspore as ms
+        from mindone.diffusers import KandinskyV22Pipeline, KandinskyV22PriorPipeline
+        from transformers import CLIPImageProcessor
+
+        dtype = ms.float16 if device.half_precision else ms.float32
+        # The prior pipeline does not save its image processor; the hub repo keeps it in a subfolder.
+        processor = CLIPImageProcessor.from_pretrained(prior_model, subfolder="image_processor")
+        prior = KandinskyV22PriorPipeline.from_pretrained(prior_model, image_processor=processor, dtype=dtype)
+        if not device.half_precision:
+            # mindone 0.3-0.5: AttnProcessor2_0's non-flash path (fp32) mis-shapes the attention mask.
+            prior.prior.set_default_attn_processor()
+        decoder = KandinskyV22Pipeline.from_pretrained(decoder_model, dtype=dtype)
+        for pipe in (prior, decoder):
+            pipe.set_progress_bar_config(disable=True)
+        return cls(prior, decoder)
+
+    def interpolate(
+        self, conditions: Sequence[Any], weights: Sequence[float], params: PriorParams, generator: Any
+    ) -> tuple[Any, Any]:
+        """Texts and PIL images in, (image_embeds, negative_image_embeds) out."""
+        return self.prior.interpolate(
+            list(conditions),
+            list(weights),
+            num_images_per_prompt=params.num_images,
+            num_inference_steps=params.steps,
+            generator=generator,
+            negative_prompt=params.negative_prompt,
+            guidance_scale=params.guidance_scale,
+        )
+
+    def decode(
+        self, embeds: Any, negative_embeds: Any, params: DecoderParams, generator: Any, on_step: StepCallback
+    ) -> list[Any]:
+        def callback(pipe: Any, i: int, t: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
+            on_step(i + 1, params.steps)
+            return kwargs
+
+        return self.decoder(
+            image_embeds=embeds,
+            negative_image_embeds=negative_embeds,
+            height=params.height,
+            width=params.width,
+            num_inference_steps=params.steps,
+            guidance_scale=params.guidance_scale,
+            generator=generator,
+            callback_on_step_end=callback,
+        )[0]
