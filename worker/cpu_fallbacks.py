@@ -8,6 +8,7 @@ never sees any of this. See ../shared/notes/mindspore-cpu.md for the measurement
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 _applied = False
@@ -33,34 +34,35 @@ def apply() -> None:
     _applied = True
 
 
-def _primitive_replacements() -> dict[str, Any]:
-    return {
-        "FillScalar": lambda self, size, fill_value, dtype=None: _fill(size, fill_value, dtype),
-        "Arange": lambda self, start, end, step, dtype=None: _arange(start, end, step, dtype),
-        "Baddbmm": lambda self, inp, b1, b2, beta=1, alpha=1: _baddbmm(inp, b1, b2, beta, alpha),
-        "ConstantPadND": lambda self, inp, padding, value=0.0: _pad(inp, padding, value),
-        "RepeatInterleaveInt": lambda self, inp, repeats, dim=None, output_size=None: _repeat_interleave(
-            inp, repeats, dim
-        ),
-        "LayerNormExt": lambda self, inp, shape, weight=None, bias=None, eps=1e-5: _layer_norm(
-            inp, shape, weight, bias, eps
-        ),
-        "Conv2DExt": lambda self, inp, w, b=None, stride=1, padding=0, dilation=1, groups=1: _conv2d(
-            inp, w, b, stride, padding, dilation, groups
-        ),
-        "AvgPool2D": lambda self, inp, kernel_size, stride, padding=0, ceil_mode=False, count_include_pad=True, divisor_override=None: (
-            _avg_pool2d(inp, kernel_size, stride, padding, ceil_mode)
-        ),
-        "GeLU": lambda self, inp: _gelu(inp),
-        "NonZeroExt": lambda self, inp: _nonzero_tuple(inp),
+def _primitive_replacements() -> dict[str, Callable[..., Any]]:
+    """Primitive class name -> stand-in taking the primitive's own call signature."""
+    table: dict[str, Callable[..., Any]] = {
+        "FillScalar": _fill,
+        "Arange": _arange,
+        "Baddbmm": _baddbmm,
+        "ConstantPadND": _pad,
+        "RepeatInterleaveInt": _repeat_interleave,
+        "LayerNormExt": _layer_norm,
+        "Conv2DExt": _conv2d,
+        "AvgPool2D": _avg_pool2d,
+        "GeLU": _gelu,
+        "NonZeroExt": _nonzero_tuple,
     }
+    return {name: _as_method(fn) for name, fn in table.items()}
+
+
+def _as_method(fn: Callable[..., Any]) -> Callable[..., Any]:
+    def call(self: Any, *args: Any, **kwargs: Any) -> Any:
+        return fn(*args, **kwargs)
+
+    return call
 
 
 def _pair(v: Any) -> tuple[int, int]:
     return (v, v) if isinstance(v, int) else (int(v[0]), int(v[-1]))
 
 
-def _fill(size: Any, fill_value: Any, dtype: Any) -> Any:
+def _fill(size: Any, fill_value: Any, dtype: Any = None) -> Any:
     import mindspore as ms
     from mindspore import ops
 
@@ -69,7 +71,7 @@ def _fill(size: Any, fill_value: Any, dtype: Any) -> Any:
     return ops.fill(dtype, tuple(size), fill_value)
 
 
-def _arange(start: Any, end: Any, step: Any, dtype: Any) -> Any:
+def _arange(start: Any, end: Any, step: Any, dtype: Any = None) -> Any:
     import mindspore as ms
     import numpy as np
 
@@ -82,7 +84,7 @@ def _scalar(v: Any) -> Any:
     return v.item() if hasattr(v, "item") else v
 
 
-def _baddbmm(inp: Any, b1: Any, b2: Any, beta: float, alpha: float) -> Any:
+def _baddbmm(inp: Any, b1: Any, b2: Any, beta: float = 1, alpha: float = 1) -> Any:
     from mindspore import ops
 
     product = ops.bmm(b1, b2)
@@ -91,13 +93,13 @@ def _baddbmm(inp: Any, b1: Any, b2: Any, beta: float, alpha: float) -> Any:
     return inp * beta + product * alpha
 
 
-def _pad(inp: Any, padding: Any, value: float) -> Any:
+def _pad(inp: Any, padding: Any, value: float = 0.0) -> Any:
     from mindspore import ops
 
     return ops.pad(inp, tuple(int(p) for p in padding), mode="constant", value=float(value))
 
 
-def _repeat_interleave(inp: Any, repeats: Any, dim: Any = None, *, output_size: Any = None) -> Any:
+def _repeat_interleave(inp: Any, repeats: Any, dim: Any = None, output_size: Any = None) -> Any:
     from mindspore import ops
 
     if dim is None:
@@ -107,7 +109,7 @@ def _repeat_interleave(inp: Any, repeats: Any, dim: Any = None, *, output_size: 
     return ops.repeat_elements(inp, rep=repeats, axis=dim % inp.ndim)
 
 
-def _layer_norm(inp: Any, shape: Any, weight: Any, bias: Any, eps: float) -> Any:
+def _layer_norm(inp: Any, shape: Any, weight: Any = None, bias: Any = None, eps: float = 1e-5) -> Any:
     from mindspore import ops
 
     axis = inp.ndim - len(tuple(shape))
@@ -146,12 +148,20 @@ def _conv2d(
     return out if bias is None else out + bias.reshape(1, -1, 1, 1)
 
 
-def _avg_pool2d(inp: Any, kernel_size: Any, stride: Any, padding: Any, ceil_mode: bool) -> Any:
+def _avg_pool2d(
+    inp: Any,
+    kernel_size: Any,
+    stride: Any = None,
+    padding: Any = 0,
+    ceil_mode: bool = False,
+    count_include_pad: bool = True,
+    divisor_override: Any = None,
+) -> Any:
     from mindspore import ops
 
     kernel, step, pad = _pair(kernel_size), _pair(stride if stride else kernel_size), _pair(padding)
-    if pad != (0, 0) or ceil_mode:
-        raise NotImplementedError("CPU avg_pool2d fallback supports padding=0, ceil_mode=False only")
+    if pad != (0, 0) or ceil_mode or divisor_override:
+        raise NotImplementedError("CPU avg_pool2d stand-in: padding=0, ceil_mode=False, no divisor_override only")
     return ops.AvgPool(kernel_size=kernel, strides=step, pad_mode="valid")(inp)
 
 

@@ -23,7 +23,9 @@ def s3_client(settings: Settings) -> Any:
     import boto3
     from botocore.config import Config
 
-    config = Config(retries={"max_attempts": 3, "mode": "standard"}, connect_timeout=5, read_timeout=30)
+    config = Config(
+        signature_version="s3v4", retries={"max_attempts": 3, "mode": "standard"}, connect_timeout=5, read_timeout=30
+    )
     return boto3.client(
         "s3", endpoint_url=settings.s3_endpoint_url or None, region_name=settings.s3_region, config=config
     )

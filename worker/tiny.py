@@ -17,8 +17,11 @@ _SPECIAL = ("<|startoftext|>", "<|endoftext|>")
 
 def make_tiny_models(out_dir: str | Path, seed: int = 0) -> tuple[Path, Path]:
     """Write `out_dir/prior` and `out_dir/decoder`; the same seed gives the same weights."""
+    from mindone.diffusers.utils import logging
+
     from worker import device
 
+    logging.set_verbosity_error()  # save_pretrained logs the whole image processor it cannot save
     device.configure(device.DeviceConfig(target="CPU", device_id=0))
     out = Path(out_dir)
     prior_dir, decoder_dir = out / "prior", out / "decoder"

@@ -40,11 +40,11 @@ class KandinskyPipelines:
         dtype = ms.float16 if device.half_precision else ms.float32
         # The prior pipeline does not save its image processor; the hub repo keeps it in a subfolder.
         processor = CLIPImageProcessor.from_pretrained(prior_model, subfolder="image_processor")
-        prior = KandinskyV22PriorPipeline.from_pretrained(prior_model, image_processor=processor, dtype=dtype)
+        prior = KandinskyV22PriorPipeline.from_pretrained(prior_model, image_processor=processor, mindspore_dtype=dtype)
         if not device.half_precision:
             # mindone 0.3-0.5: AttnProcessor2_0's non-flash path (fp32) mis-shapes the attention mask.
             prior.prior.set_default_attn_processor()
-        decoder = KandinskyV22Pipeline.from_pretrained(decoder_model, dtype=dtype)
+        decoder = KandinskyV22Pipeline.from_pretrained(decoder_model, mindspore_dtype=dtype)
         for pipe in (prior, decoder):
             pipe.set_progress_bar_config(disable=True)
         return cls(prior, decoder)
