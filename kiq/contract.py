@@ -14,7 +14,16 @@ import re
 from typing import Annotated, Literal
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    ValidationError,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 from kiq.errors import JobInvalid
 
@@ -41,6 +50,10 @@ class JobInput(BaseModel):
     text: str | None = Field(default=None, max_length=MAX_PROMPT_CHARS)
     image: str | None = Field(default=None, max_length=MAX_REF_CHARS + MAX_DATA_URI_BYTES * 4 // 3 + 64)
     weight: float = Field(allow_inf_nan=False, ge=-MAX_WEIGHT, le=MAX_WEIGHT)
+
+    @model_serializer(mode="wrap")
+    def _drop_unset_kind(self, handler: SerializerFunctionWrapHandler) -> dict[str, object]:
+        return {k: v for k, v in handler(self).items() if v is not None}
 
     @model_validator(mode="after")
     def _exactly_one(self) -> JobInput:

@@ -38,16 +38,18 @@ class Fetcher:
         return decode_image(self.raw(ref), ref, self.limits.max_pixels)
 
     def raw(self, ref: str) -> bytes:
+        data = self._read(ref)
+        if len(data) > self.limits.max_bytes:
+            raise ImageTooLarge(f"{_short(ref)} is over the {self.limits.max_bytes}-byte cap")
+        return data
+
+    def _read(self, ref: str) -> bytes:
         if ref[:5].lower() == "data:":
             return base64.b64decode(ref.split(",", 1)[1])
         parts = urlsplit(ref)
         if parts.scheme == "s3":
-            data = self.storage.read(parts.netloc, parts.path.lstrip("/"), self.limits.max_bytes)
-        else:
-            data = http_get(ref, self.limits)
-        if len(data) > self.limits.max_bytes:
-            raise ImageTooLarge(f"{_short(ref)} is over the {self.limits.max_bytes}-byte cap")
-        return data
+            return self.storage.read(parts.netloc, parts.path.lstrip("/"), self.limits.max_bytes)
+        return http_get(ref, self.limits)
 
 
 def http_get(url: str, limits: FetchLimits) -> bytes:

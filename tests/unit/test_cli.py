@@ -1,0 +1,58 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+from kiq.status import JobStatus, Progress
+from producer import cli
+from producer.client import to_status
+from producer.progress import render
+
+
+def test_invalid_job_exits_2_with_the_reason_before_touching_redis(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("KIQ_BROKER_URL", "redis://127.0.0.1:1/0")  # nothing listens: any connection would fail
+    job = tmp_path / "job.json"
+    job.write_text(json.dumps({"inputs": [{"text": "a cat", "weight": 1}], "height": 100}))
+    assert cli.main(["submit", str(job)]) == cli.EXIT_INVALID
+    err = capsys.readouterr().err
+    assert "height: Input should be a multiple of 64" in err
+
+
+@pytest.mark.parametrize(("content", "message"), [("{not json", "not valid JSON"), (None, "cannot read job file")])
+def test_unreadable_job_file(tmp_path, capsys, content, message):
+    path = tmp_path / "job.json"
+    if content is not None:
+        path.write_text(content)
+    assert cli.main(["submit", str(path)]) == cli.EXIT_INVALID
+    assert message in capsys.readouterr().err
+
+
+def test_bad_settings_exit_2_naming_the_variable(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("KIQ_BROKER_URL", "amqp://localhost")
+    assert cli.main(["status", "x"]) == cli.EXIT_INVALID
+    assert "KIQ_BROKER_URL" in capsys.readouterr().err
+
+
+def test_status_mapping():
+    progress = to_status("a", "PROGRESS", {"stage": "decoder", "step": 3, "total": 10})
+    assert progress.progress == Progress(stage="decoder", step=3, total=10)
+    failure = to_status("a", "FAILURE", ValueError("boom"))
+    assert (failure.error.type, failure.error.message) == ("ValueError", "boom")
+    assert to_status("a", "REVOKED", None).error.type == "Cancelled"
+    assert to_status("a", "STARTED", {"pid": 1}) == JobStatus(id="a", state="STARTED")
+
+
+def test_progress_bar_text():
+    status = JobStatus(id="a", state="PROGRESS", progress=Progress(stage="decoder", step=5, total=10))
+    assert render(status) == "decoder [" + "#" * 15 + "." * 15 + "] 5/10"
+
+
+def test_producer_never_imports_mindspore_or_the_worker():
+    code = (
+        "import sys, producer, producer.cli, producer.client, producer.demo, kiq;"
+        "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('mindspore', 'mindone', 'worker', 'boto3'));"
+        "print(bad); sys.exit(1 if bad else 0)"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr

@@ -1,0 +1,130 @@
+import base64
+import io
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from PIL import Image
+
+from kiq.contract import MAX_INPUTS, Job, parse_job, seed_for
+from kiq.errors import JobInvalid
+
+
+def png_data_uri() -> str:
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8), (200, 10, 10)).save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+SEED_JOB = {
+    "inputs": [
+        {"text": "a cat", "weight": 0.3},
+        {"image": "https://example.com/cat.png", "weight": 0.3},
+        {"image": "s3://bucket/starry.jpeg", "weight": 0.4},
+    ],
+    "negative_prompt": "",
+    "height": 768,
+    "width": 768,
+    "prior_steps": 25,
+    "decoder_steps": 100,
+    "prior_guidance_scale": 4.0,
+    "guidance_scale": 4.0,
+    "seed": 42,
+    "num_images": 1,
+    "output_format": "png",
+}
+
+
+def test_seed_example_is_valid_and_round_trips():
+    job = parse_job(SEED_JOB)
+    assert job.model_dump(mode="json") == SEED_JOB
+
+
+def test_defaults_follow_the_pipelines():
+    job = parse_job({"inputs": [{"text": "a cat", "weight": 1}]})
+    assert (job.height, job.width, job.prior_steps, job.decoder_steps) == (768, 768, 25, 100)
+    assert (job.prior_guidance_scale, job.guidance_scale, job.num_images) == (4.0, 4.0, 1)
+    assert job.seed is None and job.output_format == "png" and job.negative_prompt == ""
+
+
+def test_data_uri_accepted():
+    assert parse_job({"inputs": [{"image": png_data_uri(), "weight": 1}]}).inputs[0].image.startswith("data:")
+
+
+def _with(**changes):
+    return {**SEED_JOB, **changes}
+
+
+def _one(**item):
+    return _with(inputs=[item])
+
+
+@pytest.mark.parametrize(
+    ("job", "message"),
+    [
+        (_with(inputs=[]), "inputs: List should have at least 1 item"),
+        (_with(inputs=[{"text": "x", "weight": 1}] * (MAX_INPUTS + 1)), "inputs: List should have at most 16"),
+        (_one(text="a", image="s3://b/k", weight=1), "inputs.0: give exactly one of 'text' or 'image'"),
+        (_one(weight=1), "inputs.0: give exactly one of 'text' or 'image'"),
+        (_one(text="   ", weight=1), "'text' must not be empty"),
+        (_one(text="a", weight=float("nan")), "inputs.0.weight: Input should be a finite number"),
+        (_one(text="a", weight=float("inf")), "inputs.0.weight: Input should be a finite number"),
+        (_one(text="a", weight=1e9), "inputs.0.weight: Input should be less than or equal to 100"),
+        (_one(text="a", weight="heavy"), "inputs.0.weight: Input should be a valid number"),
+        (_with(inputs=[{"text": "a", "weight": 0}, {"text": "b", "weight": 0.0}]), "weight must be non-zero"),
+        (_one(text="a" * 1001, weight=1), "inputs.0.text: String should have at most 1000 characters"),
+        (_one(image="ftp://host/x.png", weight=1), "unsupported image reference scheme 'ftp'"),
+        (_one(image="/etc/passwd", weight=1), "unsupported image reference scheme ''"),
+        (_one(image="s3://bucket-only", weight=1), "s3 reference must be s3://bucket/key"),
+        (_one(image="https:///nohost.png", weight=1), "image URL has no host"),
+        (_one(image="data:text/html;base64,PGh0bWw+", weight=1), "data URI must look like data:image/"),
+        (_one(image="data:image/png;base64,%%%notbase64", weight=1), "not valid base64"),
+        (_one(image="data:image/png;base64,", weight=1), "payload is empty"),
+        (_with(height=700), "height: Input should be a multiple of 64"),
+        (_with(width=0), "width: Input should be greater than or equal to 64"),
+        (_with(width=4096), "width: Input should be less than or equal to 2048"),
+        (_with(prior_steps=0), "prior_steps: Input should be greater than or equal to 1"),
+        (_with(decoder_steps=10_000), "decoder_steps: Input should be less than or equal to 500"),
+        (_with(guidance_scale=-1), "guidance_scale: Input should be greater than or equal to 0"),
+        (_with(prior_guidance_scale=float("nan")), "prior_guidance_scale: Input should be a finite number"),
+        (_with(num_images=0), "num_images: Input should be greater than or equal to 1"),
+        (_with(num_images=9), "num_images: Input should be less than or equal to 8"),
+        (_with(seed=-1), "seed: Input should be greater than or equal to 0"),
+        (_with(seed=2**32), "seed: Input should be less than or equal to 4294967295"),
+        (_with(output_format="gif"), "output_format: Input should be 'png', 'jpeg' or 'webp'"),
+        (_with(negative_prompt="n" * 1001), "negative_prompt: String should have at most 1000 characters"),
+        (_with(steps=10), "steps: Extra inputs are not permitted"),
+        ([1, 2], "job: Input should be a valid dictionary"),
+    ],
+)
+def test_invalid_jobs_name_field_and_reason(job, message):
+    with pytest.raises(JobInvalid) as err:
+        parse_job(job)
+    assert message in str(err.value)
+    assert str(err.value).startswith("invalid job: ")
+
+
+def test_seed_is_kept_or_derived_stably_from_the_job_id():
+    with_seed, without = parse_job(SEED_JOB), parse_job(_with(seed=None))
+    assert seed_for(with_seed, "any") == 42
+    derived = seed_for(without, "job-1")
+    assert derived == seed_for(without, "job-1") != seed_for(without, "job-2")
+    assert 0 <= derived < 2**32
+
+
+texts = st.text(st.characters(codec="utf-8"), min_size=1, max_size=50).filter(lambda s: s.strip())
+weights = st.floats(-100, 100, allow_nan=False).filter(lambda w: w != 0)
+jobs = st.fixed_dictionaries(
+    {
+        "inputs": st.lists(st.fixed_dictionaries({"text": texts, "weight": weights}), min_size=1, max_size=4),
+        "height": st.sampled_from([64, 128, 768, 2048]),
+        "seed": st.none() | st.integers(0, 2**32 - 1),
+        "output_format": st.sampled_from(["png", "jpeg", "webp"]),
+    }
+)
+
+
+@given(jobs)
+def test_accepted_jobs_round_trip_through_json(data):
+    job = parse_job(data)
+    assert Job.model_validate_json(job.model_dump_json()) == job

@@ -1,0 +1,61 @@
+import pytest
+
+from kiq.errors import SettingsError
+from kiq.settings import Settings, setting_names
+
+
+def test_defaults():
+    s = Settings.from_env({})
+    assert s.broker_url == "redis://localhost:6379/0"
+    assert s.backend_url == s.broker_url
+    assert (s.device_target, s.device_id, s.queue) == ("Ascend", 0, "kiq")
+
+
+def test_reads_prefixed_variables():
+    s = Settings.from_env(
+        {
+            "KIQ_BROKER_URL": "redis://r:6380/2",
+            "KIQ_RESULT_BACKEND": "redis://r:6380/3",
+            "KIQ_DEVICE_TARGET": "CPU",
+            "KIQ_DEVICE_ID": "5",
+            "KIQ_S3_ENDPOINT_URL": "http://minio:9000",
+            "KIQ_FETCH_TIMEOUT_S": "2.5",
+            "BROKER_URL": "redis://ignored",
+        }
+    )
+    assert (s.broker_url, s.backend_url, s.device_target, s.device_id) == (
+        "redis://r:6380/2",
+        "redis://r:6380/3",
+        "CPU",
+        5,
+    )
+    assert s.s3_endpoint_url == "http://minio:9000" and s.fetch_timeout_s == 2.5
+
+
+@pytest.mark.parametrize(
+    ("env", "variable"),
+    [
+        ({"KIQ_DEVICE_ID": "npu0"}, "KIQ_DEVICE_ID"),
+        ({"KIQ_DEVICE_ID": "-1"}, "KIQ_DEVICE_ID"),
+        ({"KIQ_DEVICE_TARGET": "GPU"}, "KIQ_DEVICE_TARGET"),
+        ({"KIQ_BROKER_URL": "amqp://guest@localhost//"}, "KIQ_BROKER_URL"),
+        ({"KIQ_RESULT_BACKEND": "redis://"}, "KIQ_RESULT_BACKEND"),
+        ({"KIQ_S3_ENDPOINT_URL": "minio:9000"}, "KIQ_S3_ENDPOINT_URL"),
+        ({"KIQ_S3_BUCKET": ""}, "KIQ_S3_BUCKET"),
+        ({"KIQ_FETCH_MAX_BYTES": "0"}, "KIQ_FETCH_MAX_BYTES"),
+        ({"KIQ_RESULT_TTL_S": "a week"}, "KIQ_RESULT_TTL_S"),
+    ],
+)
+def test_bad_values_name_the_variable(env, variable):
+    with pytest.raises(SettingsError, match=variable):
+        Settings.from_env(env)
+
+
+def test_url_constructor():
+    assert Settings.from_url("redis://h:1/0", queue="q").queue == "q"
+
+
+def test_every_field_has_a_documented_variable():
+    readme = open("README.md", encoding="utf-8").read()
+    missing = [name for name in setting_names() if f"`{name}`" not in readme]
+    assert not missing, f"not in the README's settings table: {missing}"
