@@ -1,0 +1,84 @@
+"""Real parts on loopback: the machine's Redis (a test DB), moto's S3 server process, tiny models on disk,
+and one `kiq worker` process (CPU, solo pool) shared by the session."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path
+
+import boto3
+import pytest
+import redis
+
+from kiq.settings import Settings
+from producer import devstack
+from producer.client import Client
+
+os.environ.setdefault("AWS_ACCESS_KEY_ID", "kiq-test")
+os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "kiq-test")
+REDIS_URL = os.environ.get("KIQ_TEST_REDIS_URL", "redis://127.0.0.1:6379/13")
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="session")
+def logs(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("logs")
+
+
+@pytest.fixture(scope="session")
+def stack():
+    stack = devstack.Stack()
+    yield stack
+    stack.close()
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory) -> tuple[Path, Path]:
+    return devstack.make_tiny_models(tmp_path_factory.mktemp("models"))
+
+
+@pytest.fixture(scope="session")
+def env(stack, logs, tiny_models) -> dict[str, str]:
+    devstack.ensure_redis(stack, REDIS_URL, logs)
+    redis.Redis.from_url(REDIS_URL).flushdb()
+    endpoint = devstack.start_s3_server(stack, logs)
+    prior, decoder = tiny_models
+    env = {
+        **os.environ,
+        "KIQ_BROKER_URL": REDIS_URL,
+        "KIQ_S3_ENDPOINT_URL": endpoint,
+        "KIQ_S3_BUCKET": "kiq-test",
+        "KIQ_PRIOR_MODEL": str(prior),
+        "KIQ_DECODER_MODEL": str(decoder),
+        "KIQ_DEVICE_TARGET": "CPU",
+        "KIQ_QUEUE": f"kiq-test-{uuid.uuid4().hex[:8]}",
+    }
+    devstack.ensure_bucket(endpoint, "kiq-test", "us-east-1")
+    return env
+
+
+@pytest.fixture(scope="session")
+def settings(env) -> Settings:
+    return Settings.from_env(env)
+
+
+@pytest.fixture(scope="session")
+def worker(stack, env, logs):
+    return devstack.start_worker(stack, env, logs / "worker.log")
+
+
+@pytest.fixture(scope="session")
+def client(settings) -> Client:
+    return Client(settings)
+
+
+@pytest.fixture(scope="session")
+def s3(settings):
+    return boto3.client("s3", endpoint_url=settings.s3_endpoint_url, region_name=settings.s3_region)
+
+
+@pytest.fixture(scope="session")
+def redis_client(settings):
+    return redis.Redis.from_url(settings.broker_url)

@@ -1,0 +1,116 @@
+"""Producer -> Redis -> worker process (mindone, tiny weights, CPU) -> moto S3, through the CLI and the client."""
+
+import json
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+
+from kiq.errors import UnknownJob
+from tests.helpers import image_bytes
+from tests.integration.jobs import image_input, read_object, tiny_job
+
+
+def kiq(env, *args, stdin=None, timeout=300):
+    return subprocess.run(
+        [sys.executable, "-m", "producer.cli", *args], env=env, input=stdin, capture_output=True, text=True,
+        timeout=timeout,
+    )  # fmt: skip
+
+
+def test_cli_submit_wait_success_with_all_reference_kinds(env, worker, s3, settings, tmp_path):
+    s3.put_object(Bucket=settings.s3_bucket, Key="inputs/starry.png", Body=image_bytes(size=(50, 30)))
+    job = tiny_job(
+        {"text": "a cat", "weight": 0.3},
+        image_input(0.3),
+        {"image": f"s3://{settings.s3_bucket}/inputs/starry.png", "weight": 0.4},
+        height=128,
+        width=64,
+    )
+    path = tmp_path / "job.json"
+    path.write_text(json.dumps(job))
+    done = kiq(env, "submit", str(path), "--wait")
+    assert done.returncode == 0, done.stderr
+    job_id, status_json = done.stdout.split("\n", 1)
+    status = json.loads(status_json)
+    assert (status["id"], status["state"]) == (job_id, "SUCCESS")
+    image_ref = status["result"]["images"][0]
+    assert image_ref["uri"] == f"s3://{settings.s3_bucket}/{settings.s3_prefix}{job_id}/0.png"
+    image, metadata = read_object(s3, image_ref["uri"])
+    assert (image.format, image.size) == ("PNG", (64, 128))
+    assert metadata["kiq-seed"] == "7" and metadata["kiq-job-id"] == job_id
+    assert status["result"]["device"] == "cpu:0"
+    assert set(status["result"]["timings"]) == {"fetch", "prior", "decoder", "encode", "upload"}
+
+
+def test_cli_reads_stdin_and_prints_only_the_id(env, worker, client):
+    done = kiq(env, "submit", "-", stdin=json.dumps(tiny_job()))
+    assert done.returncode == 0, done.stderr
+    job_id = done.stdout.strip()
+    assert len(job_id) == 36 and "\n" not in job_id
+    waited = kiq(env, "wait", job_id, "--timeout", "120")
+    assert waited.returncode == 0 and json.loads(waited.stdout)["state"] == "SUCCESS"
+    status = kiq(env, "status", job_id)
+    assert json.loads(status.stdout)["state"] == "SUCCESS"
+
+
+@pytest.mark.parametrize(("fmt", "pil_format"), [("jpeg", "JPEG"), ("webp", "WEBP")])
+def test_client_formats_multiple_images_and_presigned_urls(worker, client, s3, fmt, pil_format):
+    job_id = client.submit(tiny_job(image_input(1.0), output_format=fmt, num_images=2, width=128))
+    final = client.wait(job_id, timeout=120)
+    assert final.state == "SUCCESS", final.error
+    assert len(final.result.images) == 2
+    for n, ref in enumerate(final.result.images):
+        assert ref.uri.endswith(f"/{job_id}/{n}.{fmt}")
+        image, _ = read_object(s3, ref.uri)
+        assert (image.format, image.size, ref.format) == (pil_format, (128, 64), fmt)
+        with urllib.request.urlopen(ref.url, timeout=10) as response:
+            assert (
+                response.read()[:4]
+                == s3.get_object(Bucket=ref.uri.split("/")[2], Key=ref.uri.split("/", 3)[3])["Body"].read()[:4]
+            )
+
+
+def test_progress_per_decoder_step_then_success(worker, client):
+    seen = []
+    job_id = client.submit(tiny_job(decoder_steps=12))
+    final = client.wait(job_id, timeout=120, on_progress=seen.append, poll_s=0.05)
+    assert final.state == "SUCCESS"
+    decoder_steps = [s.progress.step for s in seen if s.progress and s.progress.stage == "decoder"]
+    assert len(decoder_steps) >= 3 and decoder_steps == sorted(decoder_steps)
+    assert all(s.progress.total == 12 for s in seen if s.progress and s.progress.stage == "decoder")
+
+
+def test_same_seed_same_image_and_absent_seed_is_reported(worker, client, s3):
+    first, second = (client.wait(client.submit(tiny_job()), timeout=120) for _ in range(2))
+    a, _ = read_object(s3, first.result.images[0].uri)
+    b, _ = read_object(s3, second.result.images[0].uri)
+    assert a.tobytes() == b.tobytes()
+    unseeded = client.wait(client.submit(tiny_job(seed=None)), timeout=120)
+    assert unseeded.state == "SUCCESS" and 0 <= unseeded.result.seed < 2**32
+
+
+def test_unknown_id(env, client):
+    with pytest.raises(UnknownJob):
+        client.status("00000000-0000-0000-0000-000000000000")
+    assert kiq(env, "status", "no-such-job").returncode == 4
+
+
+def test_cancel_queued_and_running_jobs_and_wait_timeout(env, worker, client, s3, settings):
+    running = client.submit(tiny_job(decoder_steps=60))
+    queued = client.submit(tiny_job())
+    deadline = time.monotonic() + 60
+    while client.status(running).state not in ("PROGRESS",) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert kiq(env, "wait", running, "--timeout", "0.5").returncode == 3
+    assert client.cancel(queued).state == "REVOKED"
+    cancelled = kiq(env, "cancel", running)
+    assert cancelled.returncode == 0, cancelled.stderr
+    assert client.wait(running, timeout=60).state == "REVOKED"
+    assert kiq(env, "wait", queued).returncode == 1
+    listed = s3.list_objects_v2(Bucket=settings.s3_bucket, Prefix=settings.s3_prefix)
+    keys = [o["Key"] for o in listed.get("Contents", [])]
+    assert not [k for k in keys if running in k or queued in k]
+    assert client.wait(client.submit(tiny_job()), timeout=120).state == "SUCCESS"
