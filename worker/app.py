@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 from celery import Celery
 from celery.signals import worker_init
 
 from kiq.celeryconf import common_config
+from kiq.errors import SettingsError
 from kiq.settings import Settings
 from worker import tasks
 from worker.runner import Runner
@@ -31,7 +33,19 @@ def create_app(settings: Settings, runner: Runner | None = None) -> Celery:
 
     def setup_models(sender: Any = None, **_: Any) -> None:
         if getattr(sender, "app", None) is app:
-            runner.setup()
+            _setup_or_exit(runner)
 
     worker_init.connect(setup_models, weak=False)
     return app
+
+
+def _setup_or_exit(runner: Runner) -> None:
+    """A worker that cannot load its models must not start consuming (Celery would swallow the error)."""
+    try:
+        runner.setup()
+    except SettingsError as exc:
+        print(f"kiq worker: {exc}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
+    except Exception as exc:  # noqa: BLE001 - device or framework failure: same outcome, different code
+        print(f"kiq worker: model setup failed: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+        raise SystemExit(1) from None

@@ -71,3 +71,12 @@ def test_invalid_raw_message_fails_in_the_worker_with_job_invalid(worker, client
     assert failed.state == "FAILURE" and failed.error.type == "JobInvalid"
     assert "inputs: List should have at least 1 item" in failed.error.message
     assert client.wait(client.submit(tiny_job()), timeout=120).state == "SUCCESS" and worker.poll() is None
+
+
+def test_worker_with_missing_model_fails_at_start_instead_of_consuming(env, tmp_path):
+    bad = {**env, "KIQ_DECODER_MODEL": str(tmp_path / "no-decoder"), "KIQ_QUEUE": "kiq-test-never-used"}
+    done = subprocess.run([sys.executable, "-m", "producer.cli", "worker"], env=bad, capture_output=True, text=True,
+                          timeout=180)  # fmt: skip
+    assert done.returncode == 2
+    assert f"KIQ_DECODER_MODEL='{tmp_path / 'no-decoder'}' could not be loaded" in done.stderr
+    assert " ready." not in done.stdout + done.stderr

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
+from kiq.errors import SettingsError
 from worker.device import DeviceConfig
 
 StepCallback = Callable[[int, int], None]
@@ -38,13 +40,17 @@ class KandinskyPipelines:
         from transformers import CLIPImageProcessor
 
         dtype = ms.float16 if device.half_precision else ms.float32
-        # The prior pipeline does not save its image processor; the hub repo keeps it in a subfolder.
-        processor = CLIPImageProcessor.from_pretrained(prior_model, subfolder="image_processor")
-        prior = KandinskyV22PriorPipeline.from_pretrained(prior_model, image_processor=processor, mindspore_dtype=dtype)
+        with _loading("KIQ_PRIOR_MODEL", prior_model):
+            # The prior pipeline does not save its image processor; the hub repo keeps it in a subfolder.
+            processor = CLIPImageProcessor.from_pretrained(prior_model, subfolder="image_processor")
+            prior = KandinskyV22PriorPipeline.from_pretrained(
+                prior_model, image_processor=processor, mindspore_dtype=dtype
+            )
         if not device.half_precision:
             # mindone 0.3-0.5: AttnProcessor2_0's non-flash path (fp32) mis-shapes the attention mask.
             prior.prior.set_default_attn_processor()
-        decoder = KandinskyV22Pipeline.from_pretrained(decoder_model, mindspore_dtype=dtype)
+        with _loading("KIQ_DECODER_MODEL", decoder_model):
+            decoder = KandinskyV22Pipeline.from_pretrained(decoder_model, mindspore_dtype=dtype)
         for pipe in (prior, decoder):
             pipe.set_progress_bar_config(disable=True)
         return cls(prior, decoder)
@@ -80,3 +86,11 @@ class KandinskyPipelines:
             generator=generator,
             callback_on_step_end=callback,
         )[0]
+
+
+@contextmanager
+def _loading(variable: str, model: str) -> Iterator[None]:
+    try:
+        yield
+    except Exception as exc:
+        raise SettingsError(f"{variable}={model!r} could not be loaded: {type(exc).__name__}: {exc}") from exc
