@@ -7,8 +7,15 @@ from typing import Any
 from kiq.names import GENERATE_TASK
 from kiq.settings import Settings
 
-# Above the longest job we expect on one NPU; a job is redelivered only after this (Redis broker).
-VISIBILITY_TIMEOUT_S = 4 * 3600
+
+def broker_transport_options(settings: Settings) -> dict[str, Any]:
+    # kombu sweeps for unacked jobs of dead workers every interval x throttle seconds (default 100 s):
+    # sweep every tenth of the visibility timeout, at most every 10 s, one cheap ZRANGE each time.
+    return {
+        "visibility_timeout": settings.visibility_timeout_s,
+        "unacked_restore_interval": max(1, min(10, int(settings.visibility_timeout_s / 10))),
+        "unacked_restore_throttle": 1,
+    }
 
 
 def common_config(settings: Settings) -> dict[str, Any]:
@@ -23,7 +30,24 @@ def common_config(settings: Settings) -> dict[str, Any]:
         "result_extended": True,
         "task_default_queue": settings.queue,
         "task_routes": {GENERATE_TASK: {"queue": settings.queue}},
-        "broker_transport_options": {"visibility_timeout": VISIBILITY_TIMEOUT_S},
+        # Redis redelivers an unacked job only after this, so it must exceed any job's hard time limit.
+        # Celery reads it in three places; all three get the same value.
+        "broker_transport_options": broker_transport_options(settings),
+        "result_backend_transport_options": {"visibility_timeout": settings.visibility_timeout_s},
+        "visibility_timeout": settings.visibility_timeout_s,
+        # Redis restarts: reconnect forever (broker), retry result writes (backend) and publishes.
         "broker_connection_retry_on_startup": True,
+        "broker_connection_max_retries": None,
+        "result_backend_always_retry": True,
+        "result_backend_max_retries": 30,
+        "redis_retry_on_timeout": True,
+        "redis_socket_keepalive": True,
+        "task_publish_retry": True,
+        "task_publish_retry_policy": {
+            "max_retries": 10,
+            "interval_start": 0.2,
+            "interval_step": 0.5,
+            "interval_max": 3,
+        },
         "enable_utc": True,
     }

@@ -7,13 +7,21 @@ status JSON's `error.type`.
     ├── UnknownJob             no job with that id was ever submitted (or its record expired)
     ├── WaitTimeout            `wait` gave up before the job ended
     └── JobError               a job ended in FAILURE
-        ├── InputError         an image reference cannot be used (permanent: retrying will not help)
-        │   ├── FetchError     the URL or object could not be read (refused, timeout, HTTP status)
-        │   ├── ObjectNotFound the s3:// key does not exist
+        ├── InputError         an image reference cannot be used
+        │   ├── FetchError     the URL could not be read (4xx, DNS failure, too many redirects)
+        │   │   └── FetchUnavailable   timeouts, refused connections, 5xx: retried, then this   [transient]
+        │   ├── BlockedAddress the URL resolves to a loopback, private, link-local or metadata address
+        │   ├── ObjectNotFound the s3:// key or bucket does not exist
         │   ├── NotAnImage     the bytes do not decode as an image
         │   └── ImageTooLarge  over the byte or pixel cap
         ├── StorageError       the result could not be written to S3
+        │   └── StorageUnavailable S3 unreachable or 5xx past the retry bound            [transient]
+        ├── JobTimeout         the job ran past its time limit (derived from its size and steps)
+        ├── PoisonJob          the job killed its worker KIQ_MAX_DELIVERIES times; not run again
         └── PipelineError      the model itself failed
+
+Errors marked [transient] are retried with exponential backoff and jitter before the job fails with them;
+every other JobError is permanent and fails the job at once. `TransientError` marks the former.
 """
 
 from __future__ import annotations
@@ -43,11 +51,23 @@ class JobError(KiqError):
     pass
 
 
+class TransientError(Exception):
+    """Mixin: the cause may go away by itself (network, 5xx); worth retrying."""
+
+
 class InputError(JobError):
     pass
 
 
 class FetchError(InputError):
+    pass
+
+
+class FetchUnavailable(FetchError, TransientError):
+    pass
+
+
+class BlockedAddress(InputError):
     pass
 
 
@@ -64,6 +84,18 @@ class ImageTooLarge(InputError):
 
 
 class StorageError(JobError):
+    pass
+
+
+class StorageUnavailable(StorageError, TransientError):
+    pass
+
+
+class JobTimeout(JobError):
+    pass
+
+
+class PoisonJob(JobError):
     pass
 
 

@@ -36,6 +36,18 @@ class Settings:
     fetch_timeout_s: float = 20.0
     fetch_max_bytes: int = 20 * 1024 * 1024
     fetch_max_pixels: int = 40_000_000
+    fetch_max_redirects: int = 3
+    fetch_retries: int = 2
+    fetch_allow: str = ""  # comma-separated hosts, IPs or CIDRs exempt from the private-address refusal
+    s3_retry_s: float = 60.0
+    max_deliveries: int = 3
+    prior_step_s: float = 0.05  # expected seconds per prior step (one text)
+    decoder_step_s: float = 0.15  # expected seconds per decoder step, per 768x768 image
+    time_limit_factor: float = 4.0
+    time_limit_min_s: float = 300.0
+    time_limit_max_s: float = 3 * 3600.0
+    time_limit_grace_s: float = 60.0
+    visibility_timeout_s: float = 4 * 3600.0
 
     def __post_init__(self) -> None:
         _check_url("broker_url", self.broker_url, ("redis", "rediss"))
@@ -47,16 +59,18 @@ class Settings:
             raise SettingsError(f"{env_name('device_target')} must be Ascend or CPU, got {self.device_target!r}")
         if not self.s3_bucket:
             raise SettingsError(f"{env_name('s3_bucket')} must not be empty")
-        for name in (
-            "device_id",
-            "result_ttl_s",
-            "presign_ttl_s",
-            "fetch_timeout_s",
-            "fetch_max_bytes",
-            "fetch_max_pixels",
-        ):
-            if getattr(self, name) < (0 if name == "device_id" else 1):
-                raise SettingsError(f"{env_name(name)} is out of range: {getattr(self, name)}")
+        for name in _NON_NEGATIVE:
+            if getattr(self, name) < 0:
+                raise SettingsError(f"{env_name(name)} must not be negative: {getattr(self, name)}")
+        for name in _POSITIVE:
+            if getattr(self, name) <= 0:
+                raise SettingsError(f"{env_name(name)} must be positive: {getattr(self, name)}")
+        if self.visibility_timeout_s <= self.time_limit_max_s + self.time_limit_grace_s:
+            raise SettingsError(
+                f"{env_name('visibility_timeout_s')} ({self.visibility_timeout_s:g} s) must exceed "
+                f"{env_name('time_limit_max_s')} + {env_name('time_limit_grace_s')} "
+                f"({self.time_limit_max_s + self.time_limit_grace_s:g} s), or running jobs would be redelivered"
+            )
 
     @property
     def backend_url(self) -> str:
@@ -77,6 +91,14 @@ class Settings:
     def from_url(cls, broker_url: str, **overrides: Any) -> Settings:
         """Settings for a given Redis URL (arq style), everything else default or overridden."""
         return cls(broker_url=broker_url, **overrides)
+
+
+_NON_NEGATIVE = ("device_id", "fetch_max_redirects", "fetch_retries", "s3_retry_s", "time_limit_grace_s")
+_POSITIVE = (
+    "result_ttl_s", "presign_ttl_s", "fetch_timeout_s", "fetch_max_bytes", "fetch_max_pixels", "max_deliveries",
+    "prior_step_s", "decoder_step_s", "time_limit_factor", "time_limit_min_s", "time_limit_max_s",
+    "visibility_timeout_s",
+)  # fmt: skip
 
 
 def env_name(field: str) -> str:

@@ -34,6 +34,7 @@ class JobResult(BaseModel):
 class ErrorInfo(BaseModel):
     type: str
     message: str
+    retryable: bool = False  # a transient cause (network, 5xx): submitting again later may succeed
 
 
 class JobStatus(BaseModel):

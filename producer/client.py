@@ -12,7 +12,7 @@ from celery.result import AsyncResult
 
 from kiq.celeryconf import common_config
 from kiq.contract import Job, parse_job
-from kiq.errors import UnknownJob, WaitTimeout
+from kiq.errors import TransientError, UnknownJob, WaitTimeout
 from kiq.names import GENERATE_TASK, PROGRESS, cancel_key, job_record_key
 from kiq.settings import Settings
 from kiq.status import ErrorInfo, JobResult, JobStatus, Progress
@@ -96,5 +96,5 @@ def to_status(job_id: str, state: str, info: Any) -> JobStatus:
 def _error(info: Any) -> ErrorInfo:
     if isinstance(info, BaseException):
         message = str(info.args[0]) if len(info.args) == 1 else str(info)
-        return ErrorInfo(type=type(info).__name__, message=message)
+        return ErrorInfo(type=type(info).__name__, message=message, retryable=isinstance(info, TransientError))
     return ErrorInfo(type="Error", message=str(info))

@@ -5,8 +5,10 @@ from __future__ import annotations
 import base64
 import io
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from PIL import Image
@@ -22,27 +24,57 @@ def data_uri(data: bytes, mime: str = "image/png") -> str:
     return f"data:{mime};base64," + base64.b64encode(data).decode()
 
 
+ALLOWED_HOST = "127.0.0.2"  # the test web server's address; workers under test allowlist it (KIQ_FETCH_ALLOW)
+
+
+@dataclass(frozen=True)
+class Reply:
+    status: int = 200
+    content_type: str = "image/png"
+    body: bytes = b""
+    headers: tuple[tuple[str, str], ...] = ()
+    drip_s: float = 0.0  # seconds between single bytes: a slow-loris sender
+
+
+def redirect(location: str, status: int = 302) -> Reply:
+    return Reply(status=status, content_type="text/plain", headers=(("Location", location),))
+
+
 @contextmanager
-def http_server(routes: dict[str, tuple[int, str, bytes]]) -> Iterator[str]:
-    """Serve fixed responses on loopback: path -> (status, content type, body). Yields the base URL."""
+def http_server(routes: dict[str, Reply | tuple[int, str, bytes]], host: str = ALLOWED_HOST) -> Iterator[str]:
+    """Serve fixed replies on a loopback address; yields the base URL. Unknown paths are 404."""
 
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self):
-            status, content_type, body = routes.get(self.path, (404, "text/plain", b"not found"))
-            self.send_response(status)
-            self.send_header("Content-Type", content_type)
-            self.send_header("Content-Length", str(len(body)))
+            reply = routes.get(self.path, Reply(404, "text/plain", b"not found"))
+            if isinstance(reply, tuple):
+                reply = Reply(*reply)
+            self.send_response(reply.status)
+            self.send_header("Content-Type", reply.content_type)
+            self.send_header("Content-Length", str(len(reply.body)))
+            for name, value in reply.headers:
+                self.send_header(name, value)
             self.end_headers()
-            self.wfile.write(body)
+            self._body(reply)
+
+        def _body(self, reply):
+            if not reply.drip_s:
+                self.wfile.write(reply.body)
+                return
+            for i in range(len(reply.body)):
+                self.wfile.write(reply.body[i : i + 1])
+                self.wfile.flush()
+                time.sleep(reply.drip_s)
 
         def log_message(self, *args):
             pass
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server = ThreadingHTTPServer((host, 0), Handler)
+    server.daemon_threads = True
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
+        yield f"http://{host}:{server.server_address[1]}"
     finally:
         server.shutdown()
         server.server_close()

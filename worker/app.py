@@ -24,12 +24,12 @@ def create_app(settings: Settings, runner: Runner | None = None) -> Celery:
         worker_prefetch_multiplier=1,
         task_acks_late=True,
         task_reject_on_worker_lost=True,
-        task_track_started=True,
+        task_track_started=False,  # the task reports STARTED itself, after checking for a finished redelivery
         worker_send_task_events=True,
         task_send_sent_event=True,
     )
     runner = runner or Runner(settings)
-    tasks.register(app, runner)
+    tasks.register(app, runner, settings)
 
     def setup_models(sender: Any = None, **_: Any) -> None:
         if getattr(sender, "app", None) is app:

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import base64
 import io
-import urllib.error
-import urllib.request
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
-from kiq.errors import FetchError, ImageTooLarge, NotAnImage
+from kiq.errors import ImageTooLarge, NotAnImage
 from kiq.settings import Settings
+from worker import safe_http
+from worker.retry import with_retries
 
 if TYPE_CHECKING:
     from PIL.Image import Image
@@ -24,10 +24,20 @@ class FetchLimits:
     max_bytes: int
     max_pixels: int
     timeout_s: float
+    max_redirects: int = 3
+    retries: int = 0
+    policy: safe_http.AddressPolicy = field(default_factory=safe_http.AddressPolicy)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> FetchLimits:
-        return cls(settings.fetch_max_bytes, settings.fetch_max_pixels, settings.fetch_timeout_s)
+        return cls(
+            settings.fetch_max_bytes, settings.fetch_max_pixels, settings.fetch_timeout_s,
+            settings.fetch_max_redirects, settings.fetch_retries, safe_http.AddressPolicy.parse(settings.fetch_allow),
+        )  # fmt: skip
+
+    @property
+    def http(self) -> safe_http.HttpLimits:
+        return safe_http.HttpLimits(self.max_bytes, self.timeout_s, self.max_redirects)
 
 
 class Fetcher:
@@ -35,7 +45,9 @@ class Fetcher:
         self.storage, self.limits = storage, limits
 
     def image(self, ref: str) -> Image:
-        return decode_image(self.raw(ref), ref, self.limits.max_pixels)
+        """Read and decode one reference; transient failures are retried `limits.retries` times."""
+        data = with_retries(lambda: self.raw(ref), attempts=1 + self.limits.retries)
+        return decode_image(data, ref, self.limits.max_pixels)
 
     def raw(self, ref: str) -> bytes:
         data = self._read(ref)
@@ -49,19 +61,7 @@ class Fetcher:
         parts = urlsplit(ref)
         if parts.scheme == "s3":
             return self.storage.read(parts.netloc, parts.path.lstrip("/"), self.limits.max_bytes)
-        return http_get(ref, self.limits)
-
-
-def http_get(url: str, limits: FetchLimits) -> bytes:
-    request = urllib.request.Request(url, headers={"User-Agent": "kiq-worker"})
-    try:
-        with urllib.request.urlopen(request, timeout=limits.timeout_s) as response:
-            return response.read(limits.max_bytes + 1)
-    except urllib.error.HTTPError as exc:
-        raise FetchError(f"{url} answered HTTP {exc.code} {exc.reason}") from None
-    except (urllib.error.URLError, TimeoutError, ConnectionError) as exc:
-        reason = getattr(exc, "reason", exc)
-        raise FetchError(f"could not fetch {url}: {reason}") from None
+        return safe_http.get(ref, self.limits.http, self.limits.policy)
 
 
 def decode_image(data: bytes, ref: str, max_pixels: int) -> Image:

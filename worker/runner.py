@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -11,12 +12,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from kiq.contract import Job, seed_for
-from kiq.errors import JobError, PipelineError
+from kiq.errors import JobError, JobTimeout, PipelineError, StorageUnavailable
 from kiq.settings import Settings
 from kiq.status import ImageRef, JobResult, Progress, Stage
 from worker.device import DeviceConfig
 from worker.fetch import Fetcher, FetchLimits
 from worker.pipelines.kandinsky import DecoderParams, KandinskyPipelines, PriorParams
+from worker.retry import with_retries
 from worker.storage import S3Storage, Storage
 
 _CONTENT_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
@@ -32,10 +34,16 @@ class JobContext:
     job_id: str
     report: Callable[[Progress], None]
     cancelled: Callable[[], bool]
+    limit_s: float = math.inf  # the soft time limit, checked at every progress point
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_deadline", time.monotonic() + self.limit_s)
 
     def progress(self, stage: Stage, step: int, total: int) -> None:
         if self.cancelled():
             raise JobCancelled(self.job_id)
+        if time.monotonic() > self._deadline:  # type: ignore[attr-defined]
+            raise JobTimeout(f"job ran past its {self.limit_s:.0f} s time limit (derived from its size and steps)")
         self.report(Progress(stage=stage, step=step, total=total))
 
 
@@ -85,7 +93,13 @@ class Runner:
     def _upload(self, job_id: str, n: int, blob: bytes, job: Job, seed: int) -> ImageRef:
         # Keyed by the task id: a redelivered job overwrites its own objects instead of adding more.
         key = f"{self.settings.s3_prefix}{job_id}/{n}.{job.output_format}"
-        uri = self.storage.put(key, blob, _CONTENT_TYPES[job.output_format], object_metadata(job, job_id, seed))
+        metadata = object_metadata(job, job_id, seed)
+        bound = self.settings.s3_retry_s
+        try:
+            uri = with_retries(lambda: self.storage.put(key, blob, _CONTENT_TYPES[job.output_format], metadata),
+                               within_s=bound)  # fmt: skip
+        except StorageUnavailable as exc:
+            raise StorageUnavailable(f"{exc} (still failing after {bound:g} s of retries)") from None
         return ImageRef(
             uri=uri, url=self.storage.presign(key), width=job.width, height=job.height, format=job.output_format
         )

@@ -5,7 +5,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from kiq.errors import FetchError, ImageTooLarge, ObjectNotFound, StorageError
+from kiq.errors import (
+    FetchError,
+    FetchUnavailable,
+    ImageTooLarge,
+    ObjectNotFound,
+    StorageError,
+    StorageUnavailable,
+)
 from kiq.settings import Settings
 
 
@@ -24,7 +31,7 @@ def s3_client(settings: Settings) -> Any:
     from botocore.config import Config
 
     config = Config(
-        signature_version="s3v4", retries={"max_attempts": 3, "mode": "standard"}, connect_timeout=5, read_timeout=30
+        signature_version="s3v4", retries={"max_attempts": 2, "mode": "standard"}, connect_timeout=3, read_timeout=30
     )
     return boto3.client(
         "s3", endpoint_url=settings.s3_endpoint_url or None, region_name=settings.s3_region, config=config
@@ -42,11 +49,15 @@ class S3Storage:
     def put(self, key: str, body: bytes, content_type: str, metadata: dict[str, str]) -> str:
         from botocore.exceptions import BotoCoreError, ClientError
 
+        uri = f"s3://{self.bucket}/{key}"
         try:
             self.client.put_object(Bucket=self.bucket, Key=key, Body=body, ContentType=content_type, Metadata=metadata)
-        except (BotoCoreError, ClientError) as exc:
-            raise StorageError(f"could not write s3://{self.bucket}/{key}: {exc}") from None
-        return f"s3://{self.bucket}/{key}"
+        except ClientError as exc:
+            error = StorageUnavailable if _server_side(exc) else StorageError
+            raise error(f"could not write {uri}: {_code(exc)}") from None
+        except BotoCoreError as exc:  # refused, reset, timed out: S3 is not there right now
+            raise StorageUnavailable(f"could not write {uri}: {exc}") from None
+        return uri
 
     def presign(self, key: str) -> str:
         return self.client.generate_presigned_url(
@@ -60,15 +71,26 @@ class S3Storage:
         try:
             obj = self.client.get_object(Bucket=bucket, Key=key)
         except ClientError as exc:
-            code = exc.response.get("Error", {}).get("Code", "")
-            if code in ("NoSuchKey", "404", "NoSuchBucket"):
-                raise ObjectNotFound(f"{uri} does not exist ({code})") from None
-            raise FetchError(f"could not read {uri}: {code or exc}") from None
+            if _code(exc) in ("NoSuchKey", "404", "NoSuchBucket"):
+                raise ObjectNotFound(f"{uri} does not exist ({_code(exc)})") from None
+            error = FetchUnavailable if _server_side(exc) else FetchError
+            raise error(f"could not read {uri}: {_code(exc)}") from None
         except BotoCoreError as exc:
-            raise FetchError(f"could not read {uri}: {exc}") from None
+            raise FetchUnavailable(f"could not read {uri}: {exc}") from None
         if obj.get("ContentLength", 0) > max_bytes:
             raise ImageTooLarge(f"{uri} is {obj['ContentLength']} bytes, over the {max_bytes}-byte cap")
         return obj["Body"].read(max_bytes + 1)
+
+
+def _code(exc: Any) -> str:
+    return str(
+        exc.response.get("Error", {}).get("Code") or exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+    )
+
+
+def _server_side(exc: Any) -> bool:
+    status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+    return status >= 500 or _code(exc) in ("SlowDown", "ServiceUnavailable", "InternalError", "RequestTimeout")
 
 
 @dataclass

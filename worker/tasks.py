@@ -1,40 +1,83 @@
-"""The one Celery task: deserialize, call the runner, serialize. Nothing else lives here."""
+"""The one Celery task: deserialize, call the runner, serialize — plus the delivery bookkeeping that makes
+at-least-once delivery safe (skip finished jobs, count crashed deliveries, enforce the hard time limit)."""
 
 from __future__ import annotations
 
+import logging
+import socket
 from typing import Any
 
 from celery import Celery, Task
 from celery.exceptions import Ignore
 
 from kiq.contract import parse_job
-from kiq.names import GENERATE_TASK, PROGRESS, cancel_key
+from kiq.errors import JobTimeout
+from kiq.names import GENERATE_TASK, PROGRESS, TERMINAL_STATES, cancel_key
+from kiq.settings import Settings
 from kiq.status import Progress
+from worker.delivery import DeliveryGuard, watchdog
+from worker.limits import time_limits
 from worker.runner import JobCancelled, JobContext, Runner
 
+log = logging.getLogger(__name__)
+_BACKEND_ERRORS: tuple[type[BaseException], ...] = (OSError,)
+try:  # redis-py's errors do not derive from OSError
+    from redis.exceptions import RedisError
 
-def register(app: Celery, runner: Runner) -> Task:
+    _BACKEND_ERRORS = (OSError, RedisError)
+except ImportError:  # pragma: no cover
+    pass
+
+
+def register(app: Celery, runner: Runner, settings: Settings) -> Task:
     @app.task(name=GENERATE_TASK, bind=True)
     def generate(self: Task, job: dict[str, Any]) -> dict[str, Any]:
-        ctx = job_context(self)
+        job_id: str = self.request.id
+        if self.backend.get_task_meta(job_id)["status"] in TERMINAL_STATES:
+            raise Ignore()  # redelivered after its final state was stored (or cancelled while queued)
+        guard = DeliveryGuard(self.backend.client, settings.max_deliveries, settings.result_ttl_s)
+        attempt = guard.begin(job_id)
         try:
-            if ctx.cancelled():
-                raise JobCancelled(ctx.job_id)
-            return runner.run(parse_job(job), ctx).model_dump(mode="json")
-        except JobCancelled:
-            self.backend.mark_as_revoked(ctx.job_id, reason="cancelled", request=self.request)
-            raise Ignore() from None
+            return run_job(self, runner, settings, job, attempt)
+        finally:
+            guard.end(job_id)
 
     return generate
 
 
-def job_context(task: Task) -> JobContext:
+def run_job(task: Task, runner: Runner, settings: Settings, job: dict[str, Any], attempt: int) -> dict[str, Any]:
+    parsed = parse_job(job)
+    limits = time_limits(parsed, settings)
+    ctx = job_context(task, limits.soft_s)
+    task.update_state(state="STARTED", meta={"hostname": socket.gethostname(), "attempt": attempt})
+    try:
+        if ctx.cancelled():
+            raise JobCancelled(ctx.job_id)
+        with watchdog(limits.hard_s, lambda: _fail_hung(task, limits.hard_s)):
+            return runner.run(parsed, ctx).model_dump(mode="json")
+    except JobCancelled:
+        task.backend.mark_as_revoked(ctx.job_id, reason="cancelled", request=task.request)
+        raise Ignore() from None
+
+
+def _fail_hung(task: Task, limit_s: float) -> None:
+    error = JobTimeout(f"a step hung past the job's hard time limit of {limit_s:.0f} s; the worker restarted")
+    task.backend.mark_as_failure(task.request.id, error, request=task.request)
+
+
+def job_context(task: Task, limit_s: float) -> JobContext:
     job_id: str = task.request.id
 
     def report(progress: Progress) -> None:
-        task.update_state(state=PROGRESS, meta=progress.model_dump())
+        try:
+            task.update_state(state=PROGRESS, meta=progress.model_dump())
+        except _BACKEND_ERRORS as exc:  # progress is best effort: a Redis blip must not fail the job
+            log.warning("could not report progress of %s: %s", job_id, exc)
 
     def cancelled() -> bool:
-        return bool(task.backend.client.exists(cancel_key(job_id)))
+        try:
+            return bool(task.backend.client.exists(cancel_key(job_id)))
+        except _BACKEND_ERRORS:
+            return False
 
-    return JobContext(job_id=job_id, report=report, cancelled=cancelled)
+    return JobContext(job_id=job_id, report=report, cancelled=cancelled, limit_s=limit_s)

@@ -14,9 +14,12 @@ import redis
 from kiq.settings import Settings
 from producer import devstack
 from producer.client import Client
+from tests.helpers import ALLOWED_HOST
 
-os.environ.setdefault("AWS_ACCESS_KEY_ID", "kiq-test")
-os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "kiq-test")
+# A distinctive secret, so tests can prove it never leaks into results, errors, logs or metadata.
+SECRET = "kiq-test-SECRET-7c1e9a0b4d"
+os.environ["AWS_ACCESS_KEY_ID"] = "kiq-test-key-id"
+os.environ["AWS_SECRET_ACCESS_KEY"] = SECRET
 REDIS_URL = os.environ.get("KIQ_TEST_REDIS_URL", "redis://127.0.0.1:6379/13")
 
 pytestmark = pytest.mark.integration
@@ -54,6 +57,9 @@ def env(stack, logs, tiny_models) -> dict[str, str]:
         "KIQ_DECODER_MODEL": str(decoder),
         "KIQ_DEVICE_TARGET": "CPU",
         "KIQ_QUEUE": f"kiq-test-{uuid.uuid4().hex[:8]}",
+        "KIQ_FETCH_ALLOW": ALLOWED_HOST,
+        "KIQ_FETCH_TIMEOUT_S": "2",
+        "KIQ_FETCH_RETRIES": "1",
     }
     devstack.ensure_bucket(endpoint, "kiq-test", "us-east-1")
     return env
@@ -82,3 +88,17 @@ def s3(settings):
 @pytest.fixture(scope="session")
 def redis_client(settings):
     return redis.Redis.from_url(settings.broker_url)
+
+
+@pytest.fixture
+def spawn_worker(env, logs):
+    """Start extra workers with their own settings (queue, Redis, S3 endpoint…); stopped after the test."""
+    extra = devstack.Stack()
+
+    def spawn(name: str, **overrides: str):
+        worker_env = {**env, **overrides}
+        log = logs / f"{name}-{uuid.uuid4().hex[:6]}.log"
+        return devstack.start_worker(extra, worker_env, log), log
+
+    yield spawn
+    extra.close()

@@ -25,7 +25,7 @@ def image_job(ref):
 
 
 CASES = [
-    ("unreachable URL", "http://127.0.0.1:9/cat.png", "FetchError", "could not fetch http://127.0.0.1:9/cat.png"),
+    ("unreachable URL", "http://127.0.0.2:9/cat.png", "FetchUnavailable", "could not connect to 127.0.0.2:9"),
     ("URL serving HTML", "{web}/cat.html", "NotAnImage", "is not an image (got an HTML page)"),
     ("URL answering 404", "{web}/missing.png", "FetchError", "answered HTTP 404"),
     (

@@ -1,11 +1,12 @@
 import pytest
 
-from kiq.errors import FetchError, ImageTooLarge, NotAnImage, ObjectNotFound
-from tests.helpers import data_uri, http_server, image_bytes
+from kiq.errors import FetchError, FetchUnavailable, ImageTooLarge, NotAnImage, ObjectNotFound
+from tests.helpers import ALLOWED_HOST, data_uri, http_server, image_bytes
 from worker.fetch import Fetcher, FetchLimits, decode_image
+from worker.safe_http import AddressPolicy
 from worker.storage import MemoryStorage
 
-LIMITS = FetchLimits(max_bytes=200_000, max_pixels=100_000, timeout_s=2)
+LIMITS = FetchLimits(max_bytes=200_000, max_pixels=100_000, timeout_s=2, policy=AddressPolicy.parse(ALLOWED_HOST))
 
 
 @pytest.fixture
@@ -69,5 +70,5 @@ def test_http_success_404_html_and_refused(fetcher):
             fetcher.image(f"{base}/missing.png")
         with pytest.raises(NotAnImage, match="HTML"):
             fetcher.image(f"{base}/page")
-    with pytest.raises(FetchError, match="could not fetch"):
-        fetcher.image(base + "/ok.png")
+    with pytest.raises(FetchUnavailable, match="could not connect"):
+        fetcher.image(base + "/ok.png")  # the server is gone: refused, transient
