@@ -45,10 +45,10 @@ _DATA_URI = re.compile(r"data:image/[a-z0-9.+-]+;base64,(?P<payload>.*)", re.IGN
 class JobInput(BaseModel):
     """One conditioning input: exactly one of `text` or `image`, with its interpolation weight."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
     text: str | None = Field(default=None, max_length=MAX_PROMPT_CHARS)
-    image: str | None = Field(default=None, max_length=MAX_REF_CHARS + MAX_DATA_URI_BYTES * 4 // 3 + 64)
+    image: str | None = None
     weight: float = Field(allow_inf_nan=False, ge=-MAX_WEIGHT, le=MAX_WEIGHT)
 
     @model_serializer(mode="wrap")
@@ -90,6 +90,8 @@ def check_image_reference(ref: str) -> None:
 
 
 def _check_data_uri(ref: str) -> None:
+    if len(ref) > MAX_DATA_URI_BYTES * 4 // 3 + 128:  # refuse before decoding megabytes of base64
+        raise ValueError(f"data URI image is over {MAX_DATA_URI_BYTES} bytes: upload it to S3 and use s3://")
     match = _DATA_URI.fullmatch(ref)
     if match is None:
         raise ValueError("data URI must look like data:image/<type>;base64,<payload>")
@@ -110,13 +112,13 @@ Guidance = Annotated[float, Field(ge=0.0, le=MAX_GUIDANCE, allow_inf_nan=False)]
 class Job(BaseModel):
     """An interpolation job. Defaults follow the Kandinsky 2.2 pipelines' own defaults."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
     inputs: list[JobInput] = Field(min_length=1, max_length=MAX_INPUTS)
     negative_prompt: str = Field(default="", max_length=MAX_PROMPT_CHARS)
     height: Side = 768
     width: Side = 768
-    prior_steps: int = Field(default=25, ge=1, le=MAX_PRIOR_STEPS)
+    prior_steps: int = Field(default=25, ge=2, le=MAX_PRIOR_STEPS)  # UnCLIPScheduler divides by steps - 1
     decoder_steps: int = Field(default=100, ge=1, le=MAX_DECODER_STEPS)
     prior_guidance_scale: Guidance = 4.0
     guidance_scale: Guidance = 4.0

@@ -70,6 +70,8 @@ def decode_image(data: bytes, ref: str, max_pixels: int) -> Image:
 
     try:
         image = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as exc:  # PIL refuses > 2 x MAX_IMAGE_PIXELS from the header too
+        raise ImageTooLarge(f"{_short(ref)}: {exc}") from None
     except (UnidentifiedImageError, OSError, ValueError):
         raise NotAnImage(f"{_short(ref)} is not an image ({_sniff(data)})") from None
     width, height = image.size

@@ -83,7 +83,7 @@ def _one(**item):
         (_with(height=700), "height: Input should be a multiple of 64"),
         (_with(width=0), "width: Input should be greater than or equal to 64"),
         (_with(width=4096), "width: Input should be less than or equal to 2048"),
-        (_with(prior_steps=0), "prior_steps: Input should be greater than or equal to 1"),
+        (_with(prior_steps=1), "prior_steps: Input should be greater than or equal to 2"),
         (_with(decoder_steps=10_000), "decoder_steps: Input should be less than or equal to 500"),
         (_with(guidance_scale=-1), "guidance_scale: Input should be greater than or equal to 0"),
         (_with(prior_guidance_scale=float("nan")), "prior_guidance_scale: Input should be a finite number"),
