@@ -26,6 +26,7 @@ from pydantic import (
 )
 
 from kiq.errors import JobInvalid
+from kiq.names import QUEUE_NAME
 
 MAX_INPUTS = 16
 MAX_PROMPT_CHARS = 1000
@@ -125,6 +126,14 @@ class Job(BaseModel):
     seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
     num_images: int = Field(default=1, ge=1, le=MAX_NUM_IMAGES)
     output_format: OutputFormat = "png"
+    queue: str | None = Field(default=None, pattern=QUEUE_NAME.pattern)  # a dedicated queue (model variant…)
+
+    @model_serializer(mode="wrap")
+    def _drop_default_queue(self, handler: SerializerFunctionWrapHandler) -> dict[str, object]:
+        data = handler(self)
+        if data.get("queue") is None:
+            data.pop("queue", None)
+        return data
 
     @model_validator(mode="after")
     def _weights_not_all_zero(self) -> Job:
@@ -134,7 +143,7 @@ class Job(BaseModel):
 
     def settings_summary(self) -> dict[str, object]:
         """The generation settings without the inputs (which may be large data URIs)."""
-        return self.model_dump(exclude={"inputs"})
+        return self.model_dump(exclude={"inputs", "queue"})
 
 
 def parse_job(data: object) -> Job:

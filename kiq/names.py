@@ -1,7 +1,10 @@
 """Names both sides agree on: task names, Redis keys, custom states. No imports beyond the stdlib."""
 
+import re
+
 GENERATE_TASK = "kiq.generate"
 DEFAULT_QUEUE = "kiq"
+QUEUE_NAME = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
 
 PROGRESS = "PROGRESS"
 TERMINAL_STATES = frozenset({"SUCCESS", "FAILURE", "REVOKED"})
@@ -15,3 +18,8 @@ def job_record_key(job_id: str) -> str:
 def cancel_key(job_id: str) -> str:
     """Set by `cancel`; the worker checks it before the job and at every denoising step."""
     return f"kiq:cancel:{job_id}"
+
+
+def fleet_key(hostname: str) -> str:
+    """A live worker's heartbeat hash (device, current job, counters); expires when the worker stops."""
+    return f"kiq:fleet:{hostname}"

@@ -12,7 +12,7 @@ from typing import Any, Literal
 from urllib.parse import urlsplit
 
 from kiq.errors import SettingsError
-from kiq.names import DEFAULT_QUEUE
+from kiq.names import DEFAULT_QUEUE, QUEUE_NAME
 
 PREFIX = "KIQ_"
 DeviceTarget = Literal["Ascend", "CPU"]
@@ -31,6 +31,14 @@ class Settings:
     device_target: DeviceTarget = "Ascend"
     device_id: int = 0
     queue: str = DEFAULT_QUEUE
+    worker_queues: str = ""  # comma-separated queues a worker consumes; empty: KIQ_QUEUE
+    large_queue: str = ""  # if set, producers route jobs over KIQ_LARGE_PIXELS here (unless a job names a queue)
+    large_pixels: int = 1024 * 1024
+    device_runtime_id: int = -1  # the id MindSpore is given; -1: KIQ_DEVICE_ID (0 under ASCEND_RT_VISIBLE_DEVICES)
+    metrics_port: int = 0  # Prometheus metrics on this port; 0: off
+    restart_max: int = 5  # a supervised worker that dies this often within KIQ_RESTART_WINDOW_S is left down
+    restart_window_s: float = 300.0
+    shutdown_grace_s: float = 600.0  # SIGTERM: time for running jobs to finish before children are killed
     result_ttl_s: int = 7 * 24 * 3600
     presign_ttl_s: int = 24 * 3600
     fetch_timeout_s: float = 20.0
@@ -57,6 +65,10 @@ class Settings:
             _check_url("s3_endpoint_url", self.s3_endpoint_url, ("http", "https"))
         if self.device_target not in ("Ascend", "CPU"):
             raise SettingsError(f"{env_name('device_target')} must be Ascend or CPU, got {self.device_target!r}")
+        for name in ("queue", "large_queue", *(["worker_queues"] if self.worker_queues else [])):
+            for queue in filter(None, getattr(self, name).split(",")):
+                if not QUEUE_NAME.fullmatch(queue.strip()):
+                    raise SettingsError(f"{env_name(name)}: {queue!r} is not a queue name ({QUEUE_NAME.pattern})")
         if not self.s3_bucket:
             raise SettingsError(f"{env_name('s3_bucket')} must not be empty")
         for name in _NON_NEGATIVE:
@@ -76,6 +88,14 @@ class Settings:
     def backend_url(self) -> str:
         return self.result_backend or self.broker_url
 
+    @property
+    def consumed_queues(self) -> list[str]:
+        return [q.strip() for q in self.worker_queues.split(",") if q.strip()] or [self.queue]
+
+    @property
+    def runtime_device_id(self) -> int:
+        return self.device_id if self.device_runtime_id < 0 else self.device_runtime_id
+
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
         """Read every field from `KIQ_<FIELD>`; a malformed value raises SettingsError naming the variable."""
@@ -93,11 +113,14 @@ class Settings:
         return cls(broker_url=broker_url, **overrides)
 
 
-_NON_NEGATIVE = ("device_id", "fetch_max_redirects", "fetch_retries", "s3_retry_s", "time_limit_grace_s")
+_NON_NEGATIVE = (
+    "device_id", "fetch_max_redirects", "fetch_retries", "s3_retry_s", "time_limit_grace_s", "metrics_port",
+    "shutdown_grace_s",
+)  # fmt: skip
 _POSITIVE = (
     "result_ttl_s", "presign_ttl_s", "fetch_timeout_s", "fetch_max_bytes", "fetch_max_pixels", "max_deliveries",
     "prior_step_s", "decoder_step_s", "time_limit_factor", "time_limit_min_s", "time_limit_max_s",
-    "visibility_timeout_s",
+    "visibility_timeout_s", "large_pixels", "restart_max", "restart_window_s",
 )  # fmt: skip
 
 

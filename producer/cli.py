@@ -53,7 +53,11 @@ def build_parser() -> argparse.ArgumentParser:
     wait.add_argument("--timeout", type=float, default=None)
     wait.set_defaults(handler=cmd_wait)
     worker = sub.add_parser("worker", help="run a worker on KIQ_DEVICE_TARGET/KIQ_DEVICE_ID (extra args go to celery)")
+    worker.add_argument("--devices", help="supervise one worker per device: 0-7, 0,2,5 …")
     worker.set_defaults(handler=cmd_worker)
+    fleet = sub.add_parser("fleet", help="list live workers: device, current job, jobs done and failed, uptime")
+    fleet.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    fleet.set_defaults(handler=cmd_fleet)
     tiny = sub.add_parser("make-tiny-models", help="write random-weight pipelines to DIR/prior and DIR/decoder")
     tiny.add_argument("dir")
     tiny.add_argument("--seed", type=int, default=0)
@@ -92,10 +96,22 @@ def cmd_cancel(args: argparse.Namespace, _: list[str]) -> int:
     return 0
 
 
-def cmd_worker(_: argparse.Namespace, extra: list[str]) -> int:
+def cmd_worker(args: argparse.Namespace, extra: list[str]) -> int:
+    if args.devices:
+        from worker.supervisor import supervise
+
+        return supervise(Settings.from_env(), args.devices, extra)
     from worker.main import run_worker
 
     run_worker(extra)
+    return 0
+
+
+def cmd_fleet(args: argparse.Namespace, _: list[str]) -> int:
+    from producer.fleet import render_fleet
+
+    workers = _client().fleet()
+    print(json.dumps(workers, indent=2) if args.json else render_fleet(workers))
     return 0
 
 

@@ -13,7 +13,7 @@ from celery.result import AsyncResult
 from kiq.celeryconf import common_config
 from kiq.contract import Job, parse_job
 from kiq.errors import TransientError, UnknownJob, WaitTimeout
-from kiq.names import GENERATE_TASK, PROGRESS, cancel_key, job_record_key
+from kiq.names import GENERATE_TASK, PROGRESS, cancel_key, fleet_key, job_record_key
 from kiq.settings import Settings
 from kiq.status import ErrorInfo, JobResult, JobStatus, Progress
 
@@ -79,6 +79,24 @@ class Client:
         if current.state == "PENDING":
             AsyncResult(job_id, app=self.app).backend.mark_as_revoked(job_id, reason="cancelled")
         return self.status(job_id)
+
+    def fleet(self) -> list[dict[str, Any]]:
+        """Live workers, from their heartbeats (see worker/fleet.py)."""
+        workers = []
+        for key in sorted(self._redis.scan_iter(match=fleet_key("*"))):
+            raw = self._redis.hgetall(key)
+            if raw:
+                workers.append({k.decode(): v.decode() for k, v in raw.items()})
+        return workers
+
+
+def route(job: Job, settings: Settings) -> str:
+    """The job's own queue, else the large-image queue for big jobs (if configured), else the default."""
+    if job.queue:
+        return job.queue
+    if settings.large_queue and job.height * job.width > settings.large_pixels:
+        return settings.large_queue
+    return settings.queue
 
 
 def to_status(job_id: str, state: str, info: Any) -> JobStatus:

@@ -6,18 +6,21 @@ import sys
 from typing import Any
 
 from celery import Celery
-from celery.signals import worker_init
+from celery.signals import worker_init, worker_shutdown
+from kombu import Exchange, Queue
 
 from kiq.celeryconf import common_config
 from kiq.errors import SettingsError
 from kiq.settings import Settings
-from worker import tasks
+from worker import metrics, tasks
+from worker.fleet import Heartbeat
 from worker.runner import Runner
 
 
 def create_app(settings: Settings, runner: Runner | None = None) -> Celery:
     app = Celery("kiq-worker")
     app.conf.update(common_config(settings))
+    app.conf.task_queues = [Queue(name, Exchange(name), routing_key=name) for name in settings.consumed_queues]
     app.conf.update(
         worker_pool="solo",  # the model lives in this process; never fork an accelerator context
         worker_concurrency=1,
@@ -29,13 +32,26 @@ def create_app(settings: Settings, runner: Runner | None = None) -> Celery:
         task_send_sent_event=True,
     )
     runner = runner or Runner(settings)
-    tasks.register(app, runner, settings)
+    observers = tasks.Observers()
+    tasks.register(app, runner, settings, observers)
 
-    def setup_models(sender: Any = None, **_: Any) -> None:
-        if getattr(sender, "app", None) is app:
-            _setup_or_exit(runner)
+    def start(sender: Any = None, **_: Any) -> None:
+        if getattr(sender, "app", None) is not app:
+            return
+        _setup_or_exit(runner)
+        metrics.MODEL_LOAD.set(runner.load_seconds)
+        metrics.serve(settings.metrics_port)
+        observers.heartbeat = Heartbeat(
+            app.backend.client, sender.hostname, runner.device.name, settings.consumed_queues
+        )
+        observers.heartbeat.start()
 
-    worker_init.connect(setup_models, weak=False)
+    def stop(sender: Any = None, **_: Any) -> None:
+        if observers.heartbeat is not None:
+            observers.heartbeat.stop()
+
+    worker_init.connect(start, weak=False)
+    worker_shutdown.connect(stop, weak=False)
     return app
 
 

@@ -11,7 +11,8 @@ Target = Literal["Ascend", "CPU"]
 @dataclass(frozen=True)
 class DeviceConfig:
     target: Target
-    device_id: int
+    device_id: int  # the device's number on its host: names the worker and its results
+    runtime_id: int = -1  # the id MindSpore is given (0 when ASCEND_RT_VISIBLE_DEVICES shows one device)
 
     @property
     def name(self) -> str:
@@ -27,7 +28,7 @@ def configure(config: DeviceConfig) -> None:
     import mindspore as ms
 
     ms.set_context(mode=ms.PYNATIVE_MODE)
-    ms.set_device(config.target, config.device_id)
+    ms.set_device(config.target, config.device_id if config.runtime_id < 0 else config.runtime_id)
     if config.target == "CPU":
         from worker import cpu_fallbacks
 

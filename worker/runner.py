@@ -52,7 +52,7 @@ class Runner:
         self, settings: Settings, storage: Storage | None = None, pipelines: KandinskyPipelines | None = None
     ) -> None:
         self.settings = settings
-        self.device = DeviceConfig(settings.device_target, settings.device_id)
+        self.device = DeviceConfig(settings.device_target, settings.device_id, settings.runtime_device_id)
         self.storage = storage or S3Storage.from_settings(settings)
         self.fetcher = Fetcher(self.storage, FetchLimits.from_settings(settings))
         self.pipelines = pipelines

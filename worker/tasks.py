@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import logging
 import socket
+import time
+from dataclasses import dataclass
 from typing import Any
 
 from celery import Celery, Task
@@ -15,7 +17,9 @@ from kiq.errors import JobTimeout
 from kiq.names import GENERATE_TASK, PROGRESS, TERMINAL_STATES, cancel_key
 from kiq.settings import Settings
 from kiq.status import Progress
+from worker import metrics
 from worker.delivery import DeliveryGuard, watchdog
+from worker.fleet import Heartbeat
 from worker.limits import time_limits
 from worker.runner import JobCancelled, JobContext, Runner
 
@@ -29,7 +33,24 @@ except ImportError:  # pragma: no cover
     pass
 
 
-def register(app: Celery, runner: Runner, settings: Settings) -> Task:
+@dataclass
+class Observers:
+    """Who hears about each job: the fleet heartbeat (set once the worker starts) and the metrics."""
+
+    heartbeat: Heartbeat | None = None
+
+    def started(self, job_id: str, submitted_at: Any) -> None:
+        metrics.observe_queue_wait(submitted_at, time.time())
+        if self.heartbeat is not None:
+            self.heartbeat.job_started(job_id)
+
+    def finished(self, outcome: str, seconds: float, timings: dict[str, float] | None = None) -> None:
+        metrics.job_finished(outcome, seconds, timings)
+        if self.heartbeat is not None:
+            self.heartbeat.job_finished(ok=outcome == "success")
+
+
+def register(app: Celery, runner: Runner, settings: Settings, observers: Observers) -> Task:
     @app.task(name=GENERATE_TASK, bind=True)
     def generate(self: Task, job: dict[str, Any]) -> dict[str, Any]:
         job_id: str = self.request.id
@@ -37,10 +58,20 @@ def register(app: Celery, runner: Runner, settings: Settings) -> Task:
             raise Ignore()  # redelivered after its final state was stored (or cancelled while queued)
         guard = DeliveryGuard(self.backend.client, settings.max_deliveries, settings.result_ttl_s)
         attempt = guard.begin(job_id)
+        started = time.monotonic()
+        observers.started(job_id, getattr(self.request, "kiq_submitted_at", None))
         try:
-            return run_job(self, runner, settings, job, attempt)
+            result = run_job(self, runner, settings, job, attempt)
+        except Ignore:
+            observers.finished("cancelled", time.monotonic() - started)
+            raise
+        except Exception:
+            observers.finished("failure", time.monotonic() - started)
+            raise
         finally:
             guard.end(job_id)
+        observers.finished("success", time.monotonic() - started, result["timings"])
+        return result
 
     return generate
 

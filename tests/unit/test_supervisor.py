@@ -1,0 +1,72 @@
+import pytest
+
+from kiq.contract import parse_job
+from kiq.errors import SettingsError
+from kiq.settings import Settings
+from producer.client import route
+from producer.fleet import render_fleet
+from worker.supervisor import Child, Supervisor, child_env, parse_devices
+
+
+@pytest.mark.parametrize(
+    ("text", "devices"), [("0-7", list(range(8))), ("0,2,5", [0, 2, 5]), ("0-3,6", [0, 1, 2, 3, 6]), ("3", [3])]
+)
+def test_parse_devices(text, devices):
+    assert parse_devices(text) == devices
+
+
+@pytest.mark.parametrize("text", ["", "a-b", "-1", "3-x", ","])
+def test_bad_devices(text):
+    with pytest.raises(SettingsError, match="--devices"):
+        parse_devices(text)
+
+
+def test_ascend_child_sees_only_its_npu():
+    env = child_env({"PATH": "/bin"}, Settings(device_target="Ascend", metrics_port=9100), 3)
+    assert env["KIQ_DEVICE_ID"] == "3" and env["ASCEND_RT_VISIBLE_DEVICES"] == "3"
+    assert env["KIQ_DEVICE_RUNTIME_ID"] == "0" and env["KIQ_METRICS_PORT"] == "9103"
+    cpu = child_env({}, Settings(device_target="CPU"), 1)
+    assert cpu == {"KIQ_DEVICE_ID": "1"}
+
+
+class DeadProc:
+    returncode = 1
+
+    def poll(self):
+        return 1
+
+
+def test_restarts_with_backoff_then_leaves_a_crashing_device_down():
+    sup = Supervisor(Settings(device_target="CPU", restart_max=3, restart_window_s=100), [0], [], {})
+    started = []
+    sup._start = lambda child: (started.append(child.device), setattr(child, "proc", DeadProc()))
+    child: Child = sup.children[0]
+    sup.tick(0.0)  # first start
+    sup.tick(0.1)  # died: restart due in 1 s
+    assert child.start_at == pytest.approx(1.1) and not child.down
+    sup.tick(1.2)  # restarted
+    sup.tick(1.3)  # died again: 2 s
+    assert child.start_at == pytest.approx(3.3)
+    sup.tick(3.4)
+    sup.tick(3.5)  # third death within the window: down
+    assert child.down and started == [0, 0, 0]
+    sup.tick(100.0)
+    assert started == [0, 0, 0]
+
+
+def test_routing():
+    settings = Settings(queue="kiq", large_queue="kiq.large", large_pixels=1024 * 1024)
+    small = parse_job({"inputs": [{"text": "a", "weight": 1}]})
+    large = parse_job({"inputs": [{"text": "a", "weight": 1}], "height": 1536, "width": 1536})
+    named = parse_job(
+        {"inputs": [{"text": "a", "weight": 1}], "height": 1536, "width": 1536, "queue": "kiq.v22-custom"}
+    )
+    assert [route(j, settings) for j in (small, large, named)] == ["kiq", "kiq.large", "kiq.v22-custom"]
+    assert route(large, Settings()) == "kiq"
+
+
+def test_fleet_table():
+    workers = [{"hostname": "kiq@h-cpu0", "device": "cpu:0", "current_job": "", "done": "3", "failed": "1",
+                "started_at": "1000", "queues": "kiq"}]  # fmt: skip
+    table = render_fleet(workers, now=1000 + 3725)
+    assert "kiq@h-cpu0  cpu:0   idle" in table and "1h02m" in table and table.endswith("1 worker(s)")

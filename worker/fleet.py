@@ -1,0 +1,58 @@
+"""A live worker's heartbeat in Redis: device, current job, jobs done and failed, start time.
+
+Celery's inspect cannot serve this: a solo-pool worker answers control commands only between jobs, and a
+job can take minutes. A daemon thread refreshes the hash every few seconds; it expires when the worker is
+gone, so `kiq fleet` lists live workers only.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from typing import Any
+
+from kiq.names import fleet_key
+
+log = logging.getLogger(__name__)
+INTERVAL_S = 5
+
+
+class Heartbeat:
+    def __init__(self, redis: Any, hostname: str, device: str, queues: list[str]) -> None:
+        self.redis, self.key = redis, fleet_key(hostname)
+        self.fields: dict[str, str | int | float] = {
+            "hostname": hostname, "device": device, "queues": ",".join(queues), "started_at": time.time(),
+            "pid": os.getpid(),
+            "current_job": "", "done": 0, "failed": 0,
+        }  # fmt: skip
+        self._stop = threading.Event()
+
+    def start(self) -> None:
+        self._beat()
+        threading.Thread(target=self._loop, name="kiq-heartbeat", daemon=True).start()
+
+    def job_started(self, job_id: str) -> None:
+        self.fields["current_job"] = job_id
+        self._beat()
+
+    def job_finished(self, ok: bool) -> None:
+        self.fields["current_job"] = ""
+        self.fields["done" if ok else "failed"] = int(self.fields["done" if ok else "failed"]) + 1
+        self._beat()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.redis.delete(self.key)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(INTERVAL_S):
+            self._beat()
+
+    def _beat(self) -> None:
+        try:
+            self.redis.hset(self.key, mapping={**self.fields, "seen_at": time.time()})
+            self.redis.expire(self.key, INTERVAL_S * 3)
+        except Exception as exc:  # noqa: BLE001 - a Redis blip must not disturb the job
+            log.warning("heartbeat failed: %s", exc)

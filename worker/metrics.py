@@ -1,0 +1,46 @@
+"""Prometheus metrics of one worker process, served on KIQ_METRICS_PORT (0: off)."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from prometheus_client import Counter, Gauge, Histogram, start_http_server
+
+log = logging.getLogger(__name__)
+_SECONDS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 900, 3600)
+
+JOBS = Counter("kiq_jobs_total", "Jobs finished, by outcome", ["outcome"])
+JOB_SECONDS = Histogram("kiq_job_duration_seconds", "Job run time in the worker", buckets=_SECONDS)
+STAGE_SECONDS = Histogram("kiq_stage_duration_seconds", "Time per job stage", ["stage"], buckets=_SECONDS)
+QUEUE_WAIT = Histogram("kiq_queue_wait_seconds", "From submit to the start of the job", buckets=_SECONDS)
+MODEL_LOAD = Gauge("kiq_model_load_seconds", "Time the pipelines took to load in this process")
+DEVICE_MEMORY = Gauge("kiq_device_memory_bytes", "Device memory allocated by MindSpore (where reported)")
+
+
+def serve(port: int) -> None:
+    if port:
+        start_http_server(port)
+        log.info("Prometheus metrics on :%d/metrics", port)
+
+
+def job_finished(outcome: str, seconds: float, timings: dict[str, float] | None) -> None:
+    JOBS.labels(outcome).inc()
+    JOB_SECONDS.observe(seconds)
+    for stage, value in (timings or {}).items():
+        STAGE_SECONDS.labels(stage).observe(value)
+    DEVICE_MEMORY.set(device_memory_bytes())
+
+
+def device_memory_bytes() -> float:
+    try:
+        import mindspore as ms
+
+        return float(ms.runtime.memory_allocated())
+    except Exception:  # noqa: BLE001 - not every backend reports it (CPU does not)
+        return float("nan")
+
+
+def observe_queue_wait(submitted_at: Any, now: float) -> None:
+    if isinstance(submitted_at, int | float) and 0 <= now - submitted_at < 30 * 24 * 3600:
+        QUEUE_WAIT.observe(now - submitted_at)
