@@ -7,6 +7,8 @@ from typing import Any
 from kiq.names import GENERATE_TASK
 from kiq.settings import Settings
 
+PRIORITY_STEPS = (0, 3, 6, 9)
+
 
 def broker_transport_options(settings: Settings) -> dict[str, Any]:
     # kombu sweeps for unacked jobs of dead workers every interval x throttle seconds (default 100 s):
@@ -15,6 +17,11 @@ def broker_transport_options(settings: Settings) -> dict[str, Any]:
         "visibility_timeout": settings.visibility_timeout_s,
         "unacked_restore_interval": max(1, min(10, int(settings.visibility_timeout_s / 10))),
         "unacked_restore_throttle": 1,
+        # Priorities on Redis: one list per step (kiq, kiq:3, kiq:6, kiq:9); kombu serves 0 first.
+        # A job's priority p (9 most urgent) is sent as 9 - p: classes 7-9, 4-6, 1-3 and 0.
+        "priority_steps": list(PRIORITY_STEPS),
+        "sep": ":",
+        "queue_order_strategy": "priority",
     }
 
 

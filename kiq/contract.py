@@ -38,6 +38,7 @@ MAX_PRIOR_STEPS, MAX_DECODER_STEPS = 200, 500
 MAX_GUIDANCE = 50.0
 MAX_NUM_IMAGES = 8
 MAX_SEED = 2**32 - 1
+DEFAULT_PRIORITY, MAX_PRIORITY = 5, 9
 
 OutputFormat = Literal["png", "jpeg", "webp"]
 _DATA_URI = re.compile(r"data:image/[a-z0-9.+-]+;base64,(?P<payload>.*)", re.IGNORECASE | re.DOTALL)
@@ -127,13 +128,25 @@ class Job(BaseModel):
     num_images: int = Field(default=1, ge=1, le=MAX_NUM_IMAGES)
     output_format: OutputFormat = "png"
     queue: str | None = Field(default=None, pattern=QUEUE_NAME.pattern)  # a dedicated queue (model variant…)
+    priority: int = Field(default=DEFAULT_PRIORITY, ge=0, le=MAX_PRIORITY)  # 9 is served first
+    webhook_url: str | None = Field(default=None, max_length=MAX_REF_CHARS)
 
     @model_serializer(mode="wrap")
-    def _drop_default_queue(self, handler: SerializerFunctionWrapHandler) -> dict[str, object]:
+    def _drop_unset_options(self, handler: SerializerFunctionWrapHandler) -> dict[str, object]:
         data = handler(self)
-        if data.get("queue") is None:
-            data.pop("queue", None)
+        for name in ("queue", "webhook_url"):
+            if data.get(name) is None:
+                data.pop(name, None)
         return data
+
+    @field_validator("webhook_url")
+    @classmethod
+    def _webhook_url(cls, url: str | None) -> str | None:
+        if url is not None:
+            parts = urlsplit(url)
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                raise ValueError(f"webhook_url must be an http(s) URL with a host, got {url!r}")
+        return url
 
     @model_validator(mode="after")
     def _weights_not_all_zero(self) -> Job:
@@ -143,7 +156,7 @@ class Job(BaseModel):
 
     def settings_summary(self) -> dict[str, object]:
         """The generation settings without the inputs (which may be large data URIs)."""
-        return self.model_dump(exclude={"inputs", "queue"})
+        return self.model_dump(exclude={"inputs", "queue", "webhook_url", "priority"})
 
 
 def parse_job(data: object) -> Job:

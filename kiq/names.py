@@ -3,6 +3,8 @@
 import re
 
 GENERATE_TASK = "kiq.generate"
+WEBHOOK_TASK = "kiq.webhook"
+WEBHOOK_QUEUE = "kiq.webhooks"
 DEFAULT_QUEUE = "kiq"
 QUEUE_NAME = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
 
@@ -23,3 +25,7 @@ def cancel_key(job_id: str) -> str:
 def fleet_key(hostname: str) -> str:
     """A live worker's heartbeat hash (device, current job, counters); expires when the worker stops."""
     return f"kiq:fleet:{hostname}"
+
+
+def idempotency_key(owner: str, key: str) -> str:
+    return f"kiq:idem:{owner}:{key}"

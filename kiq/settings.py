@@ -39,6 +39,14 @@ class Settings:
     restart_max: int = 5  # a supervised worker that dies this often within KIQ_RESTART_WINDOW_S is left down
     restart_window_s: float = 300.0
     shutdown_grace_s: float = 600.0  # SIGTERM: time for running jobs to finish before children are killed
+    api_host: str = "127.0.0.1"
+    api_port: int = 8000
+    api_keys: str = ""  # comma-separated bearer keys; empty: the API is open (a warning at start)
+    api_max_body_bytes: int = 32 * 1024 * 1024
+    idempotency_ttl_s: int = 24 * 3600
+    webhook_secret: str = ""  # HMAC-SHA256 key for X-Kiq-Signature; required by the webhook worker
+    webhook_timeout_s: float = 10.0
+    webhook_retry_s: float = 600.0  # how long a failing webhook is retried, with backoff
     result_ttl_s: int = 7 * 24 * 3600
     presign_ttl_s: int = 24 * 3600
     fetch_timeout_s: float = 20.0
@@ -89,6 +97,10 @@ class Settings:
         return self.result_backend or self.broker_url
 
     @property
+    def api_key_list(self) -> list[str]:
+        return [k.strip() for k in self.api_keys.split(",") if k.strip()]
+
+    @property
     def consumed_queues(self) -> list[str]:
         return [q.strip() for q in self.worker_queues.split(",") if q.strip()] or [self.queue]
 
@@ -120,7 +132,8 @@ _NON_NEGATIVE = (
 _POSITIVE = (
     "result_ttl_s", "presign_ttl_s", "fetch_timeout_s", "fetch_max_bytes", "fetch_max_pixels", "max_deliveries",
     "prior_step_s", "decoder_step_s", "time_limit_factor", "time_limit_min_s", "time_limit_max_s",
-    "visibility_timeout_s", "large_pixels", "restart_max", "restart_window_s",
+    "visibility_timeout_s", "large_pixels", "restart_max", "restart_window_s", "api_port", "api_max_body_bytes",
+    "idempotency_ttl_s", "webhook_timeout_s", "webhook_retry_s",
 )  # fmt: skip
 
 

@@ -22,7 +22,7 @@ EXIT_FAILED, EXIT_INVALID, EXIT_TIMEOUT, EXIT_UNKNOWN = 1, 2, 3, 4
 
 def main(argv: Sequence[str] | None = None) -> int:
     args, extra = build_parser().parse_known_args(argv)
-    if extra and args.command != "worker":
+    if extra and args.command not in ("worker", "webhook-worker"):
         build_parser().error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return int(args.handler(args, extra) or 0)
@@ -58,6 +58,10 @@ def build_parser() -> argparse.ArgumentParser:
     fleet = sub.add_parser("fleet", help="list live workers: device, current job, jobs done and failed, uptime")
     fleet.add_argument("--json", action="store_true", help="print JSON instead of a table")
     fleet.set_defaults(handler=cmd_fleet)
+    api = sub.add_parser("api", help="serve the HTTP API on KIQ_API_HOST:KIQ_API_PORT")
+    api.set_defaults(handler=cmd_api)
+    hooks = sub.add_parser("webhook-worker", help="deliver webhooks (a light Celery worker, threads pool)")
+    hooks.set_defaults(handler=cmd_webhook_worker)
     tiny = sub.add_parser("make-tiny-models", help="write random-weight pipelines to DIR/prior and DIR/decoder")
     tiny.add_argument("dir")
     tiny.add_argument("--seed", type=int, default=0)
@@ -104,6 +108,20 @@ def cmd_worker(args: argparse.Namespace, extra: list[str]) -> int:
     from worker.main import run_worker
 
     run_worker(extra)
+    return 0
+
+
+def cmd_api(_: argparse.Namespace, __: list[str]) -> int:
+    from producer.api import run_api
+
+    run_api(Settings.from_env())
+    return 0
+
+
+def cmd_webhook_worker(_: argparse.Namespace, extra: list[str]) -> int:
+    from producer.webhooks import run_webhook_worker
+
+    run_webhook_worker(Settings.from_env(), extra)
     return 0
 
 

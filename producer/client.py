@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from collections.abc import Callable, Mapping
@@ -11,9 +12,17 @@ from celery import Celery
 from celery.result import AsyncResult
 
 from kiq.celeryconf import common_config
-from kiq.contract import Job, parse_job
+from kiq.contract import MAX_PRIORITY, Job, parse_job
 from kiq.errors import TransientError, UnknownJob, WaitTimeout
-from kiq.names import GENERATE_TASK, PROGRESS, cancel_key, fleet_key, job_record_key
+from kiq.names import (
+    GENERATE_TASK,
+    PROGRESS,
+    WEBHOOK_QUEUE,
+    WEBHOOK_TASK,
+    cancel_key,
+    fleet_key,
+    job_record_key,
+)
 from kiq.settings import Settings
 from kiq.status import ErrorInfo, JobResult, JobStatus, Progress
 
@@ -31,20 +40,27 @@ class Client:
     def _redis(self) -> Any:
         return self.app.backend.client
 
-    def submit(self, job: Job | Mapping[str, Any]) -> str:
+    def submit(self, job: Job | Mapping[str, Any], owner: str = "", job_id: str | None = None) -> str:
         """Validate, record and enqueue the job; return its id. Invalid jobs raise JobInvalid, enqueue nothing."""
         parsed = job if isinstance(job, Job) else parse_job(job)
-        job_id = str(uuid.uuid4())
-        self._redis.set(job_record_key(job_id), "1", ex=self.settings.result_ttl_s)
+        job_id = job_id or str(uuid.uuid4())
+        record = {"owner": owner, "webhook_url": parsed.webhook_url or ""}
+        self._redis.set(job_record_key(job_id), json.dumps(record), ex=self.settings.result_ttl_s)
         self.app.send_task(
-            GENERATE_TASK, args=[parsed.model_dump(mode="json")], task_id=job_id, queue=self.settings.queue
-        )
+            GENERATE_TASK, args=[parsed.model_dump(mode="json")], task_id=job_id, queue=route(parsed, self.settings),
+            priority=MAX_PRIORITY - parsed.priority, headers={"kiq_submitted_at": time.time()},
+        )  # fmt: skip
         return job_id
+
+    def record(self, job_id: str) -> dict[str, str] | None:
+        """What submit recorded (owner, webhook URL), or None for an unknown or expired id."""
+        raw = self._redis.get(job_record_key(job_id))
+        return None if raw is None else json.loads(raw)
 
     def status(self, job_id: str) -> JobStatus:
         meta = self.app.backend.get_task_meta(job_id)
         state = meta["status"]
-        if state == "PENDING" and not self._redis.exists(job_record_key(job_id)):
+        if state == "PENDING" and self.record(job_id) is None:
             raise UnknownJob(f"no job with id {job_id!r} (never submitted, or expired)")
         return to_status(job_id, state, meta.get("result"))
 
@@ -78,7 +94,14 @@ class Client:
         self.app.control.revoke(job_id)
         if current.state == "PENDING":
             AsyncResult(job_id, app=self.app).backend.mark_as_revoked(job_id, reason="cancelled")
+            self.notify(job_id)  # the job never reaches a worker, so its webhook is sent from here
         return self.status(job_id)
+
+    def notify(self, job_id: str) -> None:
+        """Queue the job's webhook, if it has one (the webhook worker sends it)."""
+        record = self.record(job_id) or {}
+        if record.get("webhook_url"):
+            self.app.send_task(WEBHOOK_TASK, args=[job_id, record["webhook_url"]], queue=WEBHOOK_QUEUE)
 
     def fleet(self) -> list[dict[str, Any]]:
         """Live workers, from their heartbeats (see worker/fleet.py)."""

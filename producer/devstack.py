@@ -142,6 +142,10 @@ def ensure_bucket(endpoint_url: str | None, bucket: str, region: str) -> None:
     s3.create_bucket(Bucket=bucket)
 
 
+def kiq_command() -> list[str]:
+    return [sys.executable, "-m", "producer.cli"]
+
+
 def start_worker(stack: Stack, env: Mapping[str, str], log: Path, timeout_s: float = 180) -> subprocess.Popen[bytes]:
     """`kiq worker` in its own process; returns once it logs that it is ready to consume."""
     proc = stack.spawn([sys.executable, "-m", "producer.cli", "worker"], log, env)

@@ -8,9 +8,9 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
+from kiq import safe_http
 from kiq.errors import ImageTooLarge, NotAnImage
 from kiq.settings import Settings
-from worker import safe_http
 from worker.retry import with_retries
 
 if TYPE_CHECKING:

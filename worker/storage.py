@@ -13,6 +13,7 @@ from kiq.errors import (
     StorageError,
     StorageUnavailable,
 )
+from kiq.s3 import presign, s3_client
 from kiq.settings import Settings
 
 
@@ -24,18 +25,6 @@ class Storage(Protocol):
     def presign(self, key: str) -> str: ...
 
     def read(self, bucket: str, key: str, max_bytes: int) -> bytes: ...
-
-
-def s3_client(settings: Settings) -> Any:
-    import boto3
-    from botocore.config import Config
-
-    config = Config(
-        signature_version="s3v4", retries={"max_attempts": 2, "mode": "standard"}, connect_timeout=3, read_timeout=30
-    )
-    return boto3.client(
-        "s3", endpoint_url=settings.s3_endpoint_url or None, region_name=settings.s3_region, config=config
-    )
 
 
 class S3Storage:
@@ -60,9 +49,7 @@ class S3Storage:
         return uri
 
     def presign(self, key: str) -> str:
-        return self.client.generate_presigned_url(
-            "get_object", Params={"Bucket": self.bucket, "Key": key}, ExpiresIn=self.presign_ttl_s
-        )
+        return presign(self.client, self.bucket, key, self.presign_ttl_s)
 
     def read(self, bucket: str, key: str, max_bytes: int) -> bytes:
         from botocore.exceptions import BotoCoreError, ClientError

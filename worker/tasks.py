@@ -14,7 +14,7 @@ from celery.exceptions import Ignore
 
 from kiq.contract import parse_job
 from kiq.errors import JobTimeout
-from kiq.names import GENERATE_TASK, PROGRESS, TERMINAL_STATES, cancel_key
+from kiq.names import GENERATE_TASK, PROGRESS, TERMINAL_STATES, WEBHOOK_QUEUE, WEBHOOK_TASK, cancel_key
 from kiq.settings import Settings
 from kiq.status import Progress
 from worker import metrics
@@ -70,6 +70,7 @@ def register(app: Celery, runner: Runner, settings: Settings, observers: Observe
             raise
         finally:
             guard.end(job_id)
+            notify(self, job)
         observers.finished("success", time.monotonic() - started, result["timings"])
         return result
 
@@ -84,16 +85,27 @@ def run_job(task: Task, runner: Runner, settings: Settings, job: dict[str, Any],
     try:
         if ctx.cancelled():
             raise JobCancelled(ctx.job_id)
-        with watchdog(limits.hard_s, lambda: _fail_hung(task, limits.hard_s)):
+        with watchdog(limits.hard_s, lambda: _fail_hung(task, limits.hard_s, job)):
             return runner.run(parsed, ctx).model_dump(mode="json")
     except JobCancelled:
         task.backend.mark_as_revoked(ctx.job_id, reason="cancelled", request=task.request)
         raise Ignore() from None
 
 
-def _fail_hung(task: Task, limit_s: float) -> None:
+def _fail_hung(task: Task, limit_s: float, job: dict[str, Any]) -> None:
     error = JobTimeout(f"a step hung past the job's hard time limit of {limit_s:.0f} s; the worker restarted")
     task.backend.mark_as_failure(task.request.id, error, request=task.request)
+    notify(task, job)
+
+
+def notify(task: Task, job: Any) -> None:
+    """Queue the job's webhook (the webhook worker waits for the final state before it posts)."""
+    url = job.get("webhook_url") if isinstance(job, dict) else None
+    if isinstance(url, str) and url:
+        try:
+            task.app.send_task(WEBHOOK_TASK, args=[task.request.id, url], queue=WEBHOOK_QUEUE)
+        except Exception as exc:  # noqa: BLE001 - a webhook must never fail its job
+            log.error("could not queue the webhook of %s: %s", task.request.id, exc)
 
 
 def job_context(task: Task, limit_s: float) -> JobContext:

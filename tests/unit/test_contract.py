@@ -37,7 +37,7 @@ SEED_JOB = {
 
 def test_seed_example_is_valid_and_round_trips():
     job = parse_job(SEED_JOB)
-    assert job.model_dump(mode="json") == SEED_JOB
+    assert job.model_dump(mode="json") == {**SEED_JOB, "priority": 5}
 
 
 def test_defaults_follow_the_pipelines():

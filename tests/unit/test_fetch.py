@@ -1,9 +1,9 @@
 import pytest
 
 from kiq.errors import FetchError, FetchUnavailable, ImageTooLarge, NotAnImage, ObjectNotFound
+from kiq.safe_http import AddressPolicy
 from tests.helpers import ALLOWED_HOST, data_uri, http_server, image_bytes
 from worker.fetch import Fetcher, FetchLimits, decode_image
-from worker.safe_http import AddressPolicy
 from worker.storage import MemoryStorage
 
 LIMITS = FetchLimits(max_bytes=200_000, max_pixels=100_000, timeout_s=2, policy=AddressPolicy.parse(ALLOWED_HOST))

@@ -4,8 +4,8 @@ import time
 import pytest
 
 from kiq.errors import BlockedAddress, FetchError, FetchUnavailable, ImageTooLarge
+from kiq.safe_http import AddressPolicy, HttpLimits, get
 from tests.helpers import ALLOWED_HOST, Reply, http_server, image_bytes, redirect
-from worker.safe_http import AddressPolicy, HttpLimits, get
 
 LIMITS = HttpLimits(max_bytes=100_000, timeout_s=2.0, max_redirects=3)
 POLICY = AddressPolicy.parse(ALLOWED_HOST)

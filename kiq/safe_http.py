@@ -70,6 +70,22 @@ def get(url: str, limits: HttpLimits, policy: AddressPolicy) -> bytes:
     raise FetchError(f"too many redirects (more than {limits.max_redirects}), last to {url}")
 
 
+def post(url: str, body: bytes, headers: dict[str, str], limits: HttpLimits, policy: AddressPolicy) -> int:
+    """POST to a checked, pinned address (redirects are not followed); returns the status code."""
+    deadline = time.monotonic() + limits.timeout_s
+    conn, sock, path = _open(url, policy, deadline)
+    try:
+        conn.request("POST", path, body=body, headers={"User-Agent": "kiq", **headers})
+        response = conn.getresponse()
+        response.read(_CHUNK)
+        return response.status
+    except (OSError, http.client.HTTPException) as exc:
+        raise FetchUnavailable(f"could not post to {url}: {exc or type(exc).__name__}") from None
+    finally:
+        conn.close()
+        sock.close()
+
+
 def _checked(url: str, status: int, body: bytes) -> bytes:
     if status >= 500 or status == 429:
         raise FetchUnavailable(f"{url} answered HTTP {status}")
@@ -79,18 +95,9 @@ def _checked(url: str, status: int, body: bytes) -> bytes:
 
 
 def _get_once(url: str, limits: HttpLimits, policy: AddressPolicy, deadline: float) -> tuple[int, str, bytes]:
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise FetchError(f"refusing to follow {url!r}: only http and https URLs with a host")
-    host, port = parts.hostname, parts.port or (443 if parts.scheme == "https" else 80)
-    address = _resolve(url, host, port)
-    policy.check(url, host, address)
-    sock = _connect(parts.scheme, host, port, address, _remaining(url, deadline))
-    conn = http.client.HTTPConnection(host, port)
-    conn.sock = sock  # pinned to the address we checked: no second DNS lookup to rebind
+    conn, sock, path = _open(url, policy, deadline)
     try:
-        path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-        conn.request("GET", path, headers={"Host": parts.netloc, "User-Agent": "kiq-worker", "Accept": "image/*"})
+        conn.request("GET", path, headers={"User-Agent": "kiq-worker", "Accept": "image/*"})
         response = conn.getresponse()
         if response.status in _REDIRECTS:
             return response.status, response.getheader("Location", ""), b""
@@ -100,6 +107,21 @@ def _get_once(url: str, limits: HttpLimits, policy: AddressPolicy, deadline: flo
     finally:
         conn.close()
         sock.close()
+
+
+def _open(url: str, policy: AddressPolicy, deadline: float) -> tuple[http.client.HTTPConnection, socket.socket, str]:
+    """Check the URL's address against the policy and connect to exactly that address."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise FetchError(f"refusing {url!r}: only http and https URLs with a host")
+    host, port = parts.hostname, parts.port or (443 if parts.scheme == "https" else 80)
+    address = _resolve(url, host, port)
+    policy.check(url, host, address)
+    sock = _connect(parts.scheme, host, port, address, _remaining(url, deadline))
+    conn = http.client.HTTPConnection(host, port)
+    conn.sock = sock  # pinned to the address we checked: no second DNS lookup to rebind
+    path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    return conn, sock, path
 
 
 def _resolve(url: str, host: str, port: int) -> IPAddress:

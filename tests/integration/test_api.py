@@ -1,0 +1,213 @@
+"""The HTTP API against the real Redis, the moto S3 server, a `kiq api` process, the session's worker and a
+`kiq webhook-worker` process; schemathesis runs in-process against the app's own OpenAPI schema."""
+
+import hashlib
+import hmac
+import io
+import json
+import threading
+import time
+import uuid
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import httpx
+import pytest
+import schemathesis
+from hypothesis import HealthCheck
+from hypothesis import settings as hypothesis_settings
+from PIL import Image
+
+from kiq.settings import Settings
+from producer import devstack
+from producer.api import create_api
+from tests.helpers import ALLOWED_HOST, image_bytes
+from tests.integration.jobs import tiny_job
+
+KEY_A, KEY_B, SECRET = "key-a-0123456789", "key-b-9876543210", "webhook-secret-for-tests"
+A, B = {"Authorization": f"Bearer {KEY_A}"}, {"Authorization": f"Bearer {KEY_B}"}
+
+
+@pytest.fixture(scope="module")
+def api_env(env):
+    return {**env, "KIQ_API_KEYS": f"{KEY_A},{KEY_B}", "KIQ_API_PORT": str(devstack.free_port()),
+            "KIQ_WEBHOOK_SECRET": SECRET, "KIQ_API_MAX_BODY_BYTES": str(8 * 1024 * 1024)}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def api(api_env, logs, worker):
+    stack = devstack.Stack()
+    base = f"http://127.0.0.1:{api_env['KIQ_API_PORT']}"
+    proc = stack.spawn([*devstack.kiq_command(), "api"], logs / "api.log", api_env)
+    devstack.wait_until(lambda: devstack.http_up(base + "/healthz"), 60, "kiq api", proc, logs / "api.log")
+    stack.spawn([*devstack.kiq_command(), "webhook-worker"], logs / "webhooks.log", api_env)
+    with httpx.Client(base_url=base, timeout=30) as http:
+        yield http
+    stack.close()
+
+
+def wait_state(api, job_id, headers, states=("SUCCESS", "FAILURE", "REVOKED"), timeout=120):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        status = api.get(f"/v1/jobs/{job_id}", headers=headers).json()
+        if status["state"] in states:
+            return status
+        time.sleep(0.1)
+    raise AssertionError(f"{job_id} never reached {states}")
+
+
+def test_submit_json_poll_and_follow_the_image_redirect(api):
+    response = api.post("/v1/jobs", json=tiny_job(width=128), headers=A)
+    assert response.status_code == 202
+    job_id = response.json()["id"]
+    assert response.json()["status_url"] == f"/v1/jobs/{job_id}"
+    assert wait_state(api, job_id, A)["state"] == "SUCCESS"
+    redirect = api.get(f"/v1/jobs/{job_id}/images/0", headers=A)
+    assert redirect.status_code == 307
+    image = Image.open(io.BytesIO(httpx.get(redirect.headers["location"]).content))
+    assert (image.format, image.size) == ("PNG", (128, 64))
+    assert api.get(f"/v1/jobs/{job_id}/images/1", headers=A).status_code == 404
+
+
+def test_idempotency_key(api, redis_client):
+    key = {"Idempotency-Key": str(uuid.uuid4()), **A}
+    first = api.post("/v1/jobs", json=tiny_job(seed=101), headers=key)
+    again = api.post("/v1/jobs", json=tiny_job(seed=101), headers=key)
+    assert first.status_code == again.status_code == 202
+    assert first.json()["id"] == again.json()["id"]
+    other = api.post("/v1/jobs", json=tiny_job(seed=102), headers=key)
+    assert other.status_code == 409 and "different request body" in other.json()["detail"]
+    assert api.post("/v1/jobs", json=tiny_job(seed=101), headers={**key, **B}).json()["id"] != first.json()["id"]
+
+
+def test_cancel_before_start_and_during_denoising(api):
+    running = api.post("/v1/jobs", json=tiny_job(decoder_steps=60), headers=A).json()["id"]
+    queued = api.post("/v1/jobs", json=tiny_job(), headers=A).json()["id"]
+    wait_state(api, running, A, states=("PROGRESS",))
+    cancelled = api.delete(f"/v1/jobs/{queued}", headers=A)
+    assert cancelled.status_code == 202 and cancelled.json()["state"] == "REVOKED"
+    assert api.delete(f"/v1/jobs/{running}", headers=A).status_code == 202
+    assert wait_state(api, running, A)["state"] == "REVOKED"
+    assert api.get(f"/v1/jobs/{running}/images/0", headers=A).status_code == 409
+
+
+class Receiver:
+    """A webhook endpoint on the allowlisted loopback address: answers 500 first, then 200."""
+
+    def __init__(self):
+        self.calls, self.failures_left = [], 1
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                receiver.calls.append((dict(self.headers), body))
+                status = 500 if receiver.failures_left > 0 else 200
+                receiver.failures_left -= 1
+                self.send_response(status)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer((ALLOWED_HOST, 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://{ALLOWED_HOST}:{self.server.server_address[1]}/hook"
+
+
+def test_webhook_is_signed_retried_after_a_500_and_sent_for_cancels(api):
+    receiver = Receiver()
+    job_id = api.post("/v1/jobs", json=tiny_job(webhook_url=receiver.url), headers=A).json()["id"]
+    assert wait_state(api, job_id, A)["state"] == "SUCCESS"
+    devstack.wait_until(lambda: len(receiver.calls) >= 2, 60, "webhook retry")
+    (first_headers, _), (headers, body) = receiver.calls[:2]
+    expected = "sha256=" + hmac.new(SECRET.encode(), body, hashlib.sha256).hexdigest()
+    assert hmac.compare_digest(headers["X-Kiq-Signature"], expected)
+    assert headers["X-Kiq-Job-Id"] == job_id and headers["X-Kiq-Delivery"] == first_headers["X-Kiq-Delivery"]
+    payload = json.loads(body)
+    assert (payload["id"], payload["state"]) == (job_id, "SUCCESS") and payload["result"]["images"]
+
+    blocker = api.post("/v1/jobs", json=tiny_job(decoder_steps=30), headers=A).json()["id"]
+    queued = api.post("/v1/jobs", json=tiny_job(webhook_url=receiver.url), headers=A).json()["id"]
+    api.delete(f"/v1/jobs/{queued}", headers=A)
+    devstack.wait_until(lambda: any(json.loads(b)["id"] == queued for _, b in receiver.calls), 60, "cancel webhook")
+    assert [json.loads(b)["state"] for _, b in receiver.calls if json.loads(b)["id"] == queued] == ["REVOKED"]
+    api.delete(f"/v1/jobs/{blocker}", headers=A)
+
+
+def test_auth_and_tenancy(api):
+    job_id = api.post("/v1/jobs", json=tiny_job(), headers=A).json()["id"]
+    assert api.post("/v1/jobs", json=tiny_job()).status_code == 401
+    assert api.get(f"/v1/jobs/{job_id}", headers={"Authorization": "Bearer nope"}).status_code == 401
+    assert api.get(f"/v1/jobs/{job_id}", headers={"Authorization": KEY_A}).status_code == 401
+    assert api.get(f"/v1/jobs/{job_id}", headers=B).status_code == 404
+    assert api.delete(f"/v1/jobs/{job_id}", headers=B).status_code == 404
+    assert api.get(f"/v1/jobs/{job_id}/images/0", headers=B).status_code == 404
+    assert api.get(f"/v1/jobs/{uuid.uuid4()}", headers=A).status_code == 404
+    assert api.get("/healthz").json() == {"status": "ok"}
+    ready = api.get("/readyz")
+    assert ready.status_code == 200 and ready.json() == {"status": "ok", "redis": "ok", "s3": "ok"}
+    wait_state(api, job_id, A)
+
+
+def test_multipart_upload_is_stored_and_used(api, s3, settings):
+    job = tiny_job({"text": "a cat", "weight": 0.5}, {"image": "upload:cat", "weight": 0.5})
+    files = {"cat": ("cat.png", image_bytes(size=(40, 30)), "image/png")}
+    response = api.post("/v1/jobs", data={"job": json.dumps(job)}, files=files, headers=A)
+    assert response.status_code == 202, response.text
+    job_id = response.json()["id"]
+    assert wait_state(api, job_id, A)["state"] == "SUCCESS"
+    stored = s3.list_objects_v2(Bucket=settings.s3_bucket, Prefix=f"inputs/{job_id}/")["Contents"]
+    assert len(stored) == 1 and stored[0]["Size"] == len(files["cat"][1])
+    missing = api.post("/v1/jobs", data={"job": json.dumps(job)}, files={"dog": files["cat"]}, headers=A)
+    assert missing.status_code == 422 and "no file part named 'cat'" in missing.text
+
+
+def test_invalid_requests(api):
+    bad = api.post("/v1/jobs", json={"inputs": [], "height": 100}, headers=A)
+    assert bad.status_code == 422
+    assert {tuple(d["loc"]) for d in bad.json()["detail"]} == {("body", "inputs"), ("body", "height")}
+    assert api.post("/v1/jobs", content=b"{nope", headers={**A, "Content-Type": "application/json"}).status_code == 422
+    assert api.post("/v1/jobs", content=b"a cat", headers={**A, "Content-Type": "text/plain"}).status_code == 415
+    huge = api.post("/v1/jobs", content=b"x" * (9 * 1024 * 1024), headers={**A, "Content-Type": "application/json"})
+    assert huge.status_code == 413
+
+
+def test_priority_is_honoured_by_the_broker(api):
+    blocker = api.post("/v1/jobs", json=tiny_job(decoder_steps=20), headers=A).json()["id"]
+    wait_state(api, blocker, A, states=("PROGRESS",))
+    low = api.post("/v1/jobs", json=tiny_job(priority=0, seed=1), headers=A).json()["id"]
+    high = api.post("/v1/jobs", json=tiny_job(priority=9, seed=2), headers=A).json()["id"]
+    wait_state(api, high, A)
+    assert api.get(f"/v1/jobs/{low}", headers=A).json()["state"] in ("PENDING", "STARTED", "PROGRESS")
+    assert wait_state(api, low, A)["state"] == "SUCCESS"
+
+
+class Deferred:
+    """An ASGI app whose target is swapped in by a fixture: schemathesis loads the schema at import time,
+    before the session's Redis and S3 exist. The schema is the same for any settings."""
+
+    def __init__(self, target):
+        self.target = target
+
+    async def __call__(self, scope, receive, send):
+        await self.target(scope, receive, send)
+
+
+APP = Deferred(create_api(Settings(), s3=object()))
+schema = schemathesis.openapi.from_asgi("/openapi.json", APP)
+
+
+@pytest.fixture(scope="module")
+def open_app(env):
+    # Open (no keys) so generated requests reach the handlers; a queue no worker consumes.
+    settings = Settings.from_env({**env, "KIQ_QUEUE": f"kiq-schemathesis-{uuid.uuid4().hex[:6]}"})
+    APP.target = create_api(settings)
+    return APP.target
+
+
+@schema.parametrize()
+@hypothesis_settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
+def test_no_generated_request_gets_a_server_error(case, open_app):
+    response = case.call()
+    assert response.status_code < 500, (case.method, case.path, case.body, response.text)
