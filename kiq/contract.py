@@ -11,7 +11,7 @@ import base64
 import binascii
 import hashlib
 import re
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 from pydantic import (
@@ -167,11 +167,16 @@ def parse_job(data: object) -> Job:
         raise JobInvalid(format_validation_error(exc)) from None
 
 
+def validation_errors(exc: ValidationError) -> list[dict[str, Any]]:
+    """Each problem as {"loc", "msg", "type"}, the message without pydantic's "Value error, " prefix."""
+    return [
+        {"loc": list(err["loc"]), "msg": err["msg"].removeprefix("Value error, "), "type": err["type"]}
+        for err in exc.errors(include_url=False, include_input=False)
+    ]
+
+
 def format_validation_error(exc: ValidationError) -> str:
-    lines = []
-    for err in exc.errors(include_url=False, include_input=False):
-        where = ".".join(str(p) for p in err["loc"]) or "job"
-        lines.append(f"{where}: {err['msg'].removeprefix('Value error, ')}")
+    lines = [f"{'.'.join(str(p) for p in err['loc']) or 'job'}: {err['msg']}" for err in validation_errors(exc)]
     return "invalid job: " + "; ".join(lines)
 
 

@@ -13,7 +13,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, RedirectResponse
 from pydantic import BaseModel, ValidationError
 
-from kiq.contract import Job
+from kiq.contract import Job, validation_errors
 from kiq.errors import UnknownJob
 from kiq.names import idempotency_key
 from kiq.s3 import presign, s3_client
@@ -193,9 +193,7 @@ def validate(data: Any) -> Job:
     try:
         return Job.model_validate(data)
     except ValidationError as exc:
-        detail = [{"loc": ["body", *err["loc"]], "msg": err["msg"].removeprefix("Value error, "), "type": err["type"]}
-                  for err in exc.errors(include_url=False, include_input=False)]  # fmt: skip
-        raise Rejected(422, detail) from None
+        raise Rejected(422, [{**err, "loc": ["body", *err["loc"]]} for err in validation_errors(exc)]) from None
 
 
 def claim(client: Client, settings: Settings, who: str, key: str, digest: str, job_id: str) -> str | None:

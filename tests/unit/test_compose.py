@@ -4,6 +4,7 @@ from pathlib import Path
 
 import yaml
 
+from kiq.celeryconf import PRIORITY_STEPS
 from kiq.settings import setting_names
 
 COMPOSE = yaml.safe_load(Path("docker-compose.yml").read_text())
@@ -75,5 +76,7 @@ def test_kubernetes_pod_per_npu_scaled_by_keda_on_the_queue():
     assert pod["terminationGracePeriodSeconds"] >= 600
     scaled = kinds["ScaledObject"]["spec"]
     assert scaled["scaleTargetRef"]["name"] == kinds["Deployment"]["metadata"]["name"]
-    (trigger,) = scaled["triggers"]
-    assert trigger["type"] == "redis" and trigger["metadata"]["listName"] == kinds["ConfigMap"]["data"]["KIQ_QUEUE"]
+    queue = kinds["ConfigMap"]["data"]["KIQ_QUEUE"]
+    lists = [queue] + [f"{queue}:{step}" for step in PRIORITY_STEPS[1:]]  # kombu's list per priority class
+    assert [t["metadata"]["listName"] for t in scaled["triggers"]] == lists
+    assert {t["type"] for t in scaled["triggers"]} == {"redis"}
