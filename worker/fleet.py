@@ -28,19 +28,18 @@ class Heartbeat:
             "current_job": "", "done": 0, "failed": 0,
         }  # fmt: skip
         self._stop = threading.Event()
+        self._lock = threading.Lock()  # snapshot + write as one step: a stale periodic beat must not land last
 
     def start(self) -> None:
         self._beat()
         threading.Thread(target=self._loop, name="kiq-heartbeat", daemon=True).start()
 
     def job_started(self, job_id: str) -> None:
-        self.fields["current_job"] = job_id
-        self._beat()
+        self._beat(current_job=job_id)
 
     def job_finished(self, ok: bool) -> None:
-        self.fields["current_job"] = ""
-        self.fields["done" if ok else "failed"] = int(self.fields["done" if ok else "failed"]) + 1
-        self._beat()
+        counter = "done" if ok else "failed"
+        self._beat(current_job="", **{counter: int(self.fields[counter]) + 1})
 
     def stop(self) -> None:
         self._stop.set()
@@ -50,9 +49,11 @@ class Heartbeat:
         while not self._stop.wait(INTERVAL_S):
             self._beat()
 
-    def _beat(self) -> None:
-        try:
-            self.redis.hset(self.key, mapping={**self.fields, "seen_at": time.time()})
-            self.redis.expire(self.key, INTERVAL_S * 3)
-        except Exception as exc:  # noqa: BLE001 - a Redis blip must not disturb the job
-            log.warning("heartbeat failed: %s", exc)
+    def _beat(self, **changes: str | int) -> None:
+        with self._lock:
+            self.fields.update(changes)
+            try:
+                self.redis.hset(self.key, mapping={**self.fields, "seen_at": time.time()})
+                self.redis.expire(self.key, INTERVAL_S * 3)
+            except Exception as exc:  # noqa: BLE001 - a Redis blip must not disturb the job
+                log.warning("heartbeat failed: %s", exc)

@@ -78,7 +78,9 @@ def test_sigkilled_child_is_restarted_and_its_job_completes_once(fleet, s3, sett
     proc, client, log, _, _, mine = fleet
     job_id = client.submit(tiny_job(decoder_steps=10, num_images=1))
     wait_for_step(client, job_id)
-    victim = next(w for w in mine() if w["current_job"] == job_id)
+    running = lambda: [w for w in mine() if w["current_job"] == job_id]  # noqa: E731
+    devstack.wait_until(lambda: bool(running()), 10, "heartbeat naming the running job")
+    victim = running()[0]
     os.kill(int(victim["pid"]), signal.SIGKILL)
     final = client.wait(job_id, timeout=120)
     assert final.state == "SUCCESS", final.error
