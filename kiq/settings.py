@@ -39,6 +39,7 @@ class Settings:
     restart_max: int = 5  # a supervised worker that dies this often within KIQ_RESTART_WINDOW_S is left down
     restart_window_s: float = 300.0
     shutdown_grace_s: float = 600.0  # SIGTERM: time for running jobs to finish before children are killed
+    fast_prior: bool = True  # one batched prior run per job, no wasted negative run (same output)
     api_host: str = "127.0.0.1"
     api_port: int = 8000
     api_keys: str = ""  # comma-separated bearer keys; empty: the API is open (a warning at start)
@@ -137,6 +138,9 @@ _POSITIVE = (
 )  # fmt: skip
 
 
+_BOOLS = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
+
+
 def env_name(field: str) -> str:
     return PREFIX + field.upper()
 
@@ -147,6 +151,10 @@ def setting_names() -> list[str]:
 
 def _coerce(name: str, type_name: Any, raw: str) -> Any:
     kind = str(type_name)
+    if kind == "bool":
+        if raw.lower() not in _BOOLS:
+            raise SettingsError(f"{env_name(name)} must be one of {', '.join(sorted(_BOOLS))}, got {raw!r}")
+        return _BOOLS[raw.lower()]
     try:
         if kind == "int":
             return int(raw)

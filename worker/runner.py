@@ -66,7 +66,9 @@ class Runner:
 
         start = time.perf_counter()
         device.configure(self.device)
-        self.pipelines = KandinskyPipelines.load(self.settings.prior_model, self.settings.decoder_model, self.device)
+        self.pipelines = KandinskyPipelines.load(
+            self.settings.prior_model, self.settings.decoder_model, self.device, self.settings.fast_prior
+        )
         self.load_seconds = time.perf_counter() - start
 
     def run(self, job: Job, ctx: JobContext) -> JobResult:
@@ -78,7 +80,9 @@ class Runner:
             conditions = [i.text if i.text is not None else self.fetcher.image(i.image or "") for i in job.inputs]
         with _timed(timings, "prior"), _model_errors():
             ctx.progress("prior", 0, job.prior_steps)
-            embeds = self.pipelines.interpolate(conditions, [i.weight for i in job.inputs], _prior(job), _rng(seed))
+            weights = [i.weight for i in job.inputs]
+            on_prior_step = lambda step, total: ctx.progress("prior", step, total)  # noqa: E731
+            embeds = self.pipelines.interpolate(conditions, weights, _prior(job), _rng(seed), on_prior_step)
             ctx.progress("prior", job.prior_steps, job.prior_steps)
         with _timed(timings, "decoder"), _model_errors():
             on_step = lambda step, total: ctx.progress("decoder", step, total)  # noqa: E731

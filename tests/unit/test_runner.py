@@ -19,8 +19,9 @@ class FakePipelines:
         self.calls = []
         self.fail = fail
 
-    def interpolate(self, conditions, weights, params, generator):
+    def interpolate(self, conditions, weights, params, generator, on_step):
         self.calls.append(("interpolate", [type(c).__name__ for c in conditions], list(weights), params))
+        on_step(params.steps, params.steps)
         return "embeds", "negative"
 
     def decode(self, embeds, negative, params, generator, on_step):
@@ -59,7 +60,7 @@ def test_runs_stages_in_order_and_uploads_by_job_id():
     result = runner.run(parse_job(JOB), context(events))
     assert pipes.calls[0][1:3] == (["str", "Image"], [0.5, 0.5])
     assert [(e.stage, e.step, e.total) for e in events] == [
-        ("fetch", 0, 2), ("prior", 0, 25), ("prior", 25, 25),
+        ("fetch", 0, 2), ("prior", 0, 25), ("prior", 25, 25), ("prior", 25, 25),
         ("decoder", 1, 3), ("decoder", 2, 3), ("decoder", 3, 3), ("upload", 0, 2),
     ]  # fmt: skip
     assert [i.uri for i in result.images] == ["s3://out/jobs/job-1/0.webp", "s3://out/jobs/job-1/1.webp"]
@@ -81,7 +82,7 @@ def test_rerun_overwrites_instead_of_duplicating():
 def test_cancel_stops_between_steps():
     events = []
     with pytest.raises(JobCancelled):
-        make_runner(FakePipelines()).run(parse_job(JOB), context(events, cancel_after=4))
+        make_runner(FakePipelines()).run(parse_job(JOB), context(events, cancel_after=5))
     assert events[-1].stage == "decoder"
 
 

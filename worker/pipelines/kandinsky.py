@@ -9,6 +9,7 @@ from typing import Any
 
 from kiq.errors import SettingsError
 from worker.device import DeviceConfig
+from worker.pipelines.fast_prior import FastPrior
 
 StepCallback = Callable[[int, int], None]
 
@@ -30,11 +31,14 @@ class DecoderParams:
 
 
 class KandinskyPipelines:
-    def __init__(self, prior: Any, decoder: Any) -> None:
+    def __init__(self, prior: Any, decoder: Any, fast_prior: bool = True) -> None:
         self.prior, self.decoder = prior, decoder
+        self.fast_prior = FastPrior(prior) if fast_prior else None
 
     @classmethod
-    def load(cls, prior_model: str, decoder_model: str, device: DeviceConfig) -> KandinskyPipelines:
+    def load(
+        cls, prior_model: str, decoder_model: str, device: DeviceConfig, fast_prior: bool = True
+    ) -> KandinskyPipelines:
         import mindspore as ms
         from mindone.diffusers import KandinskyV22Pipeline, KandinskyV22PriorPipeline
         from transformers import CLIPImageProcessor
@@ -53,12 +57,24 @@ class KandinskyPipelines:
             decoder = KandinskyV22Pipeline.from_pretrained(decoder_model, mindspore_dtype=dtype)
         for pipe in (prior, decoder):
             pipe.set_progress_bar_config(disable=True)
-        return cls(prior, decoder)
+        return cls(prior, decoder, fast_prior)
 
     def interpolate(
-        self, conditions: Sequence[Any], weights: Sequence[float], params: PriorParams, generator: Any
+        self,
+        conditions: Sequence[Any],
+        weights: Sequence[float],
+        params: PriorParams,
+        generator: Any,
+        on_step: StepCallback | None = None,
     ) -> tuple[Any, Any]:
-        """Texts and PIL images in, (image_embeds, negative_image_embeds) out."""
+        """Texts and PIL images in, (image_embeds, negative_image_embeds) out: mindone's `interpolate`
+        semantics and draws; the fast path (see fast_prior.py) also reports every prior step."""
+        if self.fast_prior is not None:
+            return self.fast_prior.interpolate(
+                conditions, weights, steps=params.steps, guidance_scale=params.guidance_scale,
+                negative_prompt=params.negative_prompt, num_images=params.num_images, generator=generator,
+                on_step=on_step,
+            )  # fmt: skip
         return self.prior.interpolate(
             list(conditions),
             list(weights),

@@ -1,0 +1,49 @@
+"""The batched prior gives mindone's `interpolate` output (same draws, fp tolerance) with fewer runs."""
+
+import numpy as np
+import pytest
+from PIL import Image
+
+CASES = [
+    (["a cat", "img1", "img2"], [0.3, 0.3, 0.4], "", 1, 1),  # the seed's job: 1 prior run instead of 2
+    (["a cat", "a dog", "img1"], [0.5, 0.2, 0.3], "", 2, 1),  # two texts, two images each: 1 run instead of 3
+    (["a cat", "img2"], [0.6, 0.4], "blurry", 2, 1),  # a real negative prompt joins the batch
+    (["img1", "img2"], [0.5, 0.5], "", 1, 0),  # image-only: no prior run at all
+    (["img1"], [1.0], "ugly", 1, 1),
+]
+
+
+@pytest.fixture(scope="module")
+def pipelines(tiny_models):
+    from worker import device
+    from worker.pipelines.kandinsky import KandinskyPipelines
+
+    config = device.DeviceConfig("CPU", 0)
+    device.configure(config)
+    return KandinskyPipelines.load(*map(str, tiny_models), config)
+
+
+@pytest.mark.parametrize(("conditions", "weights", "negative", "num_images", "runs"), CASES)
+def test_fast_prior_matches_mindone_interpolate(pipelines, conditions, weights, negative, num_images, runs):
+    rng = np.random.default_rng(0)
+    images = {
+        "img1": Image.fromarray((rng.random((60, 50, 3)) * 255).astype(np.uint8)),
+        "img2": Image.fromarray((rng.random((80, 70, 3)) * 255).astype(np.uint8)),
+    }
+    conds = [images.get(c, c) for c in conditions]
+    expected = pipelines.prior.interpolate(
+        conds, weights, num_images_per_prompt=num_images, num_inference_steps=5, generator=np.random.default_rng(7),
+        negative_prompt=negative, guidance_scale=4.0,
+    )  # fmt: skip
+    before = dict(pipelines.fast_prior.counts)
+    steps = []
+    got = pipelines.fast_prior.interpolate(
+        conds, weights, steps=5, guidance_scale=4.0, negative_prompt=negative, num_images=num_images,
+        generator=np.random.default_rng(7), on_step=lambda s, n: steps.append((s, n)),
+    )  # fmt: skip
+    for ours, theirs in zip(got, expected, strict=True):
+        assert ours.shape == theirs.shape == (num_images, 32)
+        np.testing.assert_allclose(ours.asnumpy(), theirs.asnumpy(), atol=1e-5)
+    assert pipelines.fast_prior.counts["prior_runs"] - before["prior_runs"] == runs
+    assert pipelines.fast_prior.counts["encoder_batches"] - before["encoder_batches"] == 1
+    assert steps == ([(s, 5) for s in range(1, 6)] if runs else [])
