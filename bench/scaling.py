@@ -17,6 +17,8 @@ import time
 import uuid
 from pathlib import Path
 
+from _stack import bring_up
+
 from kiq.settings import Settings
 from producer import devstack
 from producer.client import Client
@@ -24,12 +26,10 @@ from producer.client import Client
 
 def main() -> None:
     args = parse_args()
-    os.environ.setdefault("AWS_ACCESS_KEY_ID", "bench")
-    os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "bench")
     stack = devstack.Stack()
     scratch = Path(tempfile.mkdtemp(prefix="kiq-bench-"))
     try:
-        env = bring_up(stack, scratch, args.redis)
+        env = bring_up(stack, scratch, args.redis, "kiq-bench")
         results = {n: run(env, scratch, n, args) for n in (1, 2)}
     finally:
         stack.close()
@@ -47,17 +47,6 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--redis", default="redis://127.0.0.1:6379/11")
     return parser.parse_args()
-
-
-def bring_up(stack: devstack.Stack, scratch: Path, redis_url: str) -> dict[str, str]:
-    devstack.ensure_redis(stack, redis_url, scratch)
-    endpoint = devstack.start_s3_server(stack, scratch)
-    prior, decoder = devstack.make_tiny_models(scratch / "models")
-    devstack.ensure_bucket(endpoint, "kiq-bench", "us-east-1")
-    return {
-        **os.environ, "KIQ_BROKER_URL": redis_url, "KIQ_S3_ENDPOINT_URL": endpoint, "KIQ_S3_BUCKET": "kiq-bench",
-        "KIQ_PRIOR_MODEL": str(prior), "KIQ_DECODER_MODEL": str(decoder), "KIQ_DEVICE_TARGET": "CPU",
-    }  # fmt: skip
 
 
 def run(base_env: dict[str, str], scratch: Path, workers: int, args: argparse.Namespace) -> tuple[int, float]:

@@ -40,6 +40,7 @@ class Settings:
     restart_window_s: float = 300.0
     shutdown_grace_s: float = 600.0  # SIGTERM: time for running jobs to finish before children are killed
     fast_prior: bool = True  # one batched prior run per job, no wasted negative run (same output)
+    embed_cache_mb: int = 256  # image-embedding and text-prior caches (with the fast prior); 0: off
     api_host: str = "127.0.0.1"
     api_port: int = 8000
     api_keys: str = ""  # comma-separated bearer keys; empty: the API is open (a warning at start)
@@ -128,6 +129,7 @@ class Settings:
 
 _NON_NEGATIVE = (
     "device_id", "fetch_max_redirects", "fetch_retries", "s3_retry_s", "time_limit_grace_s", "metrics_port",
+    "embed_cache_mb",
     "shutdown_grace_s",
 )  # fmt: skip
 _POSITIVE = (

@@ -15,6 +15,7 @@ JOB_SECONDS = Histogram("kiq_job_duration_seconds", "Job run time in the worker"
 STAGE_SECONDS = Histogram("kiq_stage_duration_seconds", "Time per job stage", ["stage"], buckets=_SECONDS)
 QUEUE_WAIT = Histogram("kiq_queue_wait_seconds", "From submit to the start of the job", buckets=_SECONDS)
 MODEL_LOAD = Gauge("kiq_model_load_seconds", "Time the pipelines took to load in this process")
+CACHE = Gauge("kiq_cache_lookups", "Embedding cache lookups since start", ["cache", "result"])
 DEVICE_MEMORY = Gauge("kiq_device_memory_bytes", "Device memory allocated by MindSpore (where reported)")
 
 
@@ -44,3 +45,9 @@ def device_memory_bytes() -> float:
 def observe_queue_wait(submitted_at: Any, now: float) -> None:
     if isinstance(submitted_at, int | float) and 0 <= now - submitted_at < 30 * 24 * 3600:
         QUEUE_WAIT.observe(now - submitted_at)
+
+
+def observe_caches(caches: dict[str, Any]) -> None:
+    for name, cache in caches.items():
+        CACHE.labels(name, "hit").set(cache.hits)
+        CACHE.labels(name, "miss").set(cache.misses)

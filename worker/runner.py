@@ -15,6 +15,7 @@ from kiq.contract import Job, seed_for
 from kiq.errors import JobError, JobTimeout, PipelineError, StorageUnavailable
 from kiq.settings import Settings
 from kiq.status import ImageRef, JobResult, Progress, Stage
+from worker import metrics
 from worker.device import DeviceConfig
 from worker.fetch import Fetcher, FetchLimits
 from worker.pipelines.kandinsky import DecoderParams, KandinskyPipelines, PriorParams
@@ -67,8 +68,9 @@ class Runner:
         start = time.perf_counter()
         device.configure(self.device)
         self.pipelines = KandinskyPipelines.load(
-            self.settings.prior_model, self.settings.decoder_model, self.device, self.settings.fast_prior
-        )
+            self.settings.prior_model, self.settings.decoder_model, self.device, self.settings.fast_prior,
+            self.settings.embed_cache_mb,
+        )  # fmt: skip
         self.load_seconds = time.perf_counter() - start
 
     def run(self, job: Job, ctx: JobContext) -> JobResult:
@@ -92,6 +94,9 @@ class Runner:
         with _timed(timings, "upload"):
             ctx.progress("upload", 0, len(blobs))
             refs = [self._upload(ctx.job_id, n, blob, job, seed) for n, blob in enumerate(blobs)]
+        if self.pipelines.fast_prior is not None:
+            metrics.observe_caches({"image": self.pipelines.fast_prior.image_cache,
+                                    "text": self.pipelines.fast_prior.text_cache})  # fmt: skip
         return JobResult(images=refs, seed=seed, device=self.device.name, timings=timings)
 
     def _upload(self, job_id: str, n: int, blob: bytes, job: Job, seed: int) -> ImageRef:

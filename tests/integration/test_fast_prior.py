@@ -20,7 +20,14 @@ def pipelines(tiny_models):
 
     config = device.DeviceConfig("CPU", 0)
     device.configure(config)
-    return KandinskyPipelines.load(*map(str, tiny_models), config)
+    return KandinskyPipelines.load(*map(str, tiny_models), config, fast_prior=True, cache_mb=0)
+
+
+@pytest.fixture(scope="module")
+def cached(pipelines):
+    from worker.pipelines.kandinsky import KandinskyPipelines
+
+    return KandinskyPipelines(pipelines.prior, pipelines.decoder, fast_prior=True, cache_mb=16)
 
 
 @pytest.mark.parametrize(("conditions", "weights", "negative", "num_images", "runs"), CASES)
@@ -47,3 +54,23 @@ def test_fast_prior_matches_mindone_interpolate(pipelines, conditions, weights, 
     assert pipelines.fast_prior.counts["prior_runs"] - before["prior_runs"] == runs
     assert pipelines.fast_prior.counts["encoder_batches"] - before["encoder_batches"] == 1
     assert steps == ([(s, 5) for s in range(1, 6)] if runs else [])
+
+
+def test_caches_skip_repeated_work_and_return_the_same_embeddings(cached):
+    rng = np.random.default_rng(1)
+    cat = Image.fromarray((rng.random((40, 40, 3)) * 255).astype(np.uint8))
+    fast = cached.fast_prior
+
+    def run(seed, conds):
+        return fast.interpolate(conds, [0.5, 0.5], steps=4, guidance_scale=4.0, negative_prompt="", num_images=1,
+                                generator=np.random.default_rng(seed))  # fmt: skip
+
+    first = run(3, ["a cat", cat])
+    runs, batches = fast.counts["prior_runs"], fast.counts["encoder_batches"]
+    again = run(3, ["a cat", cat.copy()])  # same text, same draws, same pixels: both caches hit
+    assert (fast.counts["prior_runs"], fast.counts["encoder_batches"]) == (runs, batches)
+    np.testing.assert_array_equal(first[0].asnumpy(), again[0].asnumpy())
+    other_seed = run(4, ["a cat", cat])  # other draws: the text prior runs again; the image is still cached
+    assert (fast.counts["prior_runs"], fast.counts["encoder_batches"]) == (runs + 1, batches)
+    assert not np.array_equal(first[0].asnumpy(), other_seed[0].asnumpy())
+    assert fast.text_cache.hits == 1 and fast.image_cache.hits == 2

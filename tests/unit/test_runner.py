@@ -15,6 +15,8 @@ from worker.storage import MemoryStorage
 
 
 class FakePipelines:
+    fast_prior = None  # no caches to report
+
     def __init__(self, fail: bool = False):
         self.calls = []
         self.fail = fail

@@ -31,13 +31,13 @@ class DecoderParams:
 
 
 class KandinskyPipelines:
-    def __init__(self, prior: Any, decoder: Any, fast_prior: bool = True) -> None:
+    def __init__(self, prior: Any, decoder: Any, fast_prior: bool = True, cache_mb: int = 0) -> None:
         self.prior, self.decoder = prior, decoder
-        self.fast_prior = FastPrior(prior) if fast_prior else None
+        self.fast_prior = FastPrior(prior, cache_mb * 1024 * 1024) if fast_prior else None
 
     @classmethod
     def load(
-        cls, prior_model: str, decoder_model: str, device: DeviceConfig, fast_prior: bool = True
+        cls, prior_model: str, decoder_model: str, device: DeviceConfig, fast_prior: bool = True, cache_mb: int = 0
     ) -> KandinskyPipelines:
         import mindspore as ms
         from mindone.diffusers import KandinskyV22Pipeline, KandinskyV22PriorPipeline
@@ -57,7 +57,7 @@ class KandinskyPipelines:
             decoder = KandinskyV22Pipeline.from_pretrained(decoder_model, mindspore_dtype=dtype)
         for pipe in (prior, decoder):
             pipe.set_progress_bar_config(disable=True)
-        return cls(prior, decoder, fast_prior)
+        return cls(prior, decoder, fast_prior, cache_mb)
 
     def interpolate(
         self,
