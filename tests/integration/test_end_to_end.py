@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 
@@ -114,3 +115,38 @@ def test_cancel_queued_and_running_jobs_and_wait_timeout(env, worker, client, s3
     keys = [o["Key"] for o in listed.get("Contents", [])]
     assert not [k for k in keys if running in k or queued in k]
     assert client.wait(client.submit(tiny_job()), timeout=120).state == "SUCCESS"
+
+
+def test_wait_draws_a_progress_bar_only_on_a_terminal(env, worker, tmp_path):
+    import os
+    import pty
+
+    path = tmp_path / "job.json"
+    path.write_text(json.dumps(tiny_job(decoder_steps=8)))
+    master, slave = pty.openpty()
+    chunks = []
+
+    def drain():  # keep reading so the child never blocks on a full pty buffer
+        while True:
+            try:
+                data = os.read(master, 65536)
+            except OSError:
+                return
+            if not data:
+                return
+            chunks.append(data)
+
+    reader = threading.Thread(target=drain, daemon=True)
+    reader.start()
+    with subprocess.Popen([sys.executable, "-m", "producer.cli", "submit", str(path), "--wait"], env=env,
+                          stdout=subprocess.PIPE, stderr=slave) as proc:  # fmt: skip
+        os.close(slave)
+        out, _ = proc.communicate(timeout=120)
+    reader.join(5)
+    os.close(master)
+    terminal = b"".join(chunks).decode(errors="replace")
+    assert proc.returncode == 0
+    assert "\r" in terminal and "decoder [" in terminal and "/8" in terminal
+    assert json.loads(out.decode().split("\n", 1)[1])["state"] == "SUCCESS"  # stdout: id, then the status only
+    piped = kiq(env, "submit", str(path), "--wait")
+    assert piped.returncode == 0 and "decoder [" not in piped.stderr
