@@ -109,7 +109,7 @@ def create_api(settings: Settings, client: Client | None = None, s3: Any = None)
 
     @app.get("/readyz", responses={503: {"description": "Redis or S3 unreachable"}})
     def readyz() -> JSONResponse:
-        checks = {"redis": _check(lambda: client._redis.ping()),
+        checks = {"redis": _check(lambda: client.redis.ping()),
                   "s3": _check(lambda: s3.head_bucket(Bucket=settings.s3_bucket))}  # fmt: skip
         ok = all(v == "ok" for v in checks.values())
         return JSONResponse({"status": "ok" if ok else "unavailable", **checks}, status_code=200 if ok else 503)
@@ -200,9 +200,9 @@ def claim(client: Client, settings: Settings, who: str, key: str, digest: str, j
     """First use of the key: record it, return None. Same key and body again: the first job's id. Other body: 409."""
     redis_key = idempotency_key(who, hashlib.sha256(key.encode()).hexdigest())
     value = json.dumps({"digest": digest, "id": job_id})
-    if client._redis.set(redis_key, value, nx=True, ex=settings.idempotency_ttl_s):
+    if client.redis.set(redis_key, value, nx=True, ex=settings.idempotency_ttl_s):
         return None
-    existing = json.loads(client._redis.get(redis_key) or value)
+    existing = json.loads(client.redis.get(redis_key) or value)
     if existing["digest"] != digest:
         raise Rejected(409, "Idempotency-Key was already used with a different request body")
     return str(existing["id"])

@@ -37,7 +37,8 @@ class Client:
             self.app.conf.update(common_config(settings))
 
     @property
-    def _redis(self) -> Any:
+    def redis(self) -> Any:
+        """The Redis connection of the result backend (job records, cancel flags, heartbeats)."""
         return self.app.backend.client
 
     def submit(self, job: Job | Mapping[str, Any], owner: str = "", job_id: str | None = None) -> str:
@@ -45,7 +46,7 @@ class Client:
         parsed = job if isinstance(job, Job) else parse_job(job)
         job_id = job_id or str(uuid.uuid4())
         record = {"owner": owner, "webhook_url": parsed.webhook_url or ""}
-        self._redis.set(job_record_key(job_id), json.dumps(record), ex=self.settings.result_ttl_s)
+        self.redis.set(job_record_key(job_id), json.dumps(record), ex=self.settings.result_ttl_s)
         self.app.send_task(
             GENERATE_TASK, args=[parsed.model_dump(mode="json")], task_id=job_id, queue=route(parsed, self.settings),
             priority=MAX_PRIORITY - parsed.priority, headers={"kiq_submitted_at": time.time()},
@@ -54,7 +55,7 @@ class Client:
 
     def record(self, job_id: str) -> dict[str, str] | None:
         """What submit recorded (owner, webhook URL), or None for an unknown or expired id."""
-        raw = self._redis.get(job_record_key(job_id))
+        raw = self.redis.get(job_record_key(job_id))
         return None if raw is None else json.loads(raw)
 
     def status(self, job_id: str) -> JobStatus:
@@ -90,7 +91,7 @@ class Client:
         current = self.status(job_id)
         if current.done:
             return current
-        self._redis.set(cancel_key(job_id), "1", ex=self.settings.result_ttl_s)
+        self.redis.set(cancel_key(job_id), "1", ex=self.settings.result_ttl_s)
         self.app.control.revoke(job_id)
         if current.state == "PENDING":
             AsyncResult(job_id, app=self.app).backend.mark_as_revoked(job_id, reason="cancelled")
@@ -106,8 +107,8 @@ class Client:
     def fleet(self) -> list[dict[str, Any]]:
         """Live workers, from their heartbeats (see worker/fleet.py)."""
         workers = []
-        for key in sorted(self._redis.scan_iter(match=fleet_key("*"))):
-            raw = self._redis.hgetall(key)
+        for key in sorted(self.redis.scan_iter(match=fleet_key("*"))):
+            raw = self.redis.hgetall(key)
             if raw:
                 workers.append({k.decode(): v.decode() for k, v in raw.items()})
         return workers

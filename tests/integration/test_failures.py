@@ -66,7 +66,7 @@ def test_invalid_job_is_refused_at_submit_and_nothing_is_enqueued(
 def test_invalid_raw_message_fails_in_the_worker_with_job_invalid(worker, client):
     # A producer that skips validation (or an older client) must not crash the worker.
     result = client.app.send_task(GENERATE_TASK, args=[{"inputs": [], "height": 7}], queue=client.settings.queue)
-    client._redis.set(f"kiq:job:{result.id}", json.dumps({"owner": "", "webhook_url": ""}))
+    client.redis.set(f"kiq:job:{result.id}", json.dumps({"owner": "", "webhook_url": ""}))
     failed = client.wait(result.id, timeout=60)
     assert failed.state == "FAILURE" and failed.error.type == "JobInvalid"
     assert "inputs: List should have at least 1 item" in failed.error.message
