@@ -143,6 +143,7 @@ def main() -> None:
     parser.add_argument("--prior-steps", type=int, default=10)
     parser.add_argument("--decoder-steps", type=int, default=8)
     parser.add_argument("--size", type=int, default=64)
+    parser.add_argument("--batch", type=int, default=4, help="KIQ_DECODER_BATCH for the batching rows")
     parser.add_argument("--redis", default="redis://127.0.0.1:6379/9")
     args = parser.parse_args()
     scratch = Path(tempfile.mkdtemp(prefix="kiq-bench-"))
@@ -151,10 +152,10 @@ def main() -> None:
     try:
         env = bring_up(stack, scratch, args.redis, "kiq-bench")
         jobs = job_mix(args.jobs, args)
-        for fast in (True, False):
-            label = f"kiq, fast prior {'on' if fast else 'off'}"
-            rows.append(row(f"{label}, 1 job", 1, *timed_kiq(env, jobs[:1], scratch, fast)))
-            rows.append(row(f"{label}, {args.jobs} queued", args.jobs, *timed_kiq(env, jobs, scratch, fast)))
+        for fast, batch in ((True, 1), (False, 1), (True, args.batch)):
+            label = f"kiq, fast prior {'on' if fast else 'off'}, decoder batch {batch}"
+            rows.append(row(f"{label}, 1 job", 1, *timed_kiq(env, jobs[:1], scratch, fast, batch)))
+            rows.append(row(f"{label}, {args.jobs} queued", args.jobs, *timed_kiq(env, jobs, scratch, fast, batch)))
         direct = Direct(env)
         direct.run(jobs[0])  # warm-up: kiq's worker has loaded and warmed its models before the clock starts
         rows.insert(0, row(f"direct call, {args.jobs} in a row", args.jobs, *timed_direct(direct, jobs)))
@@ -163,9 +164,9 @@ def main() -> None:
                   for i, kind in enumerate(("text + 2 images (the seed's)", "2 texts", "2 images"))]  # fmt: skip
     finally:
         stack.close()
-    print(f"\n{'':44} {'jobs':>4} {'seconds':>8} {'jobs/s':>7} {'p50 s':>7} {'p95 s':>7}")
+    print(f"\n{'':60} {'jobs':>4} {'seconds':>8} {'jobs/s':>7} {'p50 s':>7} {'p95 s':>7}")
     for name, n, total, rate, p50, p95 in rows:
-        print(f"{name:44} {n:>4} {total:>8.2f} {rate:>7.3f} {p50:>7.2f} {p95:>7.2f}")
+        print(f"{name:60} {n:>4} {total:>8.2f} {rate:>7.3f} {p50:>7.2f} {p95:>7.2f}")
     base = {r[1]: r[3] for r in rows if r[0].startswith("direct")}
     for name, n, _, rate, *_ in rows[2:]:
         print(f"throughput ratio vs the direct call, {name}: {rate / base[n]:.2f}x")

@@ -40,6 +40,8 @@ class Settings:
     restart_window_s: float = 300.0
     shutdown_grace_s: float = 600.0  # SIGTERM: time for running jobs to finish before children are killed
     fast_prior: bool = True  # one batched prior run per job, no wasted negative run (same output)
+    decoder_batch: int = 1  # > 1: run up to this many queued jobs of one decoder shape as one decoder batch
+    decoder_batch_wait_ms: int = 50  # how long a job waits for batch mates
     embed_cache_mb: int = 256  # image-embedding and text-prior caches (with the fast prior); 0: off
     api_host: str = "127.0.0.1"
     api_port: int = 8000
@@ -129,14 +131,14 @@ class Settings:
 
 _NON_NEGATIVE = (
     "device_id", "fetch_max_redirects", "fetch_retries", "s3_retry_s", "time_limit_grace_s", "metrics_port",
-    "embed_cache_mb",
+    "embed_cache_mb", "decoder_batch_wait_ms",
     "shutdown_grace_s",
 )  # fmt: skip
 _POSITIVE = (
     "result_ttl_s", "presign_ttl_s", "fetch_timeout_s", "fetch_max_bytes", "fetch_max_pixels", "max_deliveries",
     "prior_step_s", "decoder_step_s", "time_limit_factor", "time_limit_min_s", "time_limit_max_s",
     "visibility_timeout_s", "large_pixels", "restart_max", "restart_window_s", "api_port", "api_max_body_bytes",
-    "idempotency_ttl_s", "webhook_timeout_s", "webhook_retry_s",
+    "idempotency_ttl_s", "webhook_timeout_s", "webhook_retry_s", "decoder_batch",
 )  # fmt: skip
 
 

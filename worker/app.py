@@ -22,9 +22,11 @@ def create_app(settings: Settings, runner: Runner | None = None) -> Celery:
     app.conf.update(common_config(settings))
     app.conf.task_queues = [Queue(name, Exchange(name), routing_key=name) for name in settings.consumed_queues]
     app.conf.update(
-        worker_pool="solo",  # the model lives in this process; never fork an accelerator context
+        # The model lives in this process; never fork an accelerator context. Solo runs one job at a time inside
+        # the consumer; decoder batching needs the consumer to keep receiving: one pool thread, prefetch N.
+        worker_pool="solo" if settings.decoder_batch < 2 else "threads",
         worker_concurrency=1,
-        worker_prefetch_multiplier=1,
+        worker_prefetch_multiplier=settings.decoder_batch,
         task_acks_late=True,
         task_reject_on_worker_lost=True,
         task_track_started=False,  # the task reports STARTED itself, after checking for a finished redelivery

@@ -8,7 +8,7 @@ import math
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from kiq.contract import Job, seed_for
@@ -48,6 +48,17 @@ class JobContext:
         self.report(Progress(stage=stage, step=step, total=total))
 
 
+@dataclass
+class Prepared:
+    """A job between its prior and its decoder."""
+
+    job: Job
+    ctx: JobContext
+    seed: int
+    timings: dict[str, float] = field(default_factory=dict)
+    embeds: tuple[Any, Any] = (None, None)
+
+
 class Runner:
     def __init__(
         self, settings: Settings, storage: Storage | None = None, pipelines: KandinskyPipelines | None = None
@@ -74,30 +85,91 @@ class Runner:
         self.load_seconds = time.perf_counter() - start
 
     def run(self, job: Job, ctx: JobContext) -> JobResult:
+        prepared = self.prepare(job, ctx)
+        with _timed(prepared.timings, "decoder"), _model_errors():
+            on_step = lambda step, total: ctx.progress("decoder", step, total)  # noqa: E731
+            images = self.pipelines.decode(*prepared.embeds, _decoder(job), _rng(prepared.seed), on_step)
+        return self.finish(prepared, images)
+
+    def run_batch(self, items: list[tuple[Job, JobContext]]) -> list[JobResult | BaseException]:
+        """Jobs with one decoder shape (num_images 1): fetch and prior each, one decoder batch, then encode and
+        upload each. Every job keeps its own seed, progress and outcome: one job's failure is only its own."""
+        outcomes: list[JobResult | BaseException | None] = [None] * len(items)
+        prepared: dict[int, Prepared] = {}
+        for i, (job, ctx) in enumerate(items):
+            try:
+                prepared[i] = self.prepare(job, ctx)
+            except (JobCancelled, JobError) as exc:
+                outcomes[i] = exc
+        if prepared:
+            self._decode_batch(items, prepared, outcomes)
+        return [outcome if outcome is not None else RuntimeError("job was not run") for outcome in outcomes]
+
+    def _decode_batch(self, items: list[tuple[Job, JobContext]], prepared: dict[int, Prepared],
+                      outcomes: list[JobResult | BaseException | None]) -> None:  # fmt: skip
+        from mindspore import mint
+
+        live = list(prepared)
+        params = _decoder(items[live[0]][0])
+
+        def on_step(step: int, total: int) -> None:  # a cancelled or timed-out job drops out at the end
+            for i in live:
+                if outcomes[i] is None:
+                    try:
+                        items[i][1].progress("decoder", step, total)
+                    except (JobCancelled, JobTimeout) as exc:
+                        outcomes[i] = exc
+
+        start = time.perf_counter()
+        try:
+            with _model_errors():
+                embeds = mint.cat([prepared[i].embeds[0] for i in live])
+                negatives = mint.cat([prepared[i].embeds[1] for i in live])
+                images = self.pipelines.decode(embeds, negatives, params, [_rng(prepared[i].seed) for i in live],
+                                               on_step)  # fmt: skip
+        except JobError as exc:
+            for i in live:
+                outcomes[i] = outcomes[i] or exc
+            return
+        seconds = round(time.perf_counter() - start, 4)
+        for i, image in zip(live, images, strict=True):
+            if outcomes[i] is None:
+                prepared[i].timings["decoder"] = seconds
+                try:
+                    outcomes[i] = self.finish(prepared[i], [image])
+                except JobError as exc:
+                    outcomes[i] = exc
+
+    def prepare(self, job: Job, ctx: JobContext) -> Prepared:
+        """Fetch the references and run the prior: everything up to the decoder."""
         self.setup()
         assert self.pipelines is not None
-        seed, timings = seed_for(job, ctx.job_id), {}
-        with _timed(timings, "fetch"):
+        prepared = Prepared(job=job, ctx=ctx, seed=seed_for(job, ctx.job_id))
+        with _timed(prepared.timings, "fetch"):
             ctx.progress("fetch", 0, len(job.inputs))
             conditions = [i.text if i.text is not None else self.fetcher.image(i.image or "") for i in job.inputs]
-        with _timed(timings, "prior"), _model_errors():
+        with _timed(prepared.timings, "prior"), _model_errors():
             ctx.progress("prior", 0, job.prior_steps)
             weights = [i.weight for i in job.inputs]
             on_prior_step = lambda step, total: ctx.progress("prior", step, total)  # noqa: E731
-            embeds = self.pipelines.interpolate(conditions, weights, _prior(job), _rng(seed), on_prior_step)
+            prepared.embeds = self.pipelines.interpolate(
+                conditions, weights, _prior(job), _rng(prepared.seed), on_prior_step
+            )
             ctx.progress("prior", job.prior_steps, job.prior_steps)
-        with _timed(timings, "decoder"), _model_errors():
-            on_step = lambda step, total: ctx.progress("decoder", step, total)  # noqa: E731
-            images = self.pipelines.decode(*embeds, _decoder(job), _rng(seed), on_step)
+        return prepared
+
+    def finish(self, prepared: Prepared, images: list[Any]) -> JobResult:
+        """Encode and upload the decoded images."""
+        job, ctx, timings = prepared.job, prepared.ctx, prepared.timings
         with _timed(timings, "encode"):
             blobs = [encode(image, job.output_format) for image in images]
         with _timed(timings, "upload"):
             ctx.progress("upload", 0, len(blobs))
-            refs = [self._upload(ctx.job_id, n, blob, job, seed) for n, blob in enumerate(blobs)]
-        if self.pipelines.fast_prior is not None:
+            refs = [self._upload(ctx.job_id, n, blob, job, prepared.seed) for n, blob in enumerate(blobs)]
+        if self.pipelines is not None and self.pipelines.fast_prior is not None:
             metrics.observe_caches({"image": self.pipelines.fast_prior.image_cache,
                                     "text": self.pipelines.fast_prior.text_cache})  # fmt: skip
-        return JobResult(images=refs, seed=seed, device=self.device.name, timings=timings)
+        return JobResult(images=refs, seed=prepared.seed, device=self.device.name, timings=timings)
 
     def _upload(self, job_id: str, n: int, blob: bytes, job: Job, seed: int) -> ImageRef:
         # Keyed by the task id: a redelivered job overwrites its own objects instead of adding more.

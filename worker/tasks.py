@@ -17,7 +17,7 @@ from kiq.errors import JobTimeout
 from kiq.names import GENERATE_TASK, PROGRESS, TERMINAL_STATES, WEBHOOK_QUEUE, WEBHOOK_TASK, cancel_key
 from kiq.settings import Settings
 from kiq.status import Progress
-from worker import metrics
+from worker import batching, metrics
 from worker.delivery import DeliveryGuard, watchdog
 from worker.fleet import Heartbeat
 from worker.limits import time_limits
@@ -61,7 +61,7 @@ def register(app: Celery, runner: Runner, settings: Settings, observers: Observe
         started = time.monotonic()
         observers.started(job_id, getattr(self.request, "kiq_submitted_at", None))
         try:
-            result = run_job(self, runner, settings, job, attempt)
+            result = run_job(self, runner, settings, job, attempt, observers)
         except Ignore:
             observers.finished("cancelled", time.monotonic() - started)
             raise
@@ -77,7 +77,8 @@ def register(app: Celery, runner: Runner, settings: Settings, observers: Observe
     return generate
 
 
-def run_job(task: Task, runner: Runner, settings: Settings, job: dict[str, Any], attempt: int) -> dict[str, Any]:
+def run_job(task: Task, runner: Runner, settings: Settings, job: dict[str, Any], attempt: int,
+            observers: Observers) -> dict[str, Any]:  # fmt: skip
     parsed = parse_job(job)
     limits = time_limits(parsed, settings)
     ctx = job_context(task, limits.soft_s)
@@ -85,6 +86,11 @@ def run_job(task: Task, runner: Runner, settings: Settings, job: dict[str, Any],
     try:
         if ctx.cancelled():
             raise JobCancelled(ctx.job_id)
+        mates = batching.find_mates(task, parsed, settings)
+        if mates:
+            contexts = lambda job_id, soft_s: job_context(task, soft_s, job_id)  # noqa: E731
+            result = batching.run_batch(task, runner, settings, (parsed, ctx), mates, contexts, observers, notify)
+            return result.model_dump(mode="json")
         with watchdog(limits.hard_s, lambda: _fail_hung(task, limits.hard_s, job)):
             return runner.run(parsed, ctx).model_dump(mode="json")
     except JobCancelled:
@@ -98,22 +104,23 @@ def _fail_hung(task: Task, limit_s: float, job: dict[str, Any]) -> None:
     notify(task, job)
 
 
-def notify(task: Task, job: Any) -> None:
+def notify(task: Task, job: Any, job_id: str | None = None) -> None:
     """Queue the job's webhook (the webhook worker waits for the final state before it posts)."""
+    job_id = job_id or task.request.id
     url = job.get("webhook_url") if isinstance(job, dict) else None
     if isinstance(url, str) and url:
         try:
-            task.app.send_task(WEBHOOK_TASK, args=[task.request.id, url], queue=WEBHOOK_QUEUE)
+            task.app.send_task(WEBHOOK_TASK, args=[job_id, url], queue=WEBHOOK_QUEUE)
         except Exception as exc:  # noqa: BLE001 - a webhook must never fail its job
-            log.error("could not queue the webhook of %s: %s", task.request.id, exc)
+            log.error("could not queue the webhook of %s: %s", job_id, exc)
 
 
-def job_context(task: Task, limit_s: float) -> JobContext:
-    job_id: str = task.request.id
+def job_context(task: Task, limit_s: float, job_id: str | None = None) -> JobContext:
+    job_id = job_id or task.request.id
 
     def report(progress: Progress) -> None:
         try:
-            task.update_state(state=PROGRESS, meta=progress.model_dump())
+            task.update_state(task_id=job_id, state=PROGRESS, meta=progress.model_dump())
         except _BACKEND_ERRORS as exc:  # progress is best effort: a Redis blip must not fail the job
             log.warning("could not report progress of %s: %s", job_id, exc)
 
