@@ -111,9 +111,10 @@ def timed_direct(direct: Direct, jobs: list[dict[str, Any]]) -> tuple[float, lis
 
 
 def timed_kiq(
-    env: dict[str, str], jobs: list[dict[str, Any]], scratch: Path, fast_prior: bool
+    env: dict[str, str], jobs: list[dict[str, Any]], scratch: Path, fast_prior: bool, batch: int = 1
 ) -> tuple[float, list[float]]:
-    worker_env = {**env, "KIQ_QUEUE": f"kiq-bench-{uuid.uuid4().hex[:6]}", "KIQ_FAST_PRIOR": "1" if fast_prior else "0"}
+    worker_env = {**env, "KIQ_QUEUE": f"kiq-bench-{uuid.uuid4().hex[:6]}", "KIQ_FAST_PRIOR": "1" if fast_prior else "0",
+                  "KIQ_DECODER_BATCH": str(batch)}  # fmt: skip
     client, stack = Client(Settings.from_env(worker_env)), devstack.Stack()
     try:
         devstack.start_worker(stack, worker_env, scratch / f"worker-{uuid.uuid4().hex[:6]}.log")
