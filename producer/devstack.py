@@ -148,7 +148,7 @@ def kiq_command() -> list[str]:
 
 def start_worker(stack: Stack, env: Mapping[str, str], log: Path, timeout_s: float = 180) -> subprocess.Popen[bytes]:
     """`kiq worker` in its own process; returns once it logs that it is ready to consume."""
-    proc = stack.spawn([sys.executable, "-m", "producer.cli", "worker"], log, env)
+    proc = stack.spawn([*kiq_command(), "worker"], log, env)
     wait_until(lambda: log.exists() and " ready." in log.read_text(errors="replace"), timeout_s, "worker", proc, log)
     return proc
 
@@ -157,10 +157,8 @@ def make_tiny_models(directory: Path, env: Mapping[str, str] | None = None) -> t
     """Write the tiny pipelines once (in a child process, so this one never imports MindSpore)."""
     prior, decoder = directory / "prior", directory / "decoder"
     if not (prior / "model_index.json").exists() or not (decoder / "model_index.json").exists():
-        subprocess.run(
-            [sys.executable, "-m", "producer.cli", "make-tiny-models", str(directory)],
-            check=True,
-            env=dict(env or os.environ),
-            stdout=subprocess.DEVNULL,
-        )
+        argv = [*kiq_command(), "make-tiny-models", str(directory)]
+        done = subprocess.run(argv, env=dict(env or os.environ), capture_output=True, text=True)
+        if done.returncode != 0:
+            raise StackError(f"make-tiny-models failed ({done.returncode}):\n{done.stderr[-3000:]}")
     return prior, decoder

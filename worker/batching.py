@@ -17,7 +17,7 @@ from typing import Any
 from celery import Task
 
 from kiq.contract import Job, parse_job
-from kiq.errors import JobInvalid, JobTimeout
+from kiq.errors import JobInvalid
 from kiq.names import GENERATE_TASK, TERMINAL_STATES
 from kiq.settings import Settings
 from kiq.status import JobResult
@@ -64,7 +64,7 @@ def _reserved_mates(task: Task, leader: Job, limit: int) -> list[Mate]:
 
 
 def run_batch(task: Task, runner: Runner, settings: Settings, leader: tuple[Job, JobContext], mates: list[Mate],
-              contexts: Any, observers: Any, notify: Any) -> JobResult:  # fmt: skip
+              contexts: Any, observers: Any, notify: Any, on_hung: Any) -> JobResult:  # fmt: skip
     """Run the leader and its mates in one decoder batch; store each mate's outcome; return or raise the leader's."""
     items = [leader]
     for job_id, job, _ in mates:
@@ -74,7 +74,7 @@ def run_batch(task: Task, runner: Runner, settings: Settings, leader: tuple[Job,
     log.info("decoder batch of %d: %s", len(items), [ctx.job_id for _, ctx in items])
     hard = max(time_limits(job, settings).hard_s for job, _ in items)
     started = time.monotonic()
-    with watchdog(hard, lambda: _fail_all(task, [ctx.job_id for _, ctx in items], hard)):
+    with watchdog(hard, lambda: on_hung(hard)):
         outcomes = runner.run_batch(items)
     for (job_id, _, raw), outcome in zip(mates, outcomes[1:], strict=True):
         _store(task, job_id, outcome)
@@ -99,9 +99,3 @@ def _outcome_name(outcome: JobResult | BaseException) -> str:
     if isinstance(outcome, JobResult):
         return "success"
     return "cancelled" if isinstance(outcome, JobCancelled) else "failure"
-
-
-def _fail_all(task: Task, job_ids: list[str], limit_s: float) -> None:
-    error = JobTimeout(f"a step hung past the batch's hard time limit of {limit_s:.0f} s; the worker restarted")
-    for job_id in job_ids:
-        task.backend.mark_as_failure(job_id, error)

@@ -89,19 +89,23 @@ def run_job(task: Task, runner: Runner, settings: Settings, job: dict[str, Any],
         mates = batching.find_mates(task, parsed, settings)
         if mates:
             contexts = lambda job_id, soft_s: job_context(task, soft_s, job_id)  # noqa: E731
-            result = batching.run_batch(task, runner, settings, (parsed, ctx), mates, contexts, observers, notify)
+            batch = [(ctx.job_id, job), *((job_id, raw) for job_id, _, raw in mates)]
+            hung = lambda limit_s: _fail_hung(task, limit_s, batch)  # noqa: E731
+            result = batching.run_batch(task, runner, settings, (parsed, ctx), mates, contexts, observers, notify, hung)
             return result.model_dump(mode="json")
-        with watchdog(limits.hard_s, lambda: _fail_hung(task, limits.hard_s, job)):
+        with watchdog(limits.hard_s, lambda: _fail_hung(task, limits.hard_s, [(ctx.job_id, job)])):
             return runner.run(parsed, ctx).model_dump(mode="json")
     except JobCancelled:
         task.backend.mark_as_revoked(ctx.job_id, reason="cancelled", request=task.request)
         raise Ignore() from None
 
 
-def _fail_hung(task: Task, limit_s: float, job: dict[str, Any]) -> None:
-    error = JobTimeout(f"a step hung past the job's hard time limit of {limit_s:.0f} s; the worker restarted")
-    task.backend.mark_as_failure(task.request.id, error, request=task.request)
-    notify(task, job)
+def _fail_hung(task: Task, limit_s: float, jobs: list[tuple[str, dict[str, Any]]]) -> None:
+    """Record JobTimeout for every job the hung step belongs to (one, or a decoder batch) before the exit."""
+    error = JobTimeout(f"a step hung past the hard time limit of {limit_s:.0f} s; the worker restarted")
+    for job_id, job in jobs:
+        task.backend.mark_as_failure(job_id, error)
+        notify(task, job, job_id)
 
 
 def notify(task: Task, job: Any, job_id: str | None = None) -> None:
