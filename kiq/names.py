@@ -22,9 +22,9 @@ def cancel_key(job_id: str) -> str:
     return f"kiq:cancel:{job_id}"
 
 
-def fleet_key(hostname: str) -> str:
-    """A live worker's heartbeat hash (device, current job, counters); expires when the worker stops."""
-    return f"kiq:fleet:{hostname}"
+def fleet_key(worker: str) -> str:
+    """A live worker process's heartbeat hash (device, current job, counters); expires when it stops."""
+    return f"kiq:fleet:{worker}"
 
 
 def idempotency_key(owner: str, key: str) -> str:

@@ -21,7 +21,8 @@ INTERVAL_S = 5
 
 class Heartbeat:
     def __init__(self, redis: Any, hostname: str, device: str, queues: list[str]) -> None:
-        self.redis, self.key = redis, fleet_key(hostname)
+        # Keyed by process too: two workers that share a Celery nodename must not overwrite each other's beat.
+        self.redis, self.key = redis, fleet_key(f"{hostname}:{os.getpid()}")
         self.fields: dict[str, str | int | float] = {
             "hostname": hostname, "device": device, "queues": ",".join(queues), "started_at": time.time(),
             "pid": os.getpid(),

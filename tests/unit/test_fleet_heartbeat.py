@@ -34,3 +34,10 @@ def test_a_periodic_beat_cannot_overwrite_a_newer_job_state():
     assert redis.writes[-1]["current_job"] == "job-1"
     beat.job_finished(ok=False)
     assert (redis.writes[-1]["current_job"], redis.writes[-1]["failed"], redis.writes[-1]["done"]) == ("", 1, 0)
+
+
+def test_two_processes_with_one_nodename_keep_separate_beats():
+    import os
+
+    first = Heartbeat(SlowRedis(), "kiq@h-cpu0", "cpu:0", ["kiq"])
+    assert first.key == f"kiq:fleet:kiq@h-cpu0:{os.getpid()}"
