@@ -34,11 +34,12 @@ def common_config(settings: Settings) -> dict[str, Any]:
         "accept_content": ["json"],
         "result_accept_content": ["json"],
         "result_expires": settings.result_ttl_s,
-        "result_extended": True,
+        # Not extended: Celery would copy the job's args (prompts, image references) into every result write.
+        "result_extended": False,
         "task_default_queue": settings.queue,
         "task_routes": {GENERATE_TASK: {"queue": settings.queue}},
-        # Redis redelivers an unacked job only after this, so it must exceed any job's hard time limit.
-        # Celery reads it in three places; all three get the same value.
+        # Redis redelivers an unacked job after this unless its lease is renewed (kiq/leases.py): live workers
+        # renew theirs, so only a dead worker's jobs come back. Celery reads it in three places; all get one value.
         "broker_transport_options": broker_transport_options(settings),
         "result_backend_transport_options": {"visibility_timeout": settings.visibility_timeout_s},
         "visibility_timeout": settings.visibility_timeout_s,

@@ -11,7 +11,8 @@ status JSON's `error.type`.
         │   ├── FetchError     the URL could not be read (4xx, DNS failure, too many redirects)
         │   │   └── FetchUnavailable   timeouts, refused connections, 5xx: retried, then this   [transient]
         │   ├── BlockedAddress the URL resolves to a loopback, private, link-local or metadata address
-        │   ├── ObjectNotFound the s3:// key or bucket does not exist
+        │   ├── ReferenceNotAllowed   the s3:// object is outside what this worker may read (KIQ_S3_READ_ALLOW)
+        │   ├── ObjectNotFound the s3:// key or bucket does not exist, or the worker may not read it
         │   ├── NotAnImage     the bytes do not decode as an image
         │   └── ImageTooLarge  over the byte or pixel cap
         ├── StorageError       the result could not be written to S3
@@ -68,6 +69,10 @@ class FetchUnavailable(FetchError, TransientError):
 
 
 class BlockedAddress(InputError):
+    pass
+
+
+class ReferenceNotAllowed(InputError):
     pass
 
 

@@ -1,10 +1,15 @@
-"""The boto3 S3 client both the worker and the HTTP API use (boto3 is imported only when called)."""
+"""The boto3 S3 client both the worker and the producer side use (boto3 is imported only when called), and the
+input fence: which s3:// objects a job may name."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
+from kiq.errors import StorageError, StorageUnavailable
 from kiq.settings import Settings
+
+_ODD_SEGMENTS = ("", ".", "..")
 
 
 def s3_client(settings: Settings) -> Any:
@@ -21,3 +26,51 @@ def s3_client(settings: Settings) -> Any:
 
 def presign(client: Any, bucket: str, key: str, ttl_s: int) -> str:
     return client.generate_presigned_url("get_object", Params={"Bucket": bucket, "Key": key}, ExpiresIn=ttl_s)
+
+
+def put(client: Any, bucket: str, key: str, body: bytes, content_type: str,
+        metadata: dict[str, str] | None = None) -> str:  # fmt: skip
+    """put_object with kiq's errors: StorageUnavailable (unreachable, 5xx: retry later) or StorageError."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    uri = f"s3://{bucket}/{key}"
+    try:
+        client.put_object(Bucket=bucket, Key=key, Body=body, ContentType=content_type, Metadata=metadata or {})
+    except ClientError as exc:
+        error = StorageUnavailable if server_side(exc) else StorageError
+        raise error(f"could not write {uri}: {error_code(exc)}") from None
+    except BotoCoreError as exc:  # refused, reset, timed out: S3 is not there right now
+        raise StorageUnavailable(f"could not write {uri}: {exc}") from None
+    return uri
+
+
+def error_code(exc: Any) -> str:
+    return str(
+        exc.response.get("Error", {}).get("Code") or exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+    )
+
+
+def server_side(exc: Any) -> bool:
+    status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+    return status >= 500 or error_code(exc) in ("SlowDown", "ServiceUnavailable", "InternalError", "RequestTimeout")
+
+
+def split_uri(uri: str) -> tuple[str, str]:
+    bucket, _, key = uri.removeprefix("s3://").partition("/")
+    return bucket, key
+
+
+def within(uri: str, allowed: Iterable[tuple[str, str]]) -> bool:
+    """True if the s3:// URI names an object under one of the (bucket, key prefix) pairs.
+
+    Keys with empty, `.` or `..` segments are never inside: S3 keys are literal, but some S3-compatible
+    servers normalise paths, and `inputs/a/../b/x` must not reach tenant b's prefix there."""
+    bucket, key = split_uri(uri)
+    if not bucket or not key or any(segment in _ODD_SEGMENTS for segment in key.split("/")):
+        return False
+    return any(bucket == b and key.startswith(prefix) for b, prefix in allowed)
+
+
+def input_prefix(settings: Settings, owner: str, job_id: str) -> str:
+    """Where a job's uploaded and inline images are stored: per tenant, then per job."""
+    return f"{settings.s3_input_prefix}{owner or 'local'}/{job_id}/"

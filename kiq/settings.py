@@ -15,6 +15,7 @@ from kiq.errors import SettingsError
 from kiq.names import DEFAULT_QUEUE, QUEUE_NAME
 
 PREFIX = "KIQ_"
+MIN_VISIBILITY_TIMEOUT_S = 6.0
 DeviceTarget = Literal["Ascend", "CPU"]
 
 
@@ -26,6 +27,8 @@ class Settings:
     s3_bucket: str = "kiq"
     s3_prefix: str = "jobs/"
     s3_region: str = "us-east-1"
+    s3_input_prefix: str = "inputs/"  # uploads and inline images are stored under <prefix><tenant>/<job id>/
+    s3_read_allow: str = ""  # comma-separated bucket/prefix a worker may read s3:// refs from; empty: the input prefix
     prior_model: str = "kandinsky-community/kandinsky-2-2-prior"
     decoder_model: str = "kandinsky-community/kandinsky-2-2-decoder"
     device_target: DeviceTarget = "Ascend"
@@ -46,6 +49,8 @@ class Settings:
     api_host: str = "127.0.0.1"
     api_port: int = 8000
     api_keys: str = ""  # comma-separated bearer keys; empty: the API is open (a warning at start)
+    api_tenants: str = ""  # JSON (or a path to a JSON file): tenants with their key, queues, priority, s3 reads
+    api_max_priority: int = 5  # the highest priority a tenant may ask for unless its entry says more
     api_max_body_bytes: int = 32 * 1024 * 1024
     idempotency_ttl_s: int = 24 * 3600
     webhook_secret: str = ""  # HMAC-SHA256 key for X-Kiq-Signature; required by the webhook worker
@@ -67,7 +72,7 @@ class Settings:
     time_limit_min_s: float = 300.0
     time_limit_max_s: float = 3 * 3600.0
     time_limit_grace_s: float = 60.0
-    visibility_timeout_s: float = 4 * 3600.0
+    visibility_timeout_s: float = 60.0  # a dead worker's jobs come back after this; live workers renew leases
 
     def __post_init__(self) -> None:
         _check_url("broker_url", self.broker_url, ("redis", "rediss"))
@@ -83,22 +88,34 @@ class Settings:
                     raise SettingsError(f"{env_name(name)}: {queue!r} is not a queue name ({QUEUE_NAME.pattern})")
         if not self.s3_bucket:
             raise SettingsError(f"{env_name('s3_bucket')} must not be empty")
+        if not self.s3_input_prefix.endswith("/") or self.s3_input_prefix.startswith("/"):
+            raise SettingsError(f"{env_name('s3_input_prefix')} must end with '/' and not start with it")
+        if not 0 <= self.api_max_priority <= 9:
+            raise SettingsError(f"{env_name('api_max_priority')} must be in 0..9, got {self.api_max_priority}")
         for name in _NON_NEGATIVE:
             if getattr(self, name) < 0:
                 raise SettingsError(f"{env_name(name)} must not be negative: {getattr(self, name)}")
         for name in _POSITIVE:
             if getattr(self, name) <= 0:
                 raise SettingsError(f"{env_name(name)} must be positive: {getattr(self, name)}")
-        if self.visibility_timeout_s <= self.time_limit_max_s + self.time_limit_grace_s:
+        if self.visibility_timeout_s < MIN_VISIBILITY_TIMEOUT_S:
+            # Leases are renewed every sixth of the timeout; below this a slow Redis round trip could lose one.
             raise SettingsError(
-                f"{env_name('visibility_timeout_s')} ({self.visibility_timeout_s:g} s) must exceed "
-                f"{env_name('time_limit_max_s')} + {env_name('time_limit_grace_s')} "
-                f"({self.time_limit_max_s + self.time_limit_grace_s:g} s), or running jobs would be redelivered"
+                f"{env_name('visibility_timeout_s')} must be at least {MIN_VISIBILITY_TIMEOUT_S:g} s, "
+                f"got {self.visibility_timeout_s:g}"
             )
 
     @property
     def backend_url(self) -> str:
         return self.result_backend or self.broker_url
+
+    @property
+    def s3_read_prefixes(self) -> list[tuple[str, str]]:
+        """(bucket, key prefix) pairs the worker may read s3:// references from."""
+        items = [i.strip().removeprefix("s3://") for i in self.s3_read_allow.split(",") if i.strip()]
+        if not items:
+            return [(self.s3_bucket, self.s3_input_prefix)]
+        return [(bucket, prefix) for bucket, _, prefix in (item.partition("/") for item in items)]
 
     @property
     def api_key_list(self) -> list[str]:

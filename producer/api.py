@@ -2,7 +2,6 @@
 replicas can sit behind a load balancer. See the README's "HTTP API" section for curl examples."""
 
 import hashlib
-import hmac
 import json
 import logging
 import uuid
@@ -14,18 +13,29 @@ from fastapi.responses import JSONResponse, RedirectResponse
 from pydantic import BaseModel, ValidationError
 
 from kiq.contract import Job, validation_errors
-from kiq.errors import UnknownJob
+from kiq.errors import StorageError, UnknownJob
 from kiq.names import idempotency_key
-from kiq.s3 import presign, s3_client
+from kiq.s3 import input_prefix, presign, put, s3_client
 from kiq.settings import Settings
 from kiq.status import JobStatus
 from producer.bodylimit import BodyLimit
 from producer.client import Client
+from producer.tenants import Tenant, Tenants
 
 log = logging.getLogger("kiq.api")
 UPLOAD_SCHEME = "upload:"
 MAX_UPLOADS = 16
 
+
+def _unavailable_errors() -> tuple[type[BaseException], ...]:
+    """What a failed submit raises when Redis or S3 is down: answered 503, retryable."""
+    from kombu.exceptions import OperationalError
+    from redis.exceptions import RedisError
+
+    return StorageError, RedisError, OperationalError, OSError
+
+
+_UNAVAILABLE = _unavailable_errors()
 
 class Submitted(BaseModel):
     id: str
@@ -38,18 +48,19 @@ class Rejected(Exception):
 
 
 def create_api(settings: Settings, client: Client | None = None, s3: Any = None) -> FastAPI:
-    client = client or Client(settings)
     s3 = s3 or s3_client(settings)
-    keys = settings.api_key_list
-    if not keys:
-        log.warning("KIQ_API_KEYS is empty: the API is open to anyone who can reach it")
+    client = client or Client(settings, s3_client=s3)
+    tenants = Tenants.from_settings(settings)
+    if tenants.open:
+        log.warning("KIQ_API_KEYS and KIQ_API_TENANTS are empty: the API is open to anyone who can reach it")
     app = FastAPI(title="kiq", version="0.1.0", summary="Kandinsky 2.2 interpolation queue")
-    app.state.api_keys = keys
+    app.state.tenants = tenants
     app.add_middleware(BodyLimit, max_bytes=settings.api_max_body_bytes)
 
     @app.exception_handler(Rejected)
     async def rejected(_: Request, exc: Rejected) -> JSONResponse:
-        return JSONResponse({"detail": exc.detail}, status_code=exc.status)
+        headers = {"Retry-After": "1"} if exc.status == 503 else None
+        return JSONResponse({"detail": exc.detail}, status_code=exc.status, headers=headers)
 
     def owned(job_id: str, who: str) -> dict[str, str]:
         record = client.record(job_id)
@@ -57,28 +68,50 @@ def create_api(settings: Settings, client: Client | None = None, s3: Any = None)
             raise HTTPException(404, f"no job {job_id}")
         return record
 
+    def accept(tenant: Tenant, job: Job, digest: str, uploads: list[Upload], job_id: str,
+               idempotency: str | None) -> Submitted:  # fmt: skip
+        """Everything that talks to Redis and S3, in a worker thread: authorise, claim the key, store, enqueue."""
+        problems = tenant.problems(job, settings)
+        if problems:
+            raise Rejected(403, problems)
+        claim = IdempotencyClaim(client.redis, settings, tenant.owner, idempotency, digest) if idempotency else None
+        try:
+            replay = claim.acquire(job_id) if claim else None
+            if replay is not None:
+                return Submitted(id=replay, status_url=f"/v1/jobs/{replay}")
+            for key, data, content_type in uploads:
+                put(s3, settings.s3_bucket, key, data, content_type)
+            client.submit(job, tenant.owner, job_id)
+        except Rejected:
+            raise
+        except Exception as exc:
+            if claim is not None:
+                claim.release()
+            if isinstance(exc, _UNAVAILABLE):
+                log.warning("submit failed, nothing enqueued: %s: %s", type(exc).__name__, exc)
+                raise Rejected(503, f"storage or queue unavailable ({type(exc).__name__}); nothing was enqueued: "
+                                    "retry, with the same Idempotency-Key if you sent one") from None  # fmt: skip
+            raise
+        if claim is not None:
+            claim.commit()
+        return Submitted(id=job_id, status_url=f"/v1/jobs/{job_id}")
+
     @app.post("/v1/jobs", status_code=202, response_model=Submitted, openapi_extra=SUBMIT_BODY,
-              responses={409: {"description": "Idempotency-Key reused with another body"},
-                         413: {"description": "body too large"}, 422: {"description": "invalid job"}})  # fmt: skip
-    async def submit(request: Request, who: Owner,
+              responses={403: {"description": "a queue, priority or s3:// object this key may not use"},
+                         409: {"description": "Idempotency-Key reused with another body, or still in flight"},
+                         413: {"description": "body too large"}, 422: {"description": "invalid job"},
+                         503: {"description": "Redis or S3 unavailable: nothing enqueued, retry"}})  # fmt: skip
+    async def submit(request: Request, tenant: Caller,
                      idempotency: Annotated[str | None, Header(alias="Idempotency-Key", max_length=255)] = None,
                      ) -> Submitted:  # fmt: skip
         job_id = str(uuid.uuid4())
-        job, digest, uploads = await read_job(request, job_id, settings.s3_bucket)
-        if idempotency:
-            replay = claim(client, settings, who, idempotency, digest, job_id)
-            if replay is not None:
-                return Submitted(id=replay, status_url=f"/v1/jobs/{replay}")
-        for key, data, content_type in uploads:
-            await run_in_threadpool(s3.put_object, Bucket=settings.s3_bucket, Key=key, Body=data,
-                                    ContentType=content_type)  # fmt: skip
-        await run_in_threadpool(client.submit, job, who, job_id)
-        return Submitted(id=job_id, status_url=f"/v1/jobs/{job_id}")
+        job, digest, uploads = await read_job(request, job_id, settings, tenant.owner)
+        return await run_in_threadpool(accept, tenant, job, digest, uploads, job_id, idempotency)
 
     @app.get("/v1/jobs/{job_id}", response_model=JobStatus, response_model_exclude_none=True,
              responses={404: {"description": "unknown job, or another key's"}})  # fmt: skip
-    def status(job_id: str, who: Owner) -> JobStatus:
-        owned(job_id, who)
+    def status(job_id: str, tenant: Caller) -> JobStatus:
+        owned(job_id, tenant.owner)
         try:
             return client.status(job_id)
         except UnknownJob:
@@ -86,15 +119,15 @@ def create_api(settings: Settings, client: Client | None = None, s3: Any = None)
 
     @app.delete("/v1/jobs/{job_id}", status_code=202, response_model=JobStatus, response_model_exclude_none=True,
                 responses={404: {"description": "unknown job, or another key's"}})  # fmt: skip
-    def cancel(job_id: str, who: Owner) -> JobStatus:
-        owned(job_id, who)
+    def cancel(job_id: str, tenant: Caller) -> JobStatus:
+        owned(job_id, tenant.owner)
         return client.cancel(job_id)
 
     image_errors = {404: {"description": "no such job or image"}, 409: {"description": "job not finished"}}
 
     @app.get("/v1/jobs/{job_id}/images/{n}", status_code=307, response_class=RedirectResponse, responses=image_errors)
-    def image(job_id: str, n: int, who: Owner) -> RedirectResponse:
-        owned(job_id, who)
+    def image(job_id: str, n: int, tenant: Caller) -> RedirectResponse:
+        owned(job_id, tenant.owner)
         current = client.status(job_id)
         if current.result is None:
             raise HTTPException(409, f"job {job_id} is {current.state}, not SUCCESS")
@@ -118,38 +151,39 @@ def create_api(settings: Settings, client: Client | None = None, s3: Any = None)
     return app
 
 
-def caller(request: Request, authorization: Annotated[str | None, Header()] = None) -> str:
-    return authenticate(request.app.state.api_keys, authorization)
+def caller(request: Request, authorization: Annotated[str | None, Header()] = None) -> Tenant:
+    return authenticate(request.app.state.tenants, authorization)
 
 
-Owner = Annotated[str, Depends(caller)]
+Caller = Annotated[Tenant, Depends(caller)]
+Upload = tuple[str, bytes, str]  # S3 key, bytes, content type
 
 
-def authenticate(keys: list[str], authorization: str | None) -> str:
-    """The caller's tenant: a digest of its API key ("public" when no keys are configured)."""
-    if not keys:
-        return "public"
+def authenticate(tenants: Tenants, authorization: str | None) -> Tenant:
+    """The caller's tenant ("public" with its defaults when no keys are configured)."""
+    if tenants.open:
+        return tenants.public
     scheme, _, token = (authorization or "").partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
         raise HTTPException(401, "missing bearer API key", headers={"WWW-Authenticate": "Bearer"})
-    for key in keys:
-        if hmac.compare_digest(token.strip().encode(), key.encode()):
-            return hashlib.sha256(key.encode()).hexdigest()[:16]
-    raise HTTPException(401, "unknown API key", headers={"WWW-Authenticate": "Bearer"})
+    tenant = tenants.find(token.strip())
+    if tenant is None:
+        raise HTTPException(401, "unknown API key", headers={"WWW-Authenticate": "Bearer"})
+    return tenant
 
 
-async def read_job(request: Request, job_id: str, bucket: str) -> tuple[Job, str, list[tuple[str, bytes, str]]]:
+async def read_job(request: Request, job_id: str, settings: Settings, owner: str) -> tuple[Job, str, list[Upload]]:
     """The job from a JSON or multipart body: (validated job, digest of the request, uploads to store)."""
     content_type = request.headers.get("content-type", "")
     if content_type.startswith("multipart/form-data"):
-        return await read_multipart(request, job_id, bucket)
+        return await read_multipart(request, input_prefix(settings, owner, job_id), settings.s3_bucket)
     if content_type and not content_type.startswith("application/json"):
         raise Rejected(415, "send application/json or multipart/form-data")
     raw = await request.body()
     return validate(parse_json(raw)), hashlib.sha256(raw).hexdigest(), []
 
 
-async def read_multipart(request: Request, job_id: str, bucket: str) -> tuple[Job, str, list[tuple[str, bytes, str]]]:
+async def read_multipart(request: Request, prefix: str, bucket: str) -> tuple[Job, str, list[Upload]]:
     form = await request.form(max_files=MAX_UPLOADS, max_fields=MAX_UPLOADS + 1)
     text = form.get("job")
     if not isinstance(text, str):
@@ -162,12 +196,11 @@ async def read_multipart(request: Request, job_id: str, bucket: str) -> tuple[Jo
             files[name] = (data, value.content_type or "application/octet-stream")
             digest.update(name.encode() + hashlib.sha256(data).digest())
     data = parse_json(text.encode())
-    uploads = rewrite_uploads(data, files, f"inputs/{job_id}", bucket)
+    uploads = rewrite_uploads(data, files, prefix, bucket)
     return validate(data), digest.hexdigest(), uploads
 
 
-def rewrite_uploads(data: Any, files: dict[str, tuple[bytes, str]], prefix: str,
-                    bucket: str) -> list[tuple[str, bytes, str]]:  # fmt: skip
+def rewrite_uploads(data: Any, files: dict[str, tuple[bytes, str]], prefix: str, bucket: str) -> list[Upload]:
     """Turn each `upload:<part>` image reference into the s3:// URI the part will be stored at."""
     uploads, inputs = [], data.get("inputs") if isinstance(data, dict) else None
     for i, item in enumerate(inputs if isinstance(inputs, list) else []):
@@ -176,7 +209,7 @@ def rewrite_uploads(data: Any, files: dict[str, tuple[bytes, str]], prefix: str,
             name = ref.removeprefix(UPLOAD_SCHEME)
             if name not in files:
                 raise Rejected(422, [{"loc": ["body", "inputs", i, "image"], "msg": f"no file part named {name!r}"}])
-            key = f"{prefix}/{uuid.uuid5(uuid.NAMESPACE_URL, name).hex}"
+            key = f"{prefix}upload-{uuid.uuid5(uuid.NAMESPACE_URL, name).hex}"
             item["image"] = f"s3://{bucket}/{key}"
             uploads.append((key, *files[name]))
     return uploads
@@ -196,16 +229,48 @@ def validate(data: Any) -> Job:
         raise Rejected(422, [{**err, "loc": ["body", *err["loc"]]} for err in validation_errors(exc)]) from None
 
 
-def claim(client: Client, settings: Settings, who: str, key: str, digest: str, job_id: str) -> str | None:
-    """First use of the key: record it, return None. Same key and body again: the first job's id. Other body: 409."""
-    redis_key = idempotency_key(who, hashlib.sha256(key.encode()).hexdigest())
-    value = json.dumps({"digest": digest, "id": job_id})
-    if client.redis.set(redis_key, value, nx=True, ex=settings.idempotency_ttl_s):
-        return None
-    existing = json.loads(client.redis.get(redis_key) or value)
-    if existing["digest"] != digest:
-        raise Rejected(409, "Idempotency-Key was already used with a different request body")
-    return str(existing["id"])
+class IdempotencyClaim:
+    """An Idempotency-Key points at a job only once that job is enqueued.
+
+    `acquire` records the key as pending (for `PENDING_TTL_S`) or answers for an earlier request: its job id if
+    that request enqueued, 409 if it is still in flight or had another body. A failed submit `release`s the key,
+    so the client's retry creates the job; if even that fails (Redis down), the pending mark expires by itself.
+    """
+
+    PENDING_TTL_S = 60
+
+    def __init__(self, redis: Any, settings: Settings, owner: str, key: str, digest: str) -> None:
+        self.redis, self.ttl_s, self.digest = redis, settings.idempotency_ttl_s, digest
+        self.key = idempotency_key(owner, hashlib.sha256(key.encode()).hexdigest())
+        self.value = ""
+
+    def acquire(self, job_id: str) -> str | None:
+        self.value = json.dumps({"digest": self.digest, "id": job_id, "state": "pending"})
+        if self.redis.set(self.key, self.value, nx=True, ex=self.PENDING_TTL_S):
+            return None
+        raw = self.redis.get(self.key)
+        existing = json.loads(raw) if raw else {"digest": self.digest, "state": "pending"}
+        self.value = ""  # not ours: never release or commit it
+        if existing["digest"] != self.digest:
+            raise Rejected(409, "Idempotency-Key was already used with a different request body")
+        if existing.get("state") != "enqueued":
+            raise Rejected(409, "a request with this Idempotency-Key is still in progress; retry shortly")
+        return str(existing["id"])
+
+    def commit(self) -> None:
+        if self.value:
+            self.redis.set(self.key, self.value.replace('"pending"', '"enqueued"'), ex=self.ttl_s)
+
+    def release(self) -> None:
+        if not self.value:
+            return
+        try:
+            self.redis.eval(_DELETE_IF_EQUAL, 1, self.key, self.value)
+        except Exception as exc:  # noqa: BLE001 - Redis is likely what failed; the pending mark expires
+            log.warning("could not release an idempotency key: %s", exc)
+
+
+_DELETE_IF_EQUAL = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end return 0"
 
 
 def _check(probe: Any) -> str:

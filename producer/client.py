@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import base64
 import json
+import logging
 import time
 import uuid
 from collections.abc import Callable, Mapping
@@ -11,30 +13,33 @@ from typing import Any
 from celery import Celery
 from celery.result import AsyncResult
 
+from kiq import s3
 from kiq.celeryconf import common_config
 from kiq.contract import MAX_PRIORITY, Job, parse_job
 from kiq.errors import TransientError, UnknownJob, WaitTimeout
-from kiq.names import (
-    GENERATE_TASK,
-    PROGRESS,
-    WEBHOOK_QUEUE,
-    WEBHOOK_TASK,
-    cancel_key,
-    fleet_key,
-    job_record_key,
-)
+from kiq.names import GENERATE_TASK, PROGRESS, cancel_key, fleet_key, job_record_key
 from kiq.settings import Settings
 from kiq.status import ErrorInfo, JobResult, JobStatus, Progress
+from kiq.webhooks import queue_webhook
 
 ProgressCallback = Callable[[JobStatus], None]
+log = logging.getLogger(__name__)
 
 
 class Client:
-    def __init__(self, settings: Settings, app: Celery | None = None) -> None:
+    def __init__(self, settings: Settings, app: Celery | None = None, s3_client: Any = None) -> None:
         self.settings = settings
         self.app = app or Celery("kiq-producer", set_as_current=False)
         if app is None:
             self.app.conf.update(common_config(settings))
+        self._s3 = s3_client
+
+    @property
+    def s3(self) -> Any:
+        """The S3 client inline images are stored with (created on first use: boto3 is imported only then)."""
+        if self._s3 is None:
+            self._s3 = s3.s3_client(self.settings)
+        return self._s3
 
     @property
     def redis(self) -> Any:
@@ -42,16 +47,44 @@ class Client:
         return self.app.backend.client
 
     def submit(self, job: Job | Mapping[str, Any], owner: str = "", job_id: str | None = None) -> str:
-        """Validate, record and enqueue the job; return its id. Invalid jobs raise JobInvalid, enqueue nothing."""
+        """Validate, store inline images, record and enqueue the job; return its id.
+
+        All or nothing: invalid jobs raise JobInvalid and touch nothing; if S3 or Redis fails, the error
+        (StorageError, a Redis or kombu error) propagates and no job record is left behind."""
         parsed = job if isinstance(job, Job) else parse_job(job)
         job_id = job_id or str(uuid.uuid4())
+        parsed = self.store_inline_images(parsed, owner, job_id)
         record = {"owner": owner, "webhook_url": parsed.webhook_url or ""}
         self.redis.set(job_record_key(job_id), json.dumps(record), ex=self.settings.result_ttl_s)
-        self.app.send_task(
-            GENERATE_TASK, args=[parsed.model_dump(mode="json")], task_id=job_id, queue=route(parsed, self.settings),
-            priority=MAX_PRIORITY - parsed.priority, headers={"kiq_submitted_at": time.time()},
-        )  # fmt: skip
+        try:
+            self.app.send_task(
+                GENERATE_TASK, args=[parsed.model_dump(mode="json")], task_id=job_id,
+                queue=route(parsed, self.settings), priority=MAX_PRIORITY - parsed.priority,
+                headers={"kiq_submitted_at": time.time()},
+            )  # fmt: skip
+        except Exception:
+            self._forget(job_id)
+            raise
         return job_id
+
+    def store_inline_images(self, job: Job, owner: str, job_id: str) -> Job:
+        """Put each `data:` image in S3 under the job's input prefix and refer to it by s3:// instead:
+        only references travel through Redis, never image bytes."""
+        inputs = []
+        for n, item in enumerate(job.inputs):
+            if item.image is not None and item.image[:5].lower() == "data:":
+                mime, _, payload = item.image[5:].partition(";base64,")
+                key = f"{s3.input_prefix(self.settings, owner, job_id)}{n}"
+                uri = s3.put(self.s3, self.settings.s3_bucket, key, base64.b64decode(payload), mime)
+                item = item.model_copy(update={"image": uri})
+            inputs.append(item)
+        return job.model_copy(update={"inputs": inputs})
+
+    def _forget(self, job_id: str) -> None:
+        try:
+            self.redis.delete(job_record_key(job_id))
+        except Exception as exc:  # noqa: BLE001 - Redis is what failed; the record expires by itself
+            log.warning("could not remove the record of unsent job %s: %s", job_id, exc)
 
     def record(self, job_id: str) -> dict[str, str] | None:
         """What submit recorded (owner, webhook URL), or None for an unknown or expired id."""
@@ -99,10 +132,9 @@ class Client:
         return self.status(job_id)
 
     def notify(self, job_id: str) -> None:
-        """Queue the job's webhook, if it has one (the webhook worker sends it)."""
+        """Queue the job's webhook, if it has one and nobody queued it yet (the webhook worker sends it)."""
         record = self.record(job_id) or {}
-        if record.get("webhook_url"):
-            self.app.send_task(WEBHOOK_TASK, args=[job_id, record["webhook_url"]], queue=WEBHOOK_QUEUE)
+        queue_webhook(self.app, self.redis, job_id, record.get("webhook_url"), self.settings.result_ttl_s)
 
     def fleet(self) -> list[dict[str, Any]]:
         """Live workers, from their heartbeats (see worker/fleet.py)."""

@@ -1,17 +1,15 @@
 """Webhook delivery: `kiq webhook-worker`, a light Celery worker (threads, no model) on `kiq.webhooks`.
 
-When a job ends, whoever decided its end (the GPU worker, or `cancel` for a queued job) queues
-`kiq.webhook(job_id, url)`. Delivery POSTs the job's final status JSON, signed
-`X-Kiq-Signature: sha256=<hex HMAC-SHA256(KIQ_WEBHOOK_SECRET, body)>`, with `X-Kiq-Job-Id` and a
-`X-Kiq-Delivery` id that stays the same across retries (receivers dedupe on it). Non-2xx answers and
-network failures are retried with exponential backoff and jitter for up to KIQ_WEBHOOK_RETRY_S; a
-webhook never changes its job's outcome.
+When a job ends, whoever decided its end first (the worker, or `cancel` for a queued job) queues
+`kiq.webhook(job_id, url)` once (kiq/webhooks.py). Delivery POSTs the job's final status JSON, signed
+`X-Kiq-Signature: t=<unix>,v1=<hex HMAC-SHA256(KIQ_WEBHOOK_SECRET, "<t>.<delivery id>.<body>")>`, with
+`X-Kiq-Job-Id` and an `X-Kiq-Delivery` id that stays the same across retries (receivers dedupe on it and
+refuse stale timestamps: `kiq.webhooks.verify`). Non-2xx answers and network failures are retried with
+exponential backoff and jitter for up to KIQ_WEBHOOK_RETRY_S; a webhook never changes its job's outcome.
 """
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import logging
 import random
 import time
@@ -20,19 +18,15 @@ from typing import Any
 from celery import Celery, Task
 from kombu import Exchange, Queue
 
-from kiq import safe_http
+from kiq import leases, safe_http
 from kiq.celeryconf import common_config
 from kiq.errors import FetchUnavailable, InputError, SettingsError
 from kiq.names import WEBHOOK_QUEUE, WEBHOOK_TASK
 from kiq.settings import Settings
+from kiq.webhooks import DELIVERY_HEADER, JOB_HEADER, SIGNATURE_HEADER, sign
 from producer.client import Client
 
 log = logging.getLogger(__name__)
-SIGNATURE_HEADER = "X-Kiq-Signature"
-
-
-def signature(secret: str, body: bytes) -> str:
-    return "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
 
 
 def create_webhook_app(settings: Settings) -> Celery:
@@ -43,6 +37,8 @@ def create_webhook_app(settings: Settings) -> Celery:
     app.conf.update(task_queues=[Queue(WEBHOOK_QUEUE, Exchange(WEBHOOK_QUEUE), routing_key=WEBHOOK_QUEUE)],
                     task_acks_late=True, worker_prefetch_multiplier=4)  # fmt: skip
     client = Client(settings, app=app)
+    # Retries wait as ETA messages this worker holds unacknowledged: keep their leases like the job worker does.
+    leases.install(app, lambda: client.redis, settings.visibility_timeout_s)
     limits = safe_http.HttpLimits(64 * 1024, settings.webhook_timeout_s, 0)
     policy = safe_http.AddressPolicy.parse(settings.fetch_allow)
 
@@ -53,8 +49,9 @@ def create_webhook_app(settings: Settings) -> Celery:
         if not status.done:  # queued the moment the job ended; its result may land a moment later
             return _retry(self, job_id, url, first, settings, "status not final yet", delay=1.0)
         body = status.model_dump_json(exclude_none=True).encode()
-        headers = {"Content-Type": "application/json", SIGNATURE_HEADER: signature(settings.webhook_secret, body),
-                   "X-Kiq-Job-Id": job_id, "X-Kiq-Delivery": self.request.id}  # fmt: skip
+        delivery = self.request.id
+        headers = {"Content-Type": "application/json", SIGNATURE_HEADER: sign(settings.webhook_secret, body, delivery),
+                   JOB_HEADER: job_id, DELIVERY_HEADER: delivery}  # fmt: skip
         try:
             code = safe_http.post(url, body, headers, limits, policy)
         except FetchUnavailable as exc:

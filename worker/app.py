@@ -9,6 +9,7 @@ from celery import Celery
 from celery.signals import worker_init, worker_shutdown
 from kombu import Exchange, Queue
 
+from kiq import leases
 from kiq.celeryconf import common_config
 from kiq.errors import SettingsError
 from kiq.settings import Settings
@@ -36,6 +37,8 @@ def create_app(settings: Settings, runner: Runner | None = None) -> Celery:
     runner = runner or Runner(settings)
     observers = tasks.Observers()
     tasks.register(app, runner, settings, observers)
+    # Short visibility timeout, renewed leases: a dead worker's jobs come back in about a minute, a live one's never.
+    leases.install(app, lambda: app.backend.client, settings.visibility_timeout_s)
 
     def start(sender: Any = None, **_: Any) -> None:
         if getattr(sender, "app", None) is not app:

@@ -1,18 +1,21 @@
 """Cross-job decoder micro-batching (KIQ_DECODER_BATCH > 1).
 
 The worker then runs the threads pool with one thread and prefetches KIQ_DECODER_BATCH jobs, so the consumer
-keeps receiving while a job runs (the solo pool cannot: it runs jobs inside the consumer's loop). The running
-job, after its own fetch and prior, claims reserved jobs with the same decoder shape, runs them through one
-decoder batch, and stores each claimed job's own outcome. A claimed job's message is acknowledged only when its
-own turn comes and finds that outcome stored, so acks stay per job: a crash redelivers every job of the batch.
+keeps receiving while a job runs (the solo pool cannot: it runs jobs inside the consumer's loop). A job, as soon
+as it starts, claims reserved jobs with the same decoder shape (waiting up to KIQ_DECODER_BATCH_WAIT_MS for
+them); each job then runs its own fetch and prior, and they share one decoder call. Each claimed job's outcome
+is stored under its own id; its message is acknowledged only when its own turn comes and finds that outcome
+stored, so acks stay per job and a crash redelivers every job of the batch. Each job counts its own delivery;
+a job whose earlier delivery died runs alone from then on, so a job that crashes its worker is found out alone
+(and becomes a PoisonJob) while its former mates succeed.
 """
 
 from __future__ import annotations
 
 import logging
-import socket
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 from celery import Task
 
@@ -21,81 +24,101 @@ from kiq.errors import JobInvalid
 from kiq.names import GENERATE_TASK, TERMINAL_STATES
 from kiq.settings import Settings
 from kiq.status import JobResult
-from worker.delivery import watchdog
+from worker.delivery import DeliveryGuard, watchdog
 from worker.limits import time_limits
-from worker.runner import JobCancelled, JobContext, Runner
+from worker.records import JobRecords, webhook_url
+from worker.runner import JobCancelled, Runner
 
 log = logging.getLogger(__name__)
-Mate = tuple[str, Job, dict[str, Any]]
+
+
+class Mate(NamedTuple):
+    job_id: str
+    job: Job
+    raw: dict[str, Any]
 
 
 def shape(job: Job) -> tuple[int, int, int, float, int]:
     return job.height, job.width, job.decoder_steps, job.guidance_scale, job.num_images
 
 
-def find_mates(task: Task, leader: Job, settings: Settings) -> list[Mate]:
+def find_mates(task: Task, leader: Job, settings: Settings, may_join: Callable[[str], bool]) -> list[Mate]:
     """Reserved jobs that can share the leader's decoder call, waiting up to KIQ_DECODER_BATCH_WAIT_MS for them."""
     if settings.decoder_batch < 2 or leader.num_images != 1:
         return []
     deadline = time.monotonic() + settings.decoder_batch_wait_ms / 1000
+    refused: set[str] = set()
     while True:
-        mates = _reserved_mates(task, leader, settings.decoder_batch - 1)
+        mates = _reserved_mates(task, leader, settings.decoder_batch - 1, may_join, refused)
         if len(mates) == settings.decoder_batch - 1 or time.monotonic() >= deadline:
             return mates
         time.sleep(0.01)
 
 
-def _reserved_mates(task: Task, leader: Job, limit: int) -> list[Mate]:
+def _reserved_mates(task: Task, leader: Job, limit: int, may_join: Callable[[str], bool],
+                    refused: set[str]) -> list[Mate]:  # fmt: skip
     from celery.worker import state
 
     mates: list[Mate] = []
     for request in list(state.reserved_requests):
-        if request.id == task.request.id or request.name != GENERATE_TASK or not request.args:
+        if request.id == task.request.id or request.id in refused or request.name != GENERATE_TASK:
             continue
         try:
-            job = parse_job(request.args[0])
+            job = parse_job(request.args[0] if request.args else None)
         except JobInvalid:
+            refused.add(request.id)
             continue  # it fails on its own turn, with its own error
-        if shape(job) == shape(leader) and task.backend.get_task_meta(request.id)["status"] not in TERMINAL_STATES:
-            mates.append((request.id, job, request.args[0]))
+        if shape(job) != shape(leader):
+            continue
+        if task.backend.get_task_meta(request.id)["status"] in TERMINAL_STATES or not may_join(request.id):
+            refused.add(request.id)
+            continue
+        mates.append(Mate(request.id, job, request.args[0]))
         if len(mates) == limit:
             break
     return mates
 
 
-def run_batch(task: Task, runner: Runner, settings: Settings, leader: tuple[Job, JobContext], mates: list[Mate],
-              contexts: Any, observers: Any, notify: Any, on_hung: Any) -> JobResult:  # fmt: skip
-    """Run the leader and its mates in one decoder batch; store each mate's outcome; return or raise the leader's."""
-    items = [leader]
-    for job_id, job, _ in mates:
-        task.update_state(task_id=job_id, state="STARTED", meta={"hostname": socket.gethostname(), "batch": True})
-        observers.started(job_id, None)
-        items.append((job, contexts(job_id, time_limits(job, settings).soft_s)))
-    log.info("decoder batch of %d: %s", len(items), [ctx.job_id for _, ctx in items])
-    hard = max(time_limits(job, settings).hard_s for job, _ in items)
-    started = time.monotonic()
-    with watchdog(hard, lambda: on_hung(hard)):
-        outcomes = runner.run_batch(items)
-    for (job_id, _, raw), outcome in zip(mates, outcomes[1:], strict=True):
-        _store(task, job_id, outcome)
-        observers.finished(_outcome_name(outcome), time.monotonic() - started,
-                           outcome.timings if isinstance(outcome, JobResult) else None)  # fmt: skip
-        notify(task, raw, job_id)
-    if isinstance(outcomes[0], BaseException):
-        raise outcomes[0]
-    return outcomes[0]
+class DecoderBatch:
+    """A leader job and its mates through one decoder call; each mate's outcome stored and announced as its own."""
 
+    def __init__(self, runner: Runner, settings: Settings, records: JobRecords, guard: DeliveryGuard,
+                 observers: Any) -> None:  # fmt: skip
+        self.runner, self.settings, self.records = runner, settings, records
+        self.guard, self.observers = guard, observers
 
-def _store(task: Task, job_id: str, outcome: JobResult | BaseException) -> None:
-    if isinstance(outcome, JobResult):
-        task.backend.mark_as_done(job_id, outcome.model_dump(mode="json"))
-    elif isinstance(outcome, JobCancelled):
-        task.backend.mark_as_revoked(job_id, reason="cancelled")
-    else:
-        task.backend.mark_as_failure(job_id, outcome)
+    def run(self, leader: Mate, mates: list[Mate]) -> JobResult:
+        """Return the leader's result or raise its error; the mates' outcomes are stored here."""
+        for mate in mates:
+            delivery = self.guard.begin(mate.job_id, batched=True)
+            self.records.started(mate.job_id, delivery.attempt, batched=True)
+            self.observers.started(mate.job_id, None)
+        members = [leader, *mates]
+        log.info("decoder batch of %d: %s", len(members), [m.job_id for m in members])
+        items = [(m.job, self.records.context(m.job_id, time_limits(m.job, self.settings).soft_s)) for m in members]
+        hard = max(time_limits(m.job, self.settings).hard_s for m in members)
+        started = time.monotonic()
 
+        def settled(i: int, outcome: JobResult | BaseException) -> None:
+            if i > 0:
+                self._settle(mates[i - 1], outcome, time.monotonic() - started)
+            elif isinstance(outcome, JobCancelled):
+                self.records.revoked(leader.job_id)  # now, not when the batch ends; the task ends it as usual
 
-def _outcome_name(outcome: JobResult | BaseException) -> str:
-    if isinstance(outcome, JobResult):
-        return "success"
-    return "cancelled" if isinstance(outcome, JobCancelled) else "failure"
+        # A hung batch ends the process without recording anything: every job comes back and runs alone,
+        # where only the one that hangs meets the limit.
+        with watchdog(hard, lambda: log.error("decoder batch %s hung", [m.job_id for m in members])):
+            outcomes = self.runner.run_batch(items, settled)
+        if isinstance(outcomes[0], BaseException):
+            raise outcomes[0]
+        return outcomes[0]
+
+    def _settle(self, mate: Mate, outcome: JobResult | BaseException, seconds: float) -> None:
+        try:
+            self.records.store(mate.job_id, outcome)
+        finally:
+            self.guard.end(mate.job_id)
+            name = "success" if isinstance(outcome, JobResult) else "cancelled" if isinstance(outcome, JobCancelled) \
+                else "failure"  # fmt: skip
+            self.observers.finished(name, seconds, outcome.timings if isinstance(outcome, JobResult) else None)
+            self.records.notify(mate.job_id, webhook_url(mate.raw))

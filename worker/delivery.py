@@ -4,44 +4,95 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, TypeVar
 
 from kiq.errors import PoisonJob
 
 log = logging.getLogger(__name__)
 WATCHDOG_EXIT_CODE = 75
+T = TypeVar("T")
+_REDIS_ERRORS: tuple[type[BaseException], ...] = (OSError,)
+try:  # redis-py's errors do not derive from OSError
+    from redis.exceptions import RedisError
+
+    _REDIS_ERRORS = (OSError, RedisError)
+except ImportError:  # pragma: no cover
+    pass
 
 
 def deliveries_key(job_id: str) -> str:
     return f"kiq:deliveries:{job_id}"
 
 
-class DeliveryGuard:
-    """A job that has killed its worker `max_deliveries` times is failed as poison instead of looping.
+@dataclass(frozen=True)
+class Delivery:
+    solo: int  # unfinished deliveries run alone, this one included if it runs alone
+    batched: int  # unfinished deliveries as part of a decoder batch, this one included if batched
 
-    `begin` counts a start; `end` (any finish the process survives) clears the count, so only deliveries
-    that died mid-job accumulate.
+    @property
+    def attempt(self) -> int:
+        return self.solo + self.batched
+
+
+class DeliveryGuard:
+    """A job that has killed its worker `max_deliveries` times running alone fails as poison instead of looping.
+
+    `begin` counts a start, `end` (any finish the process survives) clears the counts, so only deliveries that
+    died mid-job accumulate. Deaths inside a decoder batch are counted apart: they cannot say which job was to
+    blame, so they only make the job run alone next time (`crashed_before`), where its own deaths count.
+    Redis blips are retried for `redis_retry_s`; `end` never raises, so bookkeeping cannot fail a finished job.
     """
 
-    def __init__(self, redis: Any, max_deliveries: int, ttl_s: int) -> None:
-        self.redis, self.max_deliveries, self.ttl_s = redis, max_deliveries, ttl_s
+    def __init__(self, redis: Any, max_deliveries: int, ttl_s: int, redis_retry_s: float = 30.0) -> None:
+        self.redis, self.max_deliveries, self.ttl_s, self.redis_retry_s = redis, max_deliveries, ttl_s, redis_retry_s
 
-    def begin(self, job_id: str) -> int:
+    def crashed_before(self, job_id: str) -> bool:
+        """True if an earlier delivery of the job started and never finished (its worker died)."""
+        return bool(self._retrying(lambda: self.redis.exists(deliveries_key(job_id))))
+
+    def begin(self, job_id: str, batched: bool = False) -> Delivery:
         key = deliveries_key(job_id)
-        count = int(self.redis.incr(key))
-        self.redis.expire(key, self.ttl_s)
-        if count > self.max_deliveries:
+
+        def count() -> list[Any]:
+            pipe = self.redis.pipeline()
+            pipe.hincrby(key, "batched" if batched else "solo", 1)
+            pipe.hgetall(key)
+            pipe.expire(key, self.ttl_s)
+            return pipe.execute()
+
+        counts = {k.decode() if isinstance(k, bytes) else k: int(v) for k, v in self._retrying(count)[1].items()}
+        delivery = Delivery(solo=counts.get("solo", 0), batched=counts.get("batched", 0))
+        if not batched and delivery.solo > self.max_deliveries:
             raise PoisonJob(
-                f"job {job_id} was delivered {count} times and its worker died each time before finishing "
+                f"job {job_id} was delivered {delivery.attempt} times and its worker died each time before "
+                f"finishing, {delivery.solo - 1} of them running alone "
                 f"(limit KIQ_MAX_DELIVERIES={self.max_deliveries}); it will not run again"
             )
-        return count
+        return delivery
 
     def end(self, job_id: str) -> None:
-        self.redis.delete(deliveries_key(job_id))
+        try:
+            self._retrying(lambda: self.redis.delete(deliveries_key(job_id)))
+        except _REDIS_ERRORS as exc:  # the count expires by itself; the job's outcome stands
+            log.warning("could not clear the delivery count of %s: %s", job_id, exc)
+
+    def _retrying(self, call: Callable[[], T]) -> T:
+        deadline, delay = time.monotonic() + self.redis_retry_s, 0.2
+        while True:
+            try:
+                return call()
+            except _REDIS_ERRORS as exc:
+                if time.monotonic() + delay > deadline:
+                    raise
+                log.warning("delivery bookkeeping: Redis unavailable (%s); retrying in %.1f s", exc, delay)
+                time.sleep(delay * (0.5 + random.random() / 2))
+                delay = min(delay * 2, 5.0)
 
 
 @contextmanager

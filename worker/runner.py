@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import math
 import time
 from collections.abc import Callable, Iterator
@@ -11,17 +12,18 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-from kiq.contract import Job, seed_for
+from kiq.contract import Job, JobInput, seed_for
 from kiq.errors import JobError, JobTimeout, PipelineError, StorageUnavailable
 from kiq.settings import Settings
 from kiq.status import ImageRef, JobResult, Progress, Stage
 from worker import metrics
 from worker.device import DeviceConfig
 from worker.fetch import Fetcher, FetchLimits
-from worker.pipelines.kandinsky import DecoderParams, KandinskyPipelines, PriorParams
+from worker.pipelines.kandinsky import DecoderParams, DecoderRow, KandinskyPipelines, PriorParams
 from worker.retry import with_retries
 from worker.storage import S3Storage, Storage
 
+log = logging.getLogger(__name__)
 _CONTENT_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
 _SAVE_OPTIONS: dict[str, dict[str, Any]] = {"png": {}, "jpeg": {"quality": 95}, "webp": {"quality": 95}}
 
@@ -37,15 +39,20 @@ class JobContext:
     cancelled: Callable[[], bool]
     limit_s: float = math.inf  # the soft time limit, checked at every progress point
 
+    deadline: float = field(init=False)  # time.monotonic() at which the soft limit runs out
+
     def __post_init__(self) -> None:
-        object.__setattr__(self, "_deadline", time.monotonic() + self.limit_s)
+        object.__setattr__(self, "deadline", time.monotonic() + self.limit_s)
 
     def progress(self, stage: Stage, step: int, total: int) -> None:
         if self.cancelled():
             raise JobCancelled(self.job_id)
-        if time.monotonic() > self._deadline:  # type: ignore[attr-defined]
-            raise JobTimeout(f"job ran past its {self.limit_s:.0f} s time limit (derived from its size and steps)")
+        self.check_time()
         self.report(Progress(stage=stage, step=step, total=total))
+
+    def check_time(self) -> None:
+        if time.monotonic() > self.deadline:
+            raise JobTimeout(f"job ran past its {self.limit_s:.0f} s time limit (derived from its size and steps)")
 
 
 @dataclass
@@ -91,54 +98,55 @@ class Runner:
             images = self.pipelines.decode(*prepared.embeds, _decoder(job), _rng(prepared.seed), on_step)
         return self.finish(prepared, images)
 
-    def run_batch(self, items: list[tuple[Job, JobContext]]) -> list[JobResult | BaseException]:
+    def run_batch(self, items: list[tuple[Job, JobContext]],
+                  settled: Callable[[int, JobResult | BaseException], None] | None = None,
+                  ) -> list[JobResult | BaseException]:  # fmt: skip
         """Jobs with one decoder shape (num_images 1): fetch and prior each, one decoder batch, then encode and
-        upload each. Every job keeps its own seed, progress and outcome: one job's failure is only its own."""
-        outcomes: list[JobResult | BaseException | None] = [None] * len(items)
+        upload each. Every job keeps its own seed, progress and outcome: one job's failure is only its own, and
+        a job cancelled or past its time limit leaves the batch at the next step. `settled(i, outcome)` hears
+        each job's outcome as soon as it is known, so a cancelled job is reported while the others still run."""
+        batch = _BatchOutcomes(len(items), settled)
         prepared: dict[int, Prepared] = {}
         for i, (job, ctx) in enumerate(items):
-            try:
-                prepared[i] = self.prepare(job, ctx)
-            except (JobCancelled, JobError) as exc:
-                outcomes[i] = exc
+            outcome = _own_outcome(lambda job=job, ctx=ctx: self.prepare(job, ctx))
+            if isinstance(outcome, Prepared):
+                prepared[i] = outcome
+            else:
+                batch.settle(i, outcome)
         if prepared:
-            self._decode_batch(items, prepared, outcomes)
-        return [outcome if outcome is not None else RuntimeError("job was not run") for outcome in outcomes]
+            self._decode_batch(items, prepared, batch)
+        for i in batch.open():
+            batch.settle(i, PipelineError("job was not run"))
+        return batch.outcomes  # type: ignore[return-value]
 
     def _decode_batch(self, items: list[tuple[Job, JobContext]], prepared: dict[int, Prepared],
-                      outcomes: list[JobResult | BaseException | None]) -> None:  # fmt: skip
-        from mindspore import mint
+                      batch: _BatchOutcomes) -> None:  # fmt: skip
+        live = list(prepared)  # row r of the decoder batch is job live[r]
+        assert self.pipelines is not None
 
-        live = list(prepared)
-        params = _decoder(items[live[0]][0])
+        def on_step(step: int, total: int) -> list[int]:
+            for i in batch.open(live):
+                try:
+                    items[i][1].progress("decoder", step, total)
+                except (JobCancelled, JobTimeout) as exc:
+                    batch.settle(i, exc)
+            return [row for row, i in enumerate(live) if batch.outcomes[i] is None]
 
-        def on_step(step: int, total: int) -> None:  # a cancelled or timed-out job drops out at the end
-            for i in live:
-                if outcomes[i] is None:
-                    try:
-                        items[i][1].progress("decoder", step, total)
-                    except (JobCancelled, JobTimeout) as exc:
-                        outcomes[i] = exc
-
+        rows = [DecoderRow(prepared[i].embeds[0], prepared[i].embeds[1], _rng(prepared[i].seed)) for i in live]
         start = time.perf_counter()
         try:
             with _model_errors():
-                embeds = mint.cat([prepared[i].embeds[0] for i in live])
-                negatives = mint.cat([prepared[i].embeds[1] for i in live])
-                images = self.pipelines.decode(embeds, negatives, params, [_rng(prepared[i].seed) for i in live],
-                                               on_step)  # fmt: skip
+                images = self.pipelines.decode_batch(rows, _decoder(items[live[0]][0]), on_step)
         except JobError as exc:
-            for i in live:
-                outcomes[i] = outcomes[i] or exc
+            for i in batch.open(live):
+                batch.settle(i, exc)
             return
         seconds = round(time.perf_counter() - start, 4)
-        for i, image in zip(live, images, strict=True):
-            if outcomes[i] is None:
+        for row, image in images.items():
+            i = live[row]
+            if batch.outcomes[i] is None:
                 prepared[i].timings["decoder"] = seconds
-                try:
-                    outcomes[i] = self.finish(prepared[i], [image])
-                except JobError as exc:
-                    outcomes[i] = exc
+                batch.settle(i, _own_outcome(lambda i=i, image=image: self.finish(prepared[i], [image])))
 
     def prepare(self, job: Job, ctx: JobContext) -> Prepared:
         """Fetch the references and run the prior: everything up to the decoder."""
@@ -146,8 +154,7 @@ class Runner:
         assert self.pipelines is not None
         prepared = Prepared(job=job, ctx=ctx, seed=seed_for(job, ctx.job_id))
         with _timed(prepared.timings, "fetch"):
-            ctx.progress("fetch", 0, len(job.inputs))
-            conditions = [i.text if i.text is not None else self.fetcher.image(i.image or "") for i in job.inputs]
+            conditions = [self._condition(ctx, item, n, len(job.inputs)) for n, item in enumerate(job.inputs)]
         with _timed(prepared.timings, "prior"), _model_errors():
             ctx.progress("prior", 0, job.prior_steps)
             weights = [i.weight for i in job.inputs]
@@ -157,6 +164,17 @@ class Runner:
             )
             ctx.progress("prior", job.prior_steps, job.prior_steps)
         return prepared
+
+    def _condition(self, ctx: JobContext, item: JobInput, n: int, total: int) -> Any:
+        """A text as is, an image fetched and decoded within the job's soft time limit."""
+        ctx.progress("fetch", n, total)
+        if item.text is not None:
+            return item.text
+        try:
+            return self.fetcher.image(item.image or "", deadline=ctx.deadline)
+        except JobError:
+            ctx.check_time()  # a fetch cut short by the job's own limit is a JobTimeout, not a fetch failure
+            raise
 
     def finish(self, prepared: Prepared, images: list[Any]) -> JobResult:
         """Encode and upload the decoded images."""
@@ -221,6 +239,33 @@ def _timed(timings: dict[str, float], stage: str) -> Iterator[None]:
         yield
     finally:
         timings[stage] = round(time.perf_counter() - start, 4)
+
+
+class _BatchOutcomes:
+    """Each batch job's outcome, settled once and announced at once."""
+
+    def __init__(self, n: int, settled: Callable[[int, JobResult | BaseException], None] | None) -> None:
+        self.outcomes: list[JobResult | BaseException | None] = [None] * n
+        self.settled = settled
+
+    def open(self, among: list[int] | None = None) -> list[int]:
+        return [i for i in (range(len(self.outcomes)) if among is None else among) if self.outcomes[i] is None]
+
+    def settle(self, i: int, outcome: JobResult | BaseException) -> None:
+        self.outcomes[i] = outcome
+        if self.settled is not None:
+            self.settled(i, outcome)
+
+
+def _own_outcome(step: Callable[[], Any]) -> Any:
+    """One batch job's step: its result, or the exception that is its own outcome (any exception, typed)."""
+    try:
+        return step()
+    except (JobCancelled, JobError) as exc:
+        return exc
+    except Exception as exc:
+        log.exception("job step failed unexpectedly")
+        return PipelineError(f"unexpected {type(exc).__name__}: {exc}")
 
 
 @contextmanager

@@ -5,16 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from kiq.errors import (
-    FetchError,
-    FetchUnavailable,
-    ImageTooLarge,
-    ObjectNotFound,
-    StorageError,
-    StorageUnavailable,
-)
-from kiq.s3 import presign, s3_client
+from kiq import s3
+from kiq.errors import FetchError, FetchUnavailable, ImageTooLarge, ObjectNotFound, ReferenceNotAllowed
 from kiq.settings import Settings
+
+# S3 answers for objects a worker may not read: told apart from a missing key, they would answer whether it exists.
+_NOT_READABLE = ("NoSuchKey", "404", "NoSuchBucket", "AccessDenied", "403", "AllAccessDisabled")
 
 
 class Storage(Protocol):
@@ -28,56 +24,46 @@ class Storage(Protocol):
 
 
 class S3Storage:
-    def __init__(self, client: Any, bucket: str, presign_ttl_s: int) -> None:
+    def __init__(self, client: Any, bucket: str, presign_ttl_s: int,
+                 readable: tuple[tuple[str, str], ...] | None = None) -> None:  # fmt: skip
         self.client, self.bucket, self.presign_ttl_s = client, bucket, presign_ttl_s
+        self.readable = readable if readable is not None else ((bucket, "inputs/"),)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> S3Storage:
-        return cls(s3_client(settings), settings.s3_bucket, settings.presign_ttl_s)
+        return cls(s3.s3_client(settings), settings.s3_bucket, settings.presign_ttl_s,
+                   tuple(settings.s3_read_prefixes))  # fmt: skip
 
     def put(self, key: str, body: bytes, content_type: str, metadata: dict[str, str]) -> str:
-        from botocore.exceptions import BotoCoreError, ClientError
-
-        uri = f"s3://{self.bucket}/{key}"
-        try:
-            self.client.put_object(Bucket=self.bucket, Key=key, Body=body, ContentType=content_type, Metadata=metadata)
-        except ClientError as exc:
-            error = StorageUnavailable if _server_side(exc) else StorageError
-            raise error(f"could not write {uri}: {_code(exc)}") from None
-        except BotoCoreError as exc:  # refused, reset, timed out: S3 is not there right now
-            raise StorageUnavailable(f"could not write {uri}: {exc}") from None
-        return uri
+        return s3.put(self.client, self.bucket, key, body, content_type, metadata)
 
     def presign(self, key: str) -> str:
-        return presign(self.client, self.bucket, key, self.presign_ttl_s)
+        return s3.presign(self.client, self.bucket, key, self.presign_ttl_s)
 
     def read(self, bucket: str, key: str, max_bytes: int) -> bytes:
         from botocore.exceptions import BotoCoreError, ClientError
 
         uri = f"s3://{bucket}/{key}"
+        check_readable(uri, self.readable)
         try:
             obj = self.client.get_object(Bucket=bucket, Key=key)
         except ClientError as exc:
-            if _code(exc) in ("NoSuchKey", "404", "NoSuchBucket"):
-                raise ObjectNotFound(f"{uri} does not exist ({_code(exc)})") from None
-            error = FetchUnavailable if _server_side(exc) else FetchError
-            raise error(f"could not read {uri}: {_code(exc)}") from None
+            if s3.error_code(exc) in _NOT_READABLE:
+                raise ObjectNotFound(f"{uri} does not exist or is not readable") from None
+            error = FetchUnavailable if s3.server_side(exc) else FetchError
+            raise error(f"could not read {uri}: {s3.error_code(exc)}") from None
         except BotoCoreError as exc:
             raise FetchUnavailable(f"could not read {uri}: {exc}") from None
         if obj.get("ContentLength", 0) > max_bytes:
-            raise ImageTooLarge(f"{uri} is {obj['ContentLength']} bytes, over the {max_bytes}-byte cap")
+            raise ImageTooLarge(f"{uri} is over the {max_bytes}-byte cap")
         return obj["Body"].read(max_bytes + 1)
 
 
-def _code(exc: Any) -> str:
-    return str(
-        exc.response.get("Error", {}).get("Code") or exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
-    )
-
-
-def _server_side(exc: Any) -> bool:
-    status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
-    return status >= 500 or _code(exc) in ("SlowDown", "ServiceUnavailable", "InternalError", "RequestTimeout")
+def check_readable(uri: str, readable: tuple[tuple[str, str], ...]) -> None:
+    """The input fence, before any S3 call: the answer is the same whether or not the object exists."""
+    if not s3.within(uri, readable):
+        allowed = ", ".join(f"s3://{b}/{p}" for b, p in readable)
+        raise ReferenceNotAllowed(f"{uri} is outside what this worker may read ({allowed}; KIQ_S3_READ_ALLOW)")
 
 
 @dataclass
@@ -86,6 +72,7 @@ class MemoryStorage:
 
     bucket: str = "kiq"
     objects: dict[tuple[str, str], tuple[bytes, str, dict[str, str]]] = field(default_factory=dict)
+    readable: tuple[tuple[str, str], ...] = (("kiq", "inputs/"),)
 
     def put(self, key: str, body: bytes, content_type: str, metadata: dict[str, str]) -> str:
         self.objects[(self.bucket, key)] = (body, content_type, dict(metadata))
@@ -95,9 +82,10 @@ class MemoryStorage:
         return f"memory://{self.bucket}/{key}"
 
     def read(self, bucket: str, key: str, max_bytes: int) -> bytes:
+        check_readable(f"s3://{bucket}/{key}", self.readable)
         if (bucket, key) not in self.objects:
-            raise ObjectNotFound(f"s3://{bucket}/{key} does not exist (NoSuchKey)")
+            raise ObjectNotFound(f"s3://{bucket}/{key} does not exist or is not readable")
         body = self.objects[(bucket, key)][0]
         if len(body) > max_bytes:
-            raise ImageTooLarge(f"s3://{bucket}/{key} is {len(body)} bytes, over the {max_bytes}-byte cap")
+            raise ImageTooLarge(f"s3://{bucket}/{key} is over the {max_bytes}-byte cap")
         return body

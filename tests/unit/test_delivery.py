@@ -11,28 +11,84 @@ from worker.retry import with_retries
 
 
 class FakeRedis:
-    def __init__(self):
-        self.data = {}
+    """The few hash commands the guard uses, with a pipeline that runs them in order; `down` fails calls."""
 
-    def incr(self, key):
-        self.data[key] = self.data.get(key, 0) + 1
-        return self.data[key]
+    def __init__(self):
+        self.data, self.down = {}, 0
+
+    def pipeline(self):
+        return FakePipeline(self)
+
+    def _check(self):
+        if self.down:
+            self.down -= 1
+            raise ConnectionError("Redis is restarting")
+
+    def hincrby(self, key, field, n):
+        self._check()
+        self.data.setdefault(key, {})[field] = self.data.get(key, {}).get(field, 0) + n
+        return self.data[key][field]
+
+    def hgetall(self, key):
+        return {k.encode(): str(v).encode() for k, v in self.data.get(key, {}).items()}
 
     def expire(self, key, ttl):
         pass
 
+    def exists(self, key):
+        self._check()
+        return int(key in self.data)
+
     def delete(self, key):
+        self._check()
         self.data.pop(key, None)
+
+
+class FakePipeline:
+    def __init__(self, redis):
+        self.redis, self.calls = redis, []
+
+    def __getattr__(self, name):
+        return lambda *args: self.calls.append((name, args))
+
+    def execute(self):
+        self.redis._check()
+        return [getattr(self.redis, name)(*args) for name, args in self.calls]
 
 
 def test_guard_counts_only_unfinished_deliveries():
     guard = DeliveryGuard(FakeRedis(), max_deliveries=2, ttl_s=60)
-    assert guard.begin("a") == 1
+    assert guard.begin("a").attempt == 1
     guard.end("a")
-    assert guard.begin("a") == 1  # a finished run resets the count
-    assert guard.begin("a") == 2  # the first of these "died"
+    assert not guard.crashed_before("a")
+    assert guard.begin("a").attempt == 1  # a finished run resets the count
+    assert guard.crashed_before("a")  # this one "died"
+    assert guard.begin("a").attempt == 2
     with pytest.raises(PoisonJob, match=r"delivered 3 times .* KIQ_MAX_DELIVERIES=2"):
         guard.begin("a")
+
+
+def test_deaths_in_a_batch_make_a_job_run_alone_but_do_not_count_towards_poison():
+    guard = DeliveryGuard(FakeRedis(), max_deliveries=1, ttl_s=60)
+    assert guard.begin("mate", batched=True).attempt == 1  # the batch died
+    assert guard.crashed_before("mate")  # so it runs alone next
+    assert guard.begin("mate").solo == 1  # alone: within the limit of 1
+    with pytest.raises(PoisonJob, match=r"delivered 3 times .* 1 of them running alone"):
+        guard.begin("mate")  # it died alone too: poison
+
+
+def test_bookkeeping_rides_out_a_redis_blip_and_end_never_raises():
+    redis = FakeRedis()
+    guard = DeliveryGuard(redis, max_deliveries=3, ttl_s=60, redis_retry_s=5)
+    redis.down = 2
+    assert guard.begin("a").attempt == 1
+    redis.down = 2
+    guard.end("a")
+    assert "kiq:deliveries:a" not in redis.data
+    guard.begin("b")
+    redis.down = 10**6
+    quick = DeliveryGuard(redis, max_deliveries=3, ttl_s=60, redis_retry_s=0.3)
+    quick.end("b")  # logged, not raised: a finished job's outcome stands
 
 
 def test_watchdog_fires_only_past_the_limit():
@@ -92,6 +148,8 @@ def test_time_limits_grow_with_size_and_steps_within_bounds():
     assert huge.soft_s == 1000
 
 
-def test_visibility_timeout_must_exceed_the_largest_hard_limit():
-    with pytest.raises(Exception, match="KIQ_VISIBILITY_TIMEOUT_S"):
-        Settings(visibility_timeout_s=100, time_limit_max_s=100)
+def test_visibility_timeout_is_short_by_default_and_independent_of_job_length():
+    assert Settings().visibility_timeout_s == 60  # leases are renewed, so it need not exceed any time limit
+    Settings(visibility_timeout_s=60, time_limit_max_s=10_000)
+    with pytest.raises(Exception, match="KIQ_VISIBILITY_TIMEOUT_S must be at least"):
+        Settings(visibility_timeout_s=2)

@@ -12,6 +12,20 @@ from worker.device import DeviceConfig
 from worker.pipelines.fast_prior import FastPrior
 
 StepCallback = Callable[[int, int], None]
+LiveRows = Callable[[int, int], Sequence[int]]  # (step, total) -> the batch rows still wanted
+
+
+@dataclass(frozen=True)
+class DecoderRow:
+    """One job's share of a decoder batch: its embeddings and its own generator."""
+
+    embeds: Any
+    negative_embeds: Any
+    generator: Any
+
+
+class _NoRowsLeft(Exception):
+    pass
 
 
 @dataclass(frozen=True)
@@ -102,6 +116,59 @@ class KandinskyPipelines:
             generator=generator,
             callback_on_step_end=callback,
         )[0]
+
+
+    def decode_batch(self, rows: Sequence[DecoderRow], params: DecoderParams, on_step: LiveRows) -> dict[int, Any]:
+        """One decoder call for several jobs' rows (one image each), each drawing from its own generator.
+
+        After each step `on_step` names the rows still wanted; the others (cancelled, timed out) leave the batch:
+        their latents, embeddings and generators are dropped, so later steps compute only live rows, and the call
+        stops once none is left. Returns {row: image} for the rows that finished."""
+        from mindspore import mint
+
+        generators = [row.generator for row in rows]  # mutated in place: the pipeline and scheduler hold this list
+        current = list(range(len(rows)))  # the original row of each batch row still computed
+
+        def callback(pipe: Any, i: int, t: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
+            wanted = set(on_step(i + 1, params.steps))
+            keep = [k for k, row in enumerate(current) if row in wanted]
+            if not keep:
+                raise _NoRowsLeft
+            if len(keep) < len(current):
+                kwargs = {"latents": _select(kwargs["latents"], keep),
+                          "image_embeds": _select_cfg(kwargs["image_embeds"], keep, len(current))}  # fmt: skip
+                generators[:] = [generators[k] for k in keep]
+                current[:] = [current[k] for k in keep]
+            return kwargs
+
+        try:
+            images = self.decoder(
+                image_embeds=mint.cat([row.embeds for row in rows]),
+                negative_image_embeds=mint.cat([row.negative_embeds for row in rows]),
+                height=params.height,
+                width=params.width,
+                num_inference_steps=params.steps,
+                guidance_scale=params.guidance_scale,
+                generator=generators,
+                callback_on_step_end=callback,
+                callback_on_step_end_tensor_inputs=["latents", "image_embeds"],
+            )[0]
+        except _NoRowsLeft:
+            return {}
+        return dict(zip(current, images, strict=True))
+
+
+def _select(tensor: Any, rows: Sequence[int]) -> Any:
+    from mindspore import mint
+
+    return mint.cat([tensor[r : r + 1] for r in rows])
+
+
+def _select_cfg(embeds: Any, rows: Sequence[int], batch: int) -> Any:
+    """Inside the loop the decoder holds [negatives; positives] when guidance is on: keep both halves' rows."""
+    if embeds.shape[0] == 2 * batch:
+        return _select(embeds, [*rows, *(batch + r for r in rows)])
+    return _select(embeds, rows)
 
 
 @contextmanager

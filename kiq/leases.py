@@ -1,0 +1,102 @@
+"""Leases on the messages a worker holds, so that a short visibility timeout is safe for long jobs.
+
+With the Redis broker an unacknowledged message sits in kombu's `unacked_index` sorted set, scored by the
+time it was handed out; any consumer's periodic sweep puts it back on its queue once that score is older than
+the visibility timeout. kiq keeps the timeout short (`KIQ_VISIBILITY_TIMEOUT_S`, 60 s) and a thread in each
+worker process re-scores every message that process holds — running, reserved (prefetched, batch mates) or
+waiting for an ETA — every sixth of the timeout, for as long as the process lives. This is the lease pattern of
+SQS's ChangeMessageVisibility: a live job is never handed out twice however long it runs, and the job of a
+worker that died comes back within one timeout plus one sweep.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+def renew_interval_s(visibility_timeout_s: float) -> float:
+    """How often leases are renewed: a sixth of the timeout, so a few missed renewals (a Redis blip) are fine."""
+    return max(0.5, visibility_timeout_s / 6)
+
+
+class LeaseKeeper:
+    """Re-scores held delivery tags in the unacked index; `ZADD XX` never revives a message acked meanwhile."""
+
+    def __init__(self, redis: Any, held: Callable[[], Iterable[tuple[str, str]]], interval_s: float) -> None:
+        self.redis, self.held, self.interval_s = redis, held, interval_s
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.renewals = 0
+
+    def start(self) -> None:
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._loop, name="kiq-leases", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def renew(self) -> int:
+        """Renew every held lease now; returns how many were renewed."""
+        by_index: dict[str, list[str]] = {}
+        for index_key, tag in self.held():
+            by_index.setdefault(index_key, []).append(tag)
+        now, renewed = time.time(), 0
+        for index_key, tags in by_index.items():
+            renewed += int(self.redis.zadd(index_key, dict.fromkeys(tags, now), xx=True, ch=True) or 0)
+        self.renewals += 1
+        return renewed
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            try:
+                self.renew()
+            except Exception as exc:  # noqa: BLE001 - a Redis blip: keep trying, the lease has slack for it
+                log.warning("could not renew message leases: %s", exc)
+
+
+def held_by_consumer(consumer: Any) -> list[tuple[str, str]]:
+    """(unacked index key, delivery tag) of every message the consumer's task channel has not acknowledged."""
+    task_consumer = getattr(consumer, "task_consumer", None)
+    channel = getattr(task_consumer, "channel", None)
+    qos = getattr(channel, "_qos", None)  # kombu creates it on first delivery
+    if qos is None:
+        return []
+    index_key = getattr(channel, "global_keyprefix", "") + channel.unacked_index_key
+    for _ in range(3):  # the consumer thread may add or ack while we copy
+        try:
+            return [(index_key, tag) for tag in list(qos._delivered)]
+        except RuntimeError:
+            continue
+    return []
+
+
+def install(app: Any, redis_factory: Callable[[], Any], visibility_timeout_s: float) -> None:
+    """Add a consumer bootstep that keeps the leases of this worker's messages while it runs."""
+    from celery import bootsteps
+
+    class Leases(bootsteps.StartStopStep):
+        requires = ("celery.worker.consumer.tasks:Tasks",)
+
+        def __init__(self, c: Any, **kwargs: Any) -> None:
+            super().__init__(c, **kwargs)
+            self.keeper: LeaseKeeper | None = None
+
+        def start(self, c: Any) -> None:
+            if self.keeper is None:
+                interval = renew_interval_s(visibility_timeout_s)
+                self.keeper = LeaseKeeper(redis_factory(), lambda: held_by_consumer(c), interval)
+                self.keeper.start()
+                log.info("renewing message leases every %.1f s", interval)
+
+        def shutdown(self, c: Any) -> None:
+            if self.keeper is not None:
+                self.keeper.stop()
+
+    app.steps["consumer"].add(Leases)

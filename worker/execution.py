@@ -1,0 +1,101 @@
+"""One delivery of one job message, end to end: the work behind the thin Celery task.
+
+It skips a job whose final state is stored (a redelivery), counts the delivery (poison jobs), runs the job alone
+or leading a decoder batch, and queues the job's webhook once its outcome is decided — for every final state.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from celery import Task
+from celery.exceptions import Ignore
+
+from kiq.contract import Job, parse_job
+from kiq.errors import KiqError, PipelineError
+from kiq.settings import Settings
+from worker import batching, metrics
+from worker.delivery import DeliveryGuard, watchdog
+from worker.fleet import Heartbeat
+from worker.limits import time_limits
+from worker.records import JobRecords, webhook_url
+from worker.runner import JobCancelled, Runner
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Observers:
+    """Who hears about each job: the fleet heartbeat (set once the worker starts) and the metrics."""
+
+    heartbeat: Heartbeat | None = None
+
+    def started(self, job_id: str, submitted_at: Any) -> None:
+        metrics.observe_queue_wait(submitted_at, time.time())
+        if self.heartbeat is not None:
+            self.heartbeat.job_started(job_id)
+
+    def finished(self, outcome: str, seconds: float, timings: dict[str, float] | None = None) -> None:
+        metrics.job_finished(outcome, seconds, timings)
+        if self.heartbeat is not None:
+            self.heartbeat.job_finished(ok=outcome == "success")
+
+
+class JobDelivery:
+    def __init__(self, task: Task, runner: Runner, settings: Settings, observers: Observers) -> None:
+        self.task, self.runner, self.settings, self.observers = task, runner, settings, observers
+        self.job_id: str = task.request.id
+        self.records = JobRecords(task.backend, task.app, settings)
+        self.guard = DeliveryGuard(task.backend.client, settings.max_deliveries, settings.result_ttl_s)
+
+    def run(self, raw: dict[str, Any]) -> dict[str, Any]:
+        if self.records.final(self.job_id):
+            raise Ignore()  # redelivered after its final state was stored (or cancelled while queued)
+        try:
+            return self._run(raw)
+        except (Ignore, KiqError):
+            raise
+        except Exception as exc:
+            log.exception("job %s failed unexpectedly", self.job_id)
+            raise PipelineError(f"unexpected {type(exc).__name__}: {exc}") from None
+        finally:
+            self.records.notify(self.job_id, webhook_url(raw))
+
+    def _run(self, raw: dict[str, Any]) -> dict[str, Any]:
+        job = parse_job(raw)
+        # A job whose earlier delivery died runs alone: in a batch its death could not be told from its mates'.
+        alone = self.guard.crashed_before(self.job_id)
+        mates = [] if alone else batching.find_mates(self.task, job, self.settings, self._may_join)
+        delivery = self.guard.begin(self.job_id, batched=bool(mates))
+        started, outcome, timings = time.monotonic(), "failure", None
+        self.observers.started(self.job_id, getattr(self.task.request, "kiq_submitted_at", None))
+        try:
+            self.records.started(self.job_id, delivery.attempt, batched=bool(mates))
+            result = self._lead(job, raw, mates) if mates else self._alone(job, raw)
+            outcome, timings = "success", result["timings"]
+            return result
+        except JobCancelled:
+            outcome = "cancelled"
+            self.records.revoked(self.job_id)
+            raise Ignore() from None
+        finally:
+            self.guard.end(self.job_id)
+            self.observers.finished(outcome, time.monotonic() - started, timings)
+
+    def _alone(self, job: Job, raw: dict[str, Any]) -> dict[str, Any]:
+        limits = time_limits(job, self.settings)
+        ctx = self.records.context(self.job_id, limits.soft_s)
+        if ctx.cancelled():
+            raise JobCancelled(self.job_id)
+        with watchdog(limits.hard_s, lambda: self.records.fail_hung(self.job_id, webhook_url(raw), limits.hard_s)):
+            return self.runner.run(job, ctx).model_dump(mode="json")
+
+    def _lead(self, job: Job, raw: dict[str, Any], mates: list[batching.Mate]) -> dict[str, Any]:
+        batch = batching.DecoderBatch(self.runner, self.settings, self.records, self.guard, self.observers)
+        return batch.run(batching.Mate(self.job_id, job, raw), mates).model_dump(mode="json")
+
+    def _may_join(self, job_id: str) -> bool:
+        return not self.guard.crashed_before(job_id)

@@ -1,0 +1,81 @@
+"""What a worker writes about a job in Redis: its states, progress, cancel flag reads, webhook queueing.
+
+Every write names its job id and carries only that job's data (results are not extended), so a decoder batch
+can report for each of its jobs without one job's prompts or images landing in another's record.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+from typing import Any
+
+from kiq.errors import JobTimeout
+from kiq.names import PROGRESS, TERMINAL_STATES, cancel_key
+from kiq.settings import Settings
+from kiq.status import JobResult, Progress
+from kiq.webhooks import queue_webhook
+from worker.runner import JobCancelled, JobContext
+
+log = logging.getLogger(__name__)
+_BACKEND_ERRORS: tuple[type[BaseException], ...] = (OSError,)
+try:  # redis-py's errors do not derive from OSError
+    from redis.exceptions import RedisError
+
+    _BACKEND_ERRORS = (OSError, RedisError)
+except ImportError:  # pragma: no cover
+    pass
+
+
+class JobRecords:
+    def __init__(self, backend: Any, app: Any, settings: Settings) -> None:
+        self.backend, self.app, self.settings = backend, app, settings
+
+    def final(self, job_id: str) -> bool:
+        return self.backend.get_task_meta(job_id)["status"] in TERMINAL_STATES
+
+    def started(self, job_id: str, attempt: int, batched: bool = False) -> None:
+        meta = {"hostname": socket.gethostname(), "attempt": attempt, "batch": batched}
+        self.backend.store_result(job_id, meta, "STARTED")
+
+    def store(self, job_id: str, outcome: JobResult | BaseException) -> None:
+        if isinstance(outcome, JobResult):
+            self.backend.mark_as_done(job_id, outcome.model_dump(mode="json"))
+        elif isinstance(outcome, JobCancelled):
+            self.revoked(job_id)
+        else:
+            self.backend.mark_as_failure(job_id, outcome)
+
+    def revoked(self, job_id: str) -> None:
+        self.backend.mark_as_revoked(job_id, reason="cancelled")
+
+    def fail_hung(self, job_id: str, webhook_url: str | None, limit_s: float) -> None:
+        """Record JobTimeout before the watchdog ends the process (its redelivery is then acknowledged unrun)."""
+        self.backend.mark_as_failure(
+            job_id, JobTimeout(f"a step hung past the hard time limit of {limit_s:.0f} s; the worker restarted")
+        )
+        self.notify(job_id, webhook_url)
+
+    def notify(self, job_id: str, webhook_url: str | None) -> None:
+        """Queue the job's one webhook (the webhook worker waits for the final state before it posts)."""
+        queue_webhook(self.app, self.backend.client, job_id, webhook_url, self.settings.result_ttl_s)
+
+    def context(self, job_id: str, limit_s: float) -> JobContext:
+        def report(progress: Progress) -> None:
+            try:
+                self.backend.store_result(job_id, progress.model_dump(), PROGRESS)
+            except _BACKEND_ERRORS as exc:  # progress is best effort: a Redis blip must not fail the job
+                log.warning("could not report progress of %s: %s", job_id, exc)
+
+        def cancelled() -> bool:
+            try:
+                return bool(self.backend.client.exists(cancel_key(job_id)))
+            except _BACKEND_ERRORS:
+                return False
+
+        return JobContext(job_id=job_id, report=report, cancelled=cancelled, limit_s=limit_s)
+
+
+def webhook_url(raw: Any) -> str | None:
+    url = raw.get("webhook_url") if isinstance(raw, dict) else None
+    return url if isinstance(url, str) and url else None
