@@ -12,7 +12,7 @@ import binascii
 import hashlib
 import re
 from typing import Annotated, Any, Literal
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, urlsplit
 
 from pydantic import (
     BaseModel,
@@ -39,8 +39,10 @@ MAX_GUIDANCE = 50.0
 MAX_NUM_IMAGES = 8
 MAX_SEED = 2**32 - 1
 DEFAULT_PRIORITY, MAX_PRIORITY = 5, 9
+MAX_DNS_LABEL, MAX_DNS_NAME = 63, 253
 
 OutputFormat = Literal["png", "jpeg", "webp"]
+_DNS_NAME = re.compile(r"[a-z0-9_-]+(\.[a-z0-9_-]+)*", re.IGNORECASE)  # underscores do occur in real names
 _DATA_URI = re.compile(r"data:image/[a-z0-9.+-]+;base64,(?P<payload>.*)", re.IGNORECASE | re.DOTALL)
 
 
@@ -80,15 +82,63 @@ def check_image_reference(ref: str) -> None:
         return
     if len(ref) > MAX_REF_CHARS:
         raise ValueError(f"image reference is longer than {MAX_REF_CHARS} characters")
-    parts = urlsplit(ref)
+    parts = _split(ref, "image reference")
     if parts.scheme in ("http", "https"):
         if not parts.hostname:
             raise ValueError(f"image URL has no host: {ref!r}")
+        check_url_host_port(ref, "image URL")
     elif parts.scheme == "s3":
         if not parts.netloc or not parts.path.strip("/"):
             raise ValueError(f"s3 reference must be s3://bucket/key, got {ref!r}")
     else:
         raise ValueError(f"unsupported image reference scheme {parts.scheme!r}: use https://, s3:// or data:image/…")
+
+
+def check_url_host_port(url: str, what: str) -> None:
+    """Refuse an http(s) URL whose port or host no socket call can take: without this the worker would fail
+    late, with a bare ValueError from `.port` or a UnicodeError from IDNA in getaddrinfo."""
+    parts = _split(url, what)
+    try:
+        port = parts.port
+    except ValueError as exc:
+        raise ValueError(f"{what} has an invalid port ({exc}): {url!r}") from None
+    if port == 0:  # `.port or default` would silently turn it into 80/443
+        raise ValueError(f"{what} has an invalid port (0): {url!r}")
+    problem = _host_problem(parts.hostname or "")
+    if problem:
+        raise ValueError(f"{what} host {problem}: {url!r}")
+
+
+def _split(url: str, what: str) -> SplitResult:
+    try:
+        return urlsplit(url)
+    except ValueError as exc:  # an unbalanced or invalid [IPv6] literal
+        raise ValueError(f"{what} is not a valid URL ({exc}): {url!r}") from None
+
+
+def _host_problem(host: str) -> str | None:
+    """Why `host` is neither an IP literal nor a usable DNS name (RFC 1035 lengths, IDNA), or None."""
+    if ":" in host:  # a bracketed IPv6 literal: urlsplit has already checked it
+        return None
+    name = host.removesuffix(".")  # a fully qualified name may end with the root's empty label
+    if not name:
+        return "is empty"
+    labels = name.split(".")
+    if "" in labels:
+        return "has an empty label (two dots in a row, or a leading dot)"
+    if any(len(label) > MAX_DNS_LABEL for label in labels):
+        return f"has a label longer than {MAX_DNS_LABEL} characters"
+    try:
+        encoded = name.encode("idna").decode("ascii")  # what socket.getaddrinfo sends
+    except UnicodeError as exc:
+        return f"cannot be IDNA-encoded ({exc})"
+    if len(encoded) > MAX_DNS_NAME:
+        return f"is longer than {MAX_DNS_NAME} characters"
+    if any(len(label) > MAX_DNS_LABEL for label in encoded.split(".")):
+        return f"has a label longer than {MAX_DNS_LABEL} characters once IDNA-encoded"
+    if not _DNS_NAME.fullmatch(encoded):
+        return "has characters not allowed in a DNS name"
+    return None
 
 
 def _check_data_uri(ref: str) -> None:
@@ -143,9 +193,10 @@ class Job(BaseModel):
     @classmethod
     def _webhook_url(cls, url: str | None) -> str | None:
         if url is not None:
-            parts = urlsplit(url)
+            parts = _split(url, "webhook_url")
             if parts.scheme not in ("http", "https") or not parts.hostname:
                 raise ValueError(f"webhook_url must be an http(s) URL with a host, got {url!r}")
+            check_url_host_port(url, "webhook_url")
         return url
 
     @model_validator(mode="after")

@@ -78,3 +78,54 @@ def http_server(routes: dict[str, Reply | tuple[int, str, bytes]], host: str = A
     finally:
         server.shutdown()
         server.server_close()
+
+
+class Receiver:
+    """A webhook endpoint on the allowlisted loopback address: answers 500 to the first `failures` posts."""
+
+    def __init__(self, failures: int = 0):
+        self.calls, self.failures_left = [], failures
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                receiver.calls.append((dict(self.headers), body))
+                status = 500 if receiver.failures_left > 0 else 200
+                receiver.failures_left -= 1
+                self.send_response(status)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer((ALLOWED_HOST, 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://{ALLOWED_HOST}:{self.server.server_address[1]}/hook"
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@contextmanager
+def calling_server(on_request) -> Iterator[str]:
+    """A URL whose every GET calls `on_request()` and then never answers: a job that takes its worker down."""
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):
+            on_request()
+            time.sleep(30)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer((ALLOWED_HOST, 0), Handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://{ALLOWED_HOST}:{server.server_address[1]}/crash.png"
+    finally:
+        server.shutdown()
+        server.server_close()

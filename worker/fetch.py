@@ -4,14 +4,20 @@ from __future__ import annotations
 
 import base64
 import io
+import logging
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 from urllib.parse import urlsplit
 
 from kiq import safe_http
-from kiq.errors import ImageTooLarge, NotAnImage
+from kiq.errors import FetchError, FetchUnavailable, ImageTooLarge, KiqError, NotAnImage
 from kiq.settings import Settings
 from worker.retry import with_retries
+
+T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from PIL.Image import Image
@@ -44,24 +50,46 @@ class Fetcher:
     def __init__(self, storage: Storage, limits: FetchLimits) -> None:
         self.storage, self.limits = storage, limits
 
-    def image(self, ref: str) -> Image:
-        """Read and decode one reference; transient failures are retried `limits.retries` times."""
-        data = with_retries(lambda: self.raw(ref), attempts=1 + self.limits.retries)
-        return decode_image(data, ref, self.limits.max_pixels)
+    def image(self, ref: str, deadline: float | None = None) -> Image:
+        """Read and decode one reference; transient failures are retried `limits.retries` times, and neither
+        a fetch nor a wait between retries runs past `deadline` (time.monotonic()), when one is given."""
+        within_s = None if deadline is None else _left(ref, deadline)
+        data = with_retries(lambda: self.raw(ref, deadline), attempts=1 + self.limits.retries, within_s=within_s)
+        return _as_kiq_error(ref, lambda: decode_image(data, ref, self.limits.max_pixels))
 
-    def raw(self, ref: str) -> bytes:
-        data = self._read(ref)
+    def raw(self, ref: str, deadline: float | None = None) -> bytes:
+        if deadline is not None:
+            _left(ref, deadline)
+        data = _as_kiq_error(ref, lambda: self._read(ref, deadline))
         if len(data) > self.limits.max_bytes:
             raise ImageTooLarge(f"{_short(ref)} is over the {self.limits.max_bytes}-byte cap")
         return data
 
-    def _read(self, ref: str) -> bytes:
+    def _read(self, ref: str, deadline: float | None) -> bytes:
         if ref[:5].lower() == "data:":
             return base64.b64decode(ref.split(",", 1)[1])
         parts = urlsplit(ref)
         if parts.scheme == "s3":
             return self.storage.read(parts.netloc, parts.path.lstrip("/"), self.limits.max_bytes)
-        return safe_http.get(ref, self.limits.http, self.limits.policy)
+        return safe_http.get(ref, self.limits.http, self.limits.policy, deadline)
+
+
+def _left(ref: str, deadline: float) -> float:
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise FetchUnavailable(f"no time left to read {_short(ref)}: the job's deadline has passed")
+    return left
+
+
+def _as_kiq_error(ref: str, read: Callable[[], T]) -> T:
+    """The boundary of the fetch path: whatever escapes the specific handlers ends as a FetchError, not a crash."""
+    try:
+        return read()
+    except KiqError:
+        raise
+    except Exception as exc:  # deliberately broad: a job must end with a kiq error type, never a crash
+        log.exception("could not read %s", _short(ref))
+        raise FetchError(f"could not read {_short(ref)}: {type(exc).__name__}: {exc}") from exc
 
 
 def decode_image(data: bytes, ref: str, max_pixels: int) -> Image:
@@ -88,7 +116,7 @@ def _sniff(data: bytes) -> str:
     head = data[:64].lstrip().lower()
     if head.startswith((b"<!doctype html", b"<html")):
         return "got an HTML page"
-    return f"{len(data)} bytes starting {data[:8]!r}"
+    return "not a format kiq can decode"  # never the bytes or their size: the submitter may not own the object
 
 
 def _short(ref: str) -> str:

@@ -1,14 +1,10 @@
 """The HTTP API against the real Redis, the moto S3 server, a `kiq api` process, the session's worker and a
 `kiq webhook-worker` process; schemathesis runs in-process against the app's own OpenAPI schema."""
 
-import hashlib
-import hmac
 import io
 import json
-import threading
 import time
 import uuid
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import httpx
 import pytest
@@ -18,9 +14,10 @@ from hypothesis import settings as hypothesis_settings
 from PIL import Image
 
 from kiq.settings import Settings
+from kiq.webhooks import InvalidSignature, verify
 from producer import devstack
 from producer.api import create_api
-from tests.helpers import ALLOWED_HOST, image_bytes
+from tests.helpers import Receiver, image_bytes
 from tests.integration.jobs import tiny_job
 
 KEY_A, KEY_B, SECRET = "key-a-0123456789", "key-b-9876543210", "webhook-secret-for-tests"
@@ -90,39 +87,17 @@ def test_cancel_before_start_and_during_denoising(api):
     assert api.get(f"/v1/jobs/{running}/images/0", headers=A).status_code == 409
 
 
-class Receiver:
-    """A webhook endpoint on the allowlisted loopback address: answers 500 first, then 200."""
-
-    def __init__(self):
-        self.calls, self.failures_left = [], 1
-        receiver = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):
-                body = self.rfile.read(int(self.headers["Content-Length"]))
-                receiver.calls.append((dict(self.headers), body))
-                status = 500 if receiver.failures_left > 0 else 200
-                receiver.failures_left -= 1
-                self.send_response(status)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-
-            def log_message(self, *args):
-                pass
-
-        self.server = ThreadingHTTPServer((ALLOWED_HOST, 0), Handler)
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-        self.url = f"http://{ALLOWED_HOST}:{self.server.server_address[1]}/hook"
-
-
 def test_webhook_is_signed_retried_after_a_500_and_sent_for_cancels(api):
-    receiver = Receiver()
+    receiver = Receiver(failures=1)
     job_id = api.post("/v1/jobs", json=tiny_job(webhook_url=receiver.url), headers=A).json()["id"]
     assert wait_state(api, job_id, A)["state"] == "SUCCESS"
     devstack.wait_until(lambda: len(receiver.calls) >= 2, 60, "webhook retry")
     (first_headers, _), (headers, body) = receiver.calls[:2]
-    expected = "sha256=" + hmac.new(SECRET.encode(), body, hashlib.sha256).hexdigest()
-    assert hmac.compare_digest(headers["X-Kiq-Signature"], expected)
+    verify(SECRET, headers, body)  # HMAC over timestamp, delivery id and body, within the replay window
+    with pytest.raises(InvalidSignature, match="outside the 300 s tolerance"):
+        verify(SECRET, headers, body, now=time.time() + 400)  # a replay later is refused
+    with pytest.raises(InvalidSignature, match="does not match"):
+        verify(SECRET, {**headers, "X-Kiq-Delivery": str(uuid.uuid4())}, body)  # ...and as another delivery
     assert headers["X-Kiq-Job-Id"] == job_id and headers["X-Kiq-Delivery"] == first_headers["X-Kiq-Delivery"]
     payload = json.loads(body)
     assert (payload["id"], payload["state"]) == (job_id, "SUCCESS") and payload["result"]["images"]

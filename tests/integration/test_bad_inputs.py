@@ -39,7 +39,8 @@ def test_refused_at_submit(case, client, redis_client):
 
 @pytest.mark.parametrize("case", WORKER, ids=[c.name for c in WORKER])
 def test_fails_in_worker_with_a_specific_error_then_serves_a_good_job(case, client, worker, web):
-    data = json.loads(json.dumps(case.job).replace("{web}", web))
+    tls = web.replace("http://", "https://")  # a TLS handshake against a plain HTTP server fails
+    data = json.loads(json.dumps(case.job).replace("{web_tls}", tls).replace("{web}", web))
     failed = client.wait(client.submit(data), timeout=60)
     assert failed.state == "FAILURE"
     assert failed.error.type == case.error_type, failed.error

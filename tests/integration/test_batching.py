@@ -14,7 +14,7 @@ from tests.integration.test_faults import FAST_REDELIVERY, client_for, count_in_
 def test_queued_jobs_share_a_decoder_batch_and_keep_their_own_outcomes(env, client, worker, spawn_worker, s3,
                                                                        settings):  # fmt: skip
     jobs = [tiny_job(seed=11), tiny_job(image_input(1.0), seed=12), tiny_job(seed=13, guidance_scale=4.0)]
-    bad = tiny_job({"image": "s3://kiq-test/no/such/key.png", "weight": 1.0})
+    bad = tiny_job({"image": "s3://kiq-test/inputs/no/such/key.png", "weight": 1.0})
     other_shape = tiny_job(seed=14, width=128)
     alone = [client.wait(client.submit(job), timeout=120) for job in jobs]  # the session worker: batch size 1
     assert all(s.state == "SUCCESS" for s in alone)

@@ -28,13 +28,8 @@ CASES = [
     ("unreachable URL", "http://127.0.0.2:9/cat.png", "FetchUnavailable", "could not connect to 127.0.0.2:9"),
     ("URL serving HTML", "{web}/cat.html", "NotAnImage", "is not an image (got an HTML page)"),
     ("URL answering 404", "{web}/missing.png", "FetchError", "answered HTTP 404"),
-    (
-        "missing s3 key",
-        "s3://kiq-test/no/such/key.png",
-        "ObjectNotFound",
-        "s3://kiq-test/no/such/key.png does not exist",
-    ),
-    ("missing bucket", "s3://no-such-bucket/cat.png", "ObjectNotFound", "does not exist (NoSuchBucket)"),
+    ("missing s3 key", "s3://kiq-test/inputs/no/such/key.png", "ObjectNotFound", "does not exist or is not readable"),
+    ("other bucket", "s3://no-such-bucket/cat.png", "ReferenceNotAllowed", "outside what this worker may read"),
 ]
 
 

@@ -77,6 +77,20 @@ def _one(**item):
         (_one(image="/etc/passwd", weight=1), "unsupported image reference scheme ''"),
         (_one(image="s3://bucket-only", weight=1), "s3 reference must be s3://bucket/key"),
         (_one(image="https:///nohost.png", weight=1), "image URL has no host"),
+        (_one(image="http://host:99999/x.png", weight=1), "inputs.0.image: image URL has an invalid port (Port out"),
+        (_one(image="http://host:abc/x.png", weight=1), "image URL has an invalid port (Port could not be cast"),
+        (_one(image="http://host:0/x.png", weight=1), "image URL has an invalid port (0)"),
+        (_one(image=f"http://{'a' * 64}.example.com/x.png", weight=1), "host has a label longer than 63 characters"),
+        (_one(image="http://" + "abc." * 63 + "com/x.png", weight=1), "host is longer than 253 characters"),
+        (_one(image="http://example..com/x.png", weight=1), "host has an empty label"),
+        (_one(image="http://.example.com/x.png", weight=1), "host has an empty label"),
+        (_one(image="http://\u05d0a.example.com/x.png", weight=1), "host cannot be IDNA-encoded"),
+        (_one(image="http://ex%41mple.com/x.png", weight=1), "host has characters not allowed in a DNS name"),
+        (_one(image="http://[::1/x.png", weight=1), "image reference is not a valid URL (Invalid IPv6 URL)"),
+        (_with(webhook_url="https://example.com:70000/hook"), "webhook_url: webhook_url has an invalid port"),
+        (_with(webhook_url=f"https://{'h' * 64}.example.com/hook"), "webhook_url: webhook_url host has a label longer"),
+        (_with(webhook_url="https://a..b/hook"), "webhook_url: webhook_url host has an empty label"),
+        (_with(webhook_url="ftp://example.com/hook"), "webhook_url must be an http(s) URL with a host"),
         (_one(image="data:text/html;base64,PGh0bWw+", weight=1), "data URI must look like data:image/"),
         (_one(image="data:image/png;base64,%%%notbase64", weight=1), "not valid base64"),
         (_one(image="data:image/png;base64,", weight=1), "payload is empty"),
@@ -102,6 +116,27 @@ def test_invalid_jobs_name_field_and_reason(job, message):
         parse_job(job)
     assert message in str(err.value)
     assert str(err.value).startswith("invalid job: ")
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "https://example.com/cat.png",
+        "https://example.com:8443/cat.png",
+        "https://example.com./cat.png",  # fully qualified, with the root's empty label
+        "https://bücher.example/cat.png",  # IDNA: xn--bcher-kva
+        "https://my_bucket.s3.example.com/cat.png",
+        f"https://{'a' * 63}.example.com/cat.png",
+        "https://" + "abc." * 62 + "com/cat.png",  # 251 characters
+        "http://127.0.0.2:9/cat.png",
+        "http://[::1]:8080/cat.png",
+        "http://[2001:db8::1]/cat.png",
+        "https://example.com:/cat.png",  # an empty port is the default one
+    ],
+)
+def test_usable_urls_are_accepted_for_images_and_webhooks(url):
+    job = parse_job(_with(inputs=[{"image": url, "weight": 1}], webhook_url=url))
+    assert job.inputs[0].image == url and job.webhook_url == url
 
 
 def test_seed_is_kept_or_derived_stably_from_the_job_id():

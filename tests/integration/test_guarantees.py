@@ -1,0 +1,135 @@
+"""The guarantees of the README's reliability section, with real processes: leases on default settings,
+batches without collateral damage, and the S3 read fence."""
+
+import os
+import signal
+import time
+import uuid
+
+import numpy as np
+
+from producer import devstack
+from tests.helpers import calling_server, image_bytes
+from tests.integration.jobs import read_object, tiny_job
+from tests.integration.test_faults import client_for, count_in_logs, objects_of, own_queue, wait_for_step
+
+
+def received(log, job_id):
+    return log.exists() and f"[{job_id}] received" in log.read_text(errors="replace")
+
+
+def test_on_defaults_a_killed_workers_job_resumes_within_two_minutes_and_a_long_live_job_runs_once(
+    env, spawn_worker, s3, settings, logs
+):
+    assert not any(name in env for name in ("KIQ_VISIBILITY_TIMEOUT_S", "KIQ_TIME_LIMIT_MIN_S", "KIQ_MAX_DELIVERIES"))
+    assert settings.visibility_timeout_s == 60
+    queue = own_queue()  # the queue is the only setting this test changes
+    client = client_for(env, queue)
+    first, first_log = spawn_worker("lease-killed", **queue)
+    # 128x128 with 100 steps runs well past the 60 s visibility timeout on these CPUs.
+    job_id = client.submit(tiny_job(height=128, width=128, decoder_steps=100))
+    wait_for_step(client, job_id, step=2, timeout=120)
+    os.kill(first.pid, signal.SIGKILL)
+    killed_at = time.monotonic()
+    first.wait()
+    # Two fresh workers: one resumes the job, the other sweeps the unacked index all the while and would take
+    # the job a second time if the running worker's lease lapsed.
+    (_, b_log), (_, c_log) = spawn_worker("lease-b", **queue), spawn_worker("lease-c", **queue)
+    devstack.wait_until(lambda: received(b_log, job_id) or received(c_log, job_id), 180, "redelivery")
+    resumed_s = time.monotonic() - killed_at
+    final = client.wait(job_id, timeout=400)
+    ran_s = time.monotonic() - killed_at - resumed_s
+    (logs / "lease-recovery.txt").write_text(f"resumed after {resumed_s:.1f} s; then ran {ran_s:.1f} s\n")
+    print(f"SIGKILL on defaults: job resumed after {resumed_s:.1f} s, then ran {ran_s:.1f} s")
+    assert resumed_s <= 120, resumed_s
+    assert final.state == "SUCCESS", final.error
+    assert ran_s > settings.visibility_timeout_s  # it outlived the timeout while alive, yet ...
+    assert count_in_logs([b_log, c_log], f"[{job_id}] received") == 1  # ... was handed out once
+    assert count_in_logs([first_log, b_log, c_log], f"[{job_id}] succeeded") == 1
+    assert objects_of(s3, settings, job_id) == [f"jobs/{job_id}/0.png"]
+
+
+def test_a_job_that_crashes_its_decoder_batch_is_found_out_alone_and_its_mates_succeed(env, spawn_worker, s3,
+                                                                                      settings):  # fmt: skip
+    overrides = own_queue(KIQ_DECODER_BATCH="3", KIQ_DECODER_BATCH_WAIT_MS="2000", KIQ_MAX_DELIVERIES="1",
+                          KIQ_VISIBILITY_TIMEOUT_S="6")  # fmt: skip
+    client = client_for(env, overrides)
+    workers, kills = [], []
+
+    def crash_the_worker():  # what a job that segfaults its worker does, from the job's own fetch
+        kills.append(workers[-1][0].pid)
+        os.kill(workers[-1][0].pid, signal.SIGKILL)
+
+    with calling_server(crash_the_worker) as crash_url:
+        ids = [client.submit(tiny_job(seed=31)), client.submit(tiny_job({"image": crash_url, "weight": 1.0})),
+               client.submit(tiny_job(seed=33))]  # fmt: skip
+        deadline = time.monotonic() + 240
+        while not all(client.status(job_id).done for job_id in ids):
+            assert time.monotonic() < deadline, [client.status(job_id).state for job_id in ids]
+            if not workers or workers[-1][0].poll() is not None:
+                workers.append(spawn_worker(f"batch-crash-{len(workers)}", **overrides))
+            time.sleep(0.2)
+    finals = [client.status(job_id) for job_id in ids]
+    assert [f.state for f in finals] == ["SUCCESS", "FAILURE", "SUCCESS"], [f.error for f in finals]
+    assert finals[1].error.type == "PoisonJob" and "KIQ_MAX_DELIVERIES=1" in finals[1].error.message
+    assert "decoder batch of 3" in workers[0][1].read_text()
+    assert len(kills) == 2  # once in the batch, once alone; the third delivery was refused
+    for job_id in (ids[0], ids[2]):
+        assert objects_of(s3, settings, job_id) == [f"jobs/{job_id}/0.png"]
+    assert objects_of(s3, settings, ids[1]) == []
+
+
+def test_a_cancelled_job_leaves_its_decoder_batch_at_the_next_step(env, client, worker, spawn_worker, s3,
+                                                                   settings, redis_client):  # fmt: skip
+    jobs = [tiny_job({"text": f"batch prompt {n}", "weight": 1.0}, seed=40 + n, decoder_steps=30) for n in range(3)]
+    alone = client.wait(client.submit(jobs[2]), timeout=120)  # the session worker: batch size 1
+    overrides = {"KIQ_QUEUE": f"kiq-batch-{uuid.uuid4().hex[:6]}", "KIQ_DECODER_BATCH": "3",
+                 "KIQ_DECODER_BATCH_WAIT_MS": "2000"}  # fmt: skip
+    batch_client = client_for(env, overrides)
+    ids = [batch_client.submit(job) for job in jobs]
+    _, log = spawn_worker("batch-cancel", **overrides)
+    wait_for_step(batch_client, ids[0], step=3)
+    batch_client.cancel(ids[1])
+    cancelled = batch_client.wait(ids[1], timeout=30)
+    leader_meanwhile = batch_client.status(ids[0])
+    assert cancelled.state == "REVOKED"
+    assert not leader_meanwhile.done and leader_meanwhile.progress.step < 30  # it left while the batch ran on
+    finals = [batch_client.wait(ids[n], timeout=120) for n in (0, 2)]
+    assert [f.state for f in finals] == ["SUCCESS", "SUCCESS"]
+    assert "decoder batch of 3" in log.read_text()
+    assert objects_of(s3, settings, ids[1]) == []
+    ours, _ = read_object(s3, finals[1].result.images[0].uri)
+    theirs, _ = read_object(s3, alone.result.images[0].uri)
+    diff = np.abs(np.asarray(ours, dtype=np.int16) - np.asarray(theirs, dtype=np.int16))
+    assert diff.max() <= 2, diff.max()  # dropping a row left the other rows' draws and results as they were
+    for mate in ids[1:]:  # each record holds its own job's data only: never the leader's prompt
+        assert b"batch prompt 0" not in redis_client.get(f"celery-task-meta-{mate}")
+
+
+def image_job(ref):
+    return tiny_job({"text": "a cat", "weight": 0.5}, {"image": ref, "weight": 0.5})
+
+
+def test_s3_references_outside_the_read_fence_are_refused_alike_whether_or_not_they_exist(worker, client, s3,
+                                                                                         settings):  # fmt: skip
+    private = f"kiq-private-{uuid.uuid4().hex[:6]}"
+    s3.create_bucket(Bucket=private)
+    s3.put_object(Bucket=private, Key="secret.png", Body=image_bytes())
+    results = client.wait(client.submit(tiny_job()), timeout=120).result.images[0].uri  # another job's output
+    notes = f"{settings.s3_input_prefix}notes-{uuid.uuid4().hex[:6]}.txt"
+    s3.put_object(Bucket=settings.s3_bucket, Key=notes, Body=b"PRIVATE-NOTES 0123456789 " * 40)
+    cases = {
+        f"s3://{private}/secret.png": "ReferenceNotAllowed",  # another bucket, the object exists
+        f"s3://{private}/nothing.png": "ReferenceNotAllowed",  # another bucket, no such object
+        results: "ReferenceNotAllowed",  # our bucket, outside the input prefix
+        f"s3://{settings.s3_bucket}/inputs/../{results.split('/', 3)[3]}": "ReferenceNotAllowed",
+        f"s3://{settings.s3_bucket}/{notes}": "NotAnImage",  # inside the fence, but not an image
+        f"s3://{settings.s3_bucket}/inputs/no-such-key.png": "ObjectNotFound",
+    }
+    errors = {ref: client.wait(client.submit(image_job(ref)), timeout=120).error for ref in cases}
+    assert {ref: e.type for ref, e in errors.items()} == cases
+    fenced = [e.message.replace(ref, "<ref>") for ref, e in errors.items() if e.type == "ReferenceNotAllowed"]
+    assert len(set(fenced)) == 1, fenced  # one answer whatever the object: nothing learnt about it
+    notes_error = errors[f"s3://{settings.s3_bucket}/{notes}"].message
+    assert "PRIVATE" not in notes_error and "1000" not in notes_error  # neither its bytes nor its size
+    assert worker.poll() is None
