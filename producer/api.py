@@ -37,6 +37,7 @@ def _unavailable_errors() -> tuple[type[BaseException], ...]:
 
 _UNAVAILABLE = _unavailable_errors()
 
+
 class Submitted(BaseModel):
     id: str
     status_url: str

@@ -117,7 +117,6 @@ class KandinskyPipelines:
             callback_on_step_end=callback,
         )[0]
 
-
     def decode_batch(self, rows: Sequence[DecoderRow], params: DecoderParams, on_step: LiveRows) -> dict[int, Any]:
         """One decoder call for several jobs' rows (one image each), each drawing from its own generator.
 
