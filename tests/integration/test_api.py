@@ -1,10 +1,13 @@
 """The HTTP API against the real Redis, the moto S3 server, a `kiq api` process, the session's worker and a
 `kiq webhook-worker` process; schemathesis runs in-process against the app's own OpenAPI schema."""
 
+import base64
+import hashlib
 import io
 import json
 import time
 import uuid
+from urllib.parse import urlsplit
 
 import httpx
 import pytest
@@ -19,25 +22,34 @@ from producer import devstack
 from producer.api import create_api
 from tests.helpers import Receiver, image_bytes
 from tests.integration.jobs import tiny_job
+from tests.proxy import Proxy
 
 KEY_A, KEY_B, SECRET = "key-a-0123456789", "key-b-9876543210", "webhook-secret-for-tests"
 A, B = {"Authorization": f"Bearer {KEY_A}"}, {"Authorization": f"Bearer {KEY_B}"}
+OWNER_A = hashlib.sha256(KEY_A.encode()).hexdigest()[:16]
+# Tenant A may use priority 9 and one extra queue; B (from KIQ_API_KEYS) has the defaults.
+TENANTS = {"tenants": [{"name": "a", "key": KEY_A, "max_priority": 9, "queues": ["kiq-a-only"]}]}
 
 
 @pytest.fixture(scope="module")
 def api_env(env):
-    return {**env, "KIQ_API_KEYS": f"{KEY_A},{KEY_B}", "KIQ_API_PORT": str(devstack.free_port()),
-            "KIQ_WEBHOOK_SECRET": SECRET, "KIQ_API_MAX_BODY_BYTES": str(8 * 1024 * 1024)}  # fmt: skip
+    return {**env, "KIQ_API_KEYS": KEY_B, "KIQ_API_TENANTS": json.dumps(TENANTS),
+            "KIQ_API_PORT": str(devstack.free_port()), "KIQ_WEBHOOK_SECRET": SECRET,
+            "KIQ_API_MAX_BODY_BYTES": str(8 * 1024 * 1024)}  # fmt: skip
+
+
+def start_api(stack, api_env, log):
+    base = f"http://127.0.0.1:{api_env['KIQ_API_PORT']}"
+    proc = stack.spawn([*devstack.kiq_command(), "api"], log, api_env)
+    devstack.wait_until(lambda: devstack.http_up(base + "/healthz"), 60, "kiq api", proc, log)
+    return httpx.Client(base_url=base, timeout=60)
 
 
 @pytest.fixture(scope="module")
 def api(api_env, logs, worker):
     stack = devstack.Stack()
-    base = f"http://127.0.0.1:{api_env['KIQ_API_PORT']}"
-    proc = stack.spawn([*devstack.kiq_command(), "api"], logs / "api.log", api_env)
-    devstack.wait_until(lambda: devstack.http_up(base + "/healthz"), 60, "kiq api", proc, logs / "api.log")
-    stack.spawn([*devstack.kiq_command(), "webhook-worker"], logs / "webhooks.log", api_env)
-    with httpx.Client(base_url=base, timeout=30) as http:
+    with start_api(stack, api_env, logs / "api.log") as http:
+        stack.spawn([*devstack.kiq_command(), "webhook-worker"], logs / "webhooks.log", api_env)
         yield http
     stack.close()
 
@@ -132,10 +144,42 @@ def test_multipart_upload_is_stored_and_used(api, s3, settings):
     assert response.status_code == 202, response.text
     job_id = response.json()["id"]
     assert wait_state(api, job_id, A)["state"] == "SUCCESS"
-    stored = s3.list_objects_v2(Bucket=settings.s3_bucket, Prefix=f"inputs/{job_id}/")["Contents"]
+    stored = s3.list_objects_v2(Bucket=settings.s3_bucket, Prefix=f"inputs/{OWNER_A}/{job_id}/")["Contents"]
     assert len(stored) == 1 and stored[0]["Size"] == len(files["cat"][1])
     missing = api.post("/v1/jobs", data={"job": json.dumps(job)}, files={"dog": files["cat"]}, headers=A)
     assert missing.status_code == 422 and "no file part named 'cat'" in missing.text
+
+    # A tenant may name its own uploads again; another tenant may not, and cannot tell them from missing keys.
+    upload = f"s3://{settings.s3_bucket}/{stored[0]['Key']}"
+    again = api.post("/v1/jobs", json=tiny_job({"image": upload, "weight": 1.0}), headers=A)
+    assert again.status_code == 202 and wait_state(api, again.json()["id"], A)["state"] == "SUCCESS"
+    theirs = api.post("/v1/jobs", json=tiny_job({"image": upload, "weight": 1.0}), headers=B)
+    nothing = api.post("/v1/jobs", json=tiny_job({"image": upload + "-nope", "weight": 1.0}), headers=B)
+    elsewhere = api.post("/v1/jobs", json=tiny_job({"image": "s3://other-bucket/cat.png", "weight": 1.0}), headers=A)
+    assert theirs.status_code == nothing.status_code == elsewhere.status_code == 403
+    assert theirs.json() == nothing.json() == elsewhere.json()
+    assert theirs.json()["detail"][0]["loc"] == ["body", "inputs", 0, "image"]
+
+
+def test_inline_images_go_to_s3_at_submit_and_never_through_redis(api, s3, settings, redis_client):
+    pixels = image_bytes(size=(300, 200), color=(9, 99, 199))
+    job = tiny_job({"image": "data:image/png;base64," + base64.b64encode(pixels).decode(), "weight": 1.0})
+    job_id = api.post("/v1/jobs", json=job, headers=A).json()["id"]
+    assert wait_state(api, job_id, A)["state"] == "SUCCESS"
+    (stored,) = s3.list_objects_v2(Bucket=settings.s3_bucket, Prefix=f"inputs/{OWNER_A}/{job_id}/")["Contents"]
+    assert s3.get_object(Bucket=settings.s3_bucket, Key=stored["Key"])["Body"].read() == pixels
+    needle = base64.b64encode(pixels).decode()[100:160].encode()
+    assert not [key for key in redis_client.scan_iter() if redis_client.type(key) == b"string"
+                and needle in redis_client.get(key)]  # fmt: skip
+
+
+def test_tenants_get_their_own_queues_and_priorities(api):
+    assert api.post("/v1/jobs", json=tiny_job(priority=9), headers=A).status_code == 202
+    refused = api.post("/v1/jobs", json=tiny_job(priority=9, queue="kiq-a-only"), headers=B)
+    assert refused.status_code == 403
+    assert {tuple(d["loc"]) for d in refused.json()["detail"]} == {("body", "priority"), ("body", "queue")}
+    assert api.post("/v1/jobs", json=tiny_job(priority=5), headers=B).status_code == 202
+    assert api.post("/v1/jobs", json=tiny_job(queue="somewhere-else"), headers=A).status_code == 403
 
 
 def test_invalid_requests(api):
@@ -186,3 +230,46 @@ def open_app(env):
 def test_no_generated_request_gets_a_server_error(case, open_app):
     response = case.call()
     assert response.status_code < 500, (case.method, case.path, case.body, response.text)
+
+
+@pytest.fixture
+def outage_api(api_env, logs):
+    """A second `kiq api` whose S3 and broker connections go through proxies a test can cut."""
+    s3_proxy = Proxy(int(api_env["KIQ_S3_ENDPOINT_URL"].rsplit(":", 1)[1]))
+    broker = urlsplit(api_env["KIQ_BROKER_URL"])
+    redis_proxy = Proxy(broker.port or 6379)
+    s3_proxy.start()
+    redis_proxy.start()
+    env = {**api_env, "KIQ_API_PORT": str(devstack.free_port()), "KIQ_S3_ENDPOINT_URL": s3_proxy.url,
+           "KIQ_RESULT_BACKEND": api_env["KIQ_BROKER_URL"],  # idempotency keys and records: the real Redis
+           "KIQ_BROKER_URL": f"redis://127.0.0.1:{redis_proxy.port}{broker.path}"}  # fmt: skip
+    stack = devstack.Stack()
+    with start_api(stack, env, logs / f"api-outage-{uuid.uuid4().hex[:6]}.log") as http:
+        yield http, s3_proxy, redis_proxy
+    stack.close()
+    s3_proxy.stop()
+    redis_proxy.stop()
+
+
+def test_a_submit_that_failed_on_s3_or_redis_is_created_by_the_idempotent_retry(outage_api, api):
+    http, s3_proxy, redis_proxy = outage_api
+    job = tiny_job({"text": "a cat", "weight": 0.5}, {"image": "upload:cat", "weight": 0.5}, seed=77)
+    body = {"data": {"job": json.dumps(job)}, "files": {"cat": ("cat.png", image_bytes(), "image/png")}}
+    key = {"Idempotency-Key": str(uuid.uuid4()), **A}
+    s3_proxy.stop()
+    failed = http.post("/v1/jobs", headers=key, **body)
+    assert failed.status_code == 503 and failed.headers["retry-after"] == "1", failed.text
+    s3_proxy.start()
+    retried = http.post("/v1/jobs", headers=key, **body)
+    assert retried.status_code == 202, retried.text
+    assert wait_state(api, retried.json()["id"], A)["state"] == "SUCCESS"
+    assert http.post("/v1/jobs", headers=key, **body).json()["id"] == retried.json()["id"]  # now it replays
+
+    key = {"Idempotency-Key": str(uuid.uuid4()), **A}
+    redis_proxy.stop()  # the broker goes away after the key is claimed: the publish fails
+    failed = http.post("/v1/jobs", headers=key, json=tiny_job(seed=78))
+    assert failed.status_code == 503, failed.text
+    redis_proxy.start()
+    retried = http.post("/v1/jobs", headers=key, json=tiny_job(seed=78))
+    assert retried.status_code == 202, retried.text
+    assert wait_state(api, retried.json()["id"], A)["state"] == "SUCCESS"

@@ -1,6 +1,7 @@
 """Nothing lost, nothing run twice: worker SIGKILL, poison jobs, a Redis restart and an S3 outage, each with
 real processes on loopback."""
 
+import json
 import os
 import signal
 import subprocess
@@ -10,8 +11,10 @@ import uuid
 import pytest
 
 from kiq.settings import Settings
+from kiq.webhooks import verify
 from producer import devstack
 from producer.client import Client
+from tests.helpers import Receiver
 from tests.integration.jobs import tiny_job
 from tests.proxy import Proxy
 
@@ -69,11 +72,25 @@ def test_sigkill_mid_denoising_then_restart_completes_exactly_once(env, spawn_wo
     assert not redis_client.exists(f"kiq:deliveries:{job_id}")
 
 
-def test_job_that_keeps_killing_its_worker_fails_as_poison(env, spawn_worker, s3, settings):
+@pytest.fixture
+def webhooks(env, logs):
+    """A `kiq webhook-worker` process and a receiver; yields (receiver, secret)."""
+    secret, receiver, stack = f"secret-{uuid.uuid4().hex}", Receiver(), devstack.Stack()
+    log = logs / f"webhooks-{uuid.uuid4().hex[:6]}.log"
+    proc = stack.spawn([*devstack.kiq_command(), "webhook-worker"], log, {**env, "KIQ_WEBHOOK_SECRET": secret})
+    devstack.wait_until(lambda: log.exists() and " ready." in log.read_text(errors="replace"), 60, "webhooks", proc)
+    yield receiver, secret
+    stack.close()
+    receiver.close()
+
+
+def test_job_that_keeps_killing_its_worker_fails_as_poison_and_says_so_once(env, spawn_worker, s3, settings,
+                                                                            webhooks):  # fmt: skip
+    receiver, secret = webhooks
     overrides = own_queue(KIQ_MAX_DELIVERIES="1", **FAST_REDELIVERY)
     client = client_for(env, overrides)
     worker, _ = spawn_worker("poisoned", **overrides)
-    job_id = client.submit(tiny_job(decoder_steps=10))
+    job_id = client.submit(tiny_job(decoder_steps=10, webhook_url=receiver.url))
     wait_for_step(client, job_id)
     os.kill(worker.pid, signal.SIGKILL)
     worker.wait()
@@ -83,6 +100,11 @@ def test_job_that_keeps_killing_its_worker_fails_as_poison(env, spawn_worker, s3
     assert "delivered 2 times" in final.error.message and "KIQ_MAX_DELIVERIES=1" in final.error.message
     assert objects_of(s3, settings, job_id) == []
     assert client.wait(client.submit(tiny_job()), timeout=60).state == "SUCCESS" and survivor.poll() is None
+    devstack.wait_until(lambda: receiver.calls, 30, "the PoisonJob webhook")
+    time.sleep(2)  # room for a second webhook, which must not come
+    ((headers, body),) = receiver.calls
+    verify(secret, headers, body)
+    assert json.loads(body)["error"]["type"] == "PoisonJob"
 
 
 @pytest.fixture

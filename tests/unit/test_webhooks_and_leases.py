@@ -1,0 +1,143 @@
+"""Webhook signing and the one-webhook rule; lease renewal; the tenant and S3 read fences."""
+
+import json
+from types import SimpleNamespace
+
+import pytest
+
+from kiq import s3
+from kiq.contract import parse_job
+from kiq.errors import SettingsError
+from kiq.leases import LeaseKeeper, held_by_consumer, renew_interval_s
+from kiq.settings import Settings
+from kiq.webhooks import InvalidSignature, delivery_id, queue_webhook, sign, verify
+from producer.tenants import Tenants
+
+
+def headers(secret, body, delivery="d-1", timestamp=None):
+    return {"X-Kiq-Signature": sign(secret, body, delivery, timestamp), "X-Kiq-Delivery": delivery}
+
+
+def test_signature_covers_timestamp_delivery_and_body_within_a_replay_window():
+    body = b'{"id": "j", "state": "SUCCESS"}'
+    verify("s3cret", headers("s3cret", body, timestamp=1_000), body, now=1_100)
+    with pytest.raises(InvalidSignature, match="tolerance"):
+        verify("s3cret", headers("s3cret", body, timestamp=1_000), body, now=1_301)
+    with pytest.raises(InvalidSignature, match="does not match"):
+        verify("s3cret", headers("s3cret", body, timestamp=1_000), body + b" ", now=1_000)
+    with pytest.raises(InvalidSignature, match="does not match"):
+        forged = {**headers("s3cret", body, timestamp=1_000), "X-Kiq-Delivery": "d-2"}
+        verify("s3cret", forged, body, now=1_000)
+    with pytest.raises(InvalidSignature, match="malformed"):
+        verify("s3cret", {"X-Kiq-Signature": "sha256=abc", "X-Kiq-Delivery": "d-1"}, body)
+    assert delivery_id("job-1") == delivery_id("job-1") != delivery_id("job-2")
+
+
+class FakeApp:
+    def __init__(self, fail=False):
+        self.sent, self.fail = [], fail
+
+    def send_task(self, name, args, queue, task_id):
+        if self.fail:
+            raise ConnectionError("broker down")
+        self.sent.append((name, args, queue, task_id))
+
+
+class FakeRedis:
+    def __init__(self):
+        self.data = {}
+
+    def set(self, key, value, nx=False, ex=None):
+        if nx and key in self.data:
+            return None
+        self.data[key] = value
+        return True
+
+    def delete(self, key):
+        self.data.pop(key, None)
+
+
+def test_each_job_queues_at_most_one_webhook_whoever_ends_it():
+    app, redis = FakeApp(), FakeRedis()
+    assert queue_webhook(app, redis, "j", "https://example.com/hook", 60)  # the cancel, say
+    assert not queue_webhook(app, redis, "j", "https://example.com/hook", 60)  # the worker, a moment later
+    assert not queue_webhook(app, redis, "k", None, 60)
+    assert [(args, task_id) for _, args, _, task_id in app.sent] == [(["j", "https://example.com/hook"],
+                                                                       delivery_id("j"))]  # fmt: skip
+    broken = FakeApp(fail=True)
+    assert not queue_webhook(broken, redis, "m", "https://example.com/hook", 60)
+    assert "kiq:webhook:m" not in redis.data  # a webhook that could not be queued may be queued again
+
+
+class IndexRedis:
+    """A sorted set with ZADD's XX semantics: only existing members are re-scored."""
+
+    def __init__(self, members):
+        self.scores = dict(members)
+
+    def zadd(self, key, mapping, xx=False, ch=False):
+        changed = [m for m in mapping if not xx or m in self.scores]
+        self.scores.update({m: mapping[m] for m in changed})
+        return len(changed)
+
+
+def test_leases_renew_held_messages_and_never_revive_acked_ones():
+    redis = IndexRedis({"t1": 0.0, "t2": 0.0})
+    keeper = LeaseKeeper(redis, lambda: [("unacked_index", "t1"), ("unacked_index", "gone")], interval_s=60)
+    assert keeper.renew() == 1
+    assert redis.scores["t1"] > 1e9 and redis.scores["t2"] == 0.0 and "gone" not in redis.scores
+    assert renew_interval_s(60) == 10 and renew_interval_s(6) == 1
+
+
+def test_held_messages_come_from_the_consumers_unacked_deliveries():
+    qos = SimpleNamespace(_delivered={"tag-a": object(), "tag-b": object()})
+    channel = SimpleNamespace(unacked_index_key="unacked_index", global_keyprefix="", _qos=qos)
+    consumer = SimpleNamespace(task_consumer=SimpleNamespace(channel=channel))
+    assert held_by_consumer(consumer) == [("unacked_index", "tag-a"), ("unacked_index", "tag-b")]
+    assert held_by_consumer(object()) == []
+
+
+def test_s3_fence_by_bucket_and_prefix_and_no_path_tricks():
+    allowed = [("kiq", "inputs/t1/")]
+    assert s3.within("s3://kiq/inputs/t1/job/0", allowed)
+    for uri in ("s3://kiq/inputs/t2/job/0", "s3://other/inputs/t1/x", "s3://kiq/inputs/t1/../t2/x",
+                "s3://kiq/inputs/t1//x", "s3://kiq/inputs/t1/./x", "s3://kiq/"):  # fmt: skip
+        assert not s3.within(uri, allowed), uri
+    assert Settings().s3_read_prefixes == [("kiq", "inputs/")]
+    assert Settings(s3_read_allow="s3://a/x/, b/").s3_read_prefixes == [("a", "x/"), ("b", "")]
+
+
+def job(**fields):
+    return parse_job({"inputs": [{"text": "a", "weight": 1.0}], **fields})
+
+
+def test_tenants_from_keys_get_defaults_and_configured_ones_get_more():
+    tenants_json = {"tenants": [{"name": "studio", "key": "k-studio", "queues": ["big"], "max_priority": 9,
+                                 "s3_read": ["s3://assets/refs/"]}]}  # fmt: skip
+    settings = Settings(api_keys="k-plain", api_tenants=json.dumps(tenants_json))
+    tenants = Tenants.from_settings(settings)
+    plain, studio = tenants.find("k-plain"), tenants.find("k-studio")
+    assert tenants.find("nope") is None and not tenants.open
+    assert plain.problems(job(priority=5), settings) == []
+    assert [p["loc"] for p in plain.problems(job(priority=6, queue="big"), settings)] == [
+        ["body", "queue"], ["body", "priority"]]  # fmt: skip
+    assert studio.problems(job(priority=9, queue="big"), settings) == []
+    own = f"s3://kiq/inputs/{plain.owner}/j/0"
+    image = lambda ref: job(inputs=[{"image": ref, "weight": 1.0}])  # noqa: E731
+    assert plain.problems(image(own), settings) == []
+    assert plain.problems(image(f"s3://kiq/inputs/{studio.owner}/j/0"), settings)[0]["type"] == "forbidden"
+    assert studio.problems(image("s3://assets/refs/cat.png"), settings) == []
+    assert plain.problems(image("s3://assets/refs/cat.png"), settings) != []
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [('{"tenants": [{"name": "x"}]}', "needs a non-empty 'key'"),
+     ('{"tenants": [{"key": "k", "max_priority": 10}]}', "max_priority"),
+     ('{"tenants": [{"key": "k", "queues": ["Bad Queue"]}]}', "queues"),
+     ('{"tenants": [{"key": "k", "s3_read": ["assets/"]}]}', "s3_read"),
+     ("/no/such/tenants.json", "cannot read"), ('{"tenants": 3}', "must be a list")],
+)  # fmt: skip
+def test_bad_tenant_configuration_is_refused_at_start(raw, message):
+    with pytest.raises(SettingsError, match=message):
+        Tenants.from_settings(Settings(api_tenants=raw))
