@@ -108,7 +108,8 @@ def decode_image(data: bytes, ref: str, max_pixels: int) -> Image:
     try:
         image.load()
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
-        raise NotAnImage(f"{_short(ref)} could not be decoded: {exc}") from None
+        # PIL's own words can count the object's bytes; say only what kind of failure it was.
+        raise NotAnImage(f"{_short(ref)} could not be decoded ({type(exc).__name__}: truncated or corrupt)") from None
     return image.convert("RGB")
 
 

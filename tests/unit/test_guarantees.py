@@ -11,6 +11,7 @@ from kiq.errors import SettingsError
 from kiq.leases import LeaseKeeper, held_by_consumer, renew_interval_s
 from kiq.settings import Settings
 from kiq.webhooks import InvalidSignature, delivery_id, queue_webhook, sign, verify
+from producer.api import IdempotencyClaim, Rejected
 from producer.tenants import Tenants
 
 
@@ -141,3 +142,30 @@ def test_tenants_from_keys_get_defaults_and_configured_ones_get_more():
 def test_bad_tenant_configuration_is_refused_at_start(raw, message):
     with pytest.raises(SettingsError, match=message):
         Tenants.from_settings(Settings(api_tenants=raw))
+
+
+class ClaimRedis(FakeRedis):
+    def get(self, key):
+        return self.data.get(key)
+
+    def eval(self, script, nkeys, key, value):
+        if self.data.get(key) == value:
+            del self.data[key]
+
+
+def test_an_idempotency_key_points_at_a_job_only_once_it_is_enqueued():
+    redis, settings = ClaimRedis(), Settings()
+    first = IdempotencyClaim(redis, settings, "t1", "order-1", "digest-a")
+    assert first.acquire("job-1") is None
+    with pytest.raises(Rejected) as in_flight:  # the same request again while the first is still submitting
+        IdempotencyClaim(redis, settings, "t1", "order-1", "digest-a").acquire("job-2")
+    assert in_flight.value.status == 409 and "in progress" in in_flight.value.detail
+    first.release()  # the submit failed: the key is free for the retry
+    retry = IdempotencyClaim(redis, settings, "t1", "order-1", "digest-a")
+    assert retry.acquire("job-3") is None
+    retry.commit()
+    assert IdempotencyClaim(redis, settings, "t1", "order-1", "digest-a").acquire("job-4") == "job-3"
+    with pytest.raises(Rejected, match="") as other_body:
+        IdempotencyClaim(redis, settings, "t1", "order-1", "digest-b").acquire("job-5")
+    assert other_body.value.status == 409 and "different request body" in other_body.value.detail
+    assert IdempotencyClaim(redis, settings, "t2", "order-1", "digest-b").acquire("job-6") is None  # per tenant
