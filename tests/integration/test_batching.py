@@ -61,4 +61,6 @@ def test_a_crash_mid_batch_redelivers_every_job_of_the_batch(env, spawn_worker, 
     assert [f.state for f in finals] == ["SUCCESS"] * 3
     for job_id in ids:
         assert objects_of(s3, settings, job_id) == [f"jobs/{job_id}/0.png"]
-    assert "decoder batch of 3" in second_log.read_text()
+    # After a crash inside a batch nobody knows which job caused it: each runs alone (test_guarantees.py
+    # shows the culprit found out that way).
+    assert "decoder batch" not in second_log.read_text()
