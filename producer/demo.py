@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from kiq import s3
 from kiq.settings import Settings
 from producer import devstack
 from producer.client import Client
@@ -82,11 +83,10 @@ def bring_up(stack: devstack.Stack, env: dict[str, str]) -> Settings:
 
 
 def upload_example(settings: Settings, name: str) -> str:
-    from worker.storage import S3Storage
-
-    storage = S3Storage.from_settings(settings)
+    """Under the input prefix: the only place workers read s3:// references from by default."""
     content_type = "image/png" if name.endswith(".png") else "image/jpeg"
-    return storage.put(f"examples/{name}", (EXAMPLES / name).read_bytes(), content_type, {})
+    key = f"{settings.s3_input_prefix}examples/{name}"
+    return s3.put(s3.s3_client(settings), settings.s3_bucket, key, (EXAMPLES / name).read_bytes(), content_type)
 
 
 def finish(client: Client, settings: Settings, job_id: str, out: Path, start: float) -> int:
@@ -98,11 +98,9 @@ def finish(client: Client, settings: Settings, job_id: str, out: Path, start: fl
     if final.result is None:
         print(final.model_dump_json(indent=2, exclude_none=True))
         return 1
-    from worker.storage import S3Storage
-
     image = final.result.images[0]
-    bucket, key = image.uri.removeprefix("s3://").split("/", 1)
-    out.write_bytes(S3Storage.from_settings(settings).read(bucket, key, max_bytes=64 * 1024 * 1024))
+    bucket, key = s3.split_uri(image.uri)
+    out.write_bytes(s3.s3_client(settings).get_object(Bucket=bucket, Key=key)["Body"].read())
     timings = ", ".join(f"{k} {v:.2f}s" for k, v in final.result.timings.items())
     print(
         f"saved {out} ({image.width}x{image.height} {image.format}) in {time.perf_counter() - start:.1f} s: {timings}",
