@@ -70,7 +70,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, required=True, help="the JSON report (rewritten after every phase)")
     p.add_argument("--dry-run", action="store_true", help="CPU, tiny models, the mindone worker: tests the plumbing")
-    p.add_argument("--budget-s", type=float, help="stop starting work after this (default 500; dry run 600)")
+    p.add_argument("--budget-s", type=float, help="stop starting work after this (default 480; dry run 600)")
     p.add_argument("--size", type=int, help="height = width (default 768; dry run 64)")
     p.add_argument("--prior-steps", type=int, help="default 25 (dry run 2)")
     p.add_argument("--decoder-steps", type=int, help="default 100, the seed's (dry run 4)")
@@ -82,7 +82,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--workdir", type=Path, help="models, logs, caches (default: a new temporary directory)")
     args = p.parse_args(argv)
     dry = args.dry_run
-    defaults = dict(budget_s=600.0 if dry else 500.0, size=64 if dry else 768, prior_steps=2 if dry else 25,
+    defaults = dict(budget_s=600.0 if dry else 480.0, size=64 if dry else 768, prior_steps=2 if dry else 25,
                     decoder_steps=4 if dry else 100, jobs=4 if dry else 16, reps=2 if dry else 3)  # fmt: skip
     for name, value in defaults.items():
         if getattr(args, name) is None:
@@ -115,8 +115,15 @@ class Bench:
             "started_at": datetime.now(UTC).isoformat(timespec="seconds"), "budget_s": args.budget_s,
             "job": {"inputs": ["text: a cat", "image: cat.png", "image: starry.jpeg"], "weights": [0.3, 0.3, 0.4],
                     "height": args.size, "width": args.size, "prior_steps": args.prior_steps,
-                    "decoder_steps": args.decoder_steps, "guidance_scale": 4.0, "seed": "42 (+i for queued jobs)",
-                    "queued_jobs": args.jobs, "single_reps": args.reps},
+                    "decoder_steps": args.decoder_steps, "guidance_scale": 4.0, "queued_jobs": args.jobs,
+                    "single_reps": args.reps,
+                    "seeds": "direct 42 each run; kiq single 1000+i after a warm-up job, queued 42+i: no cache hit "
+                             "on the text prior; the two images' embeddings are cached after the first job (0.02 s)"},
+            "plan": {"overlap": not args.no_overlap, "eager_batches": batches(args.eager_batches),
+                     "compile_batches": batches(args.compile_batches),
+                     "order": "setup; models + direct call (alone on the GPU); then eager workers in the foreground "
+                              "while compiled workers warm up one at a time in the background, each measured as soon "
+                              "as it is ready; 1 job alone (after one warm-up job), then the queued jobs"},
             "machine": {"cpus": os.cpu_count(), "gpu": _gpu_name()},
             "setup": {}, "direct": report.skipped("not run"), "kiq": [], "notes": [], "errors": [],
         }  # fmt: skip
@@ -192,15 +199,16 @@ class Bench:
                 "--size", str(a.size), "--prior-steps", str(a.prior_steps), "--decoder-steps", str(a.decoder_steps),
                 "--reps", str(a.reps), "--budget-s", str(max(30.0, min(180.0, self.remaining() - 120)))]  # fmt: skip
         log = self.work / "direct.log"
-        timeout = max(10.0, min(300.0, self.remaining()))
         with log.open("wb") as sink:
+            proc = subprocess.Popen(argv, stdout=sink, stderr=subprocess.STDOUT, env=self.env, cwd=ROOT)
             try:
-                done = subprocess.run(argv, stdout=sink, stderr=subprocess.STDOUT, env=self.env, cwd=ROOT,
-                                      timeout=timeout)  # fmt: skip
-                code = done.returncode
+                code: int | None = proc.wait(timeout=max(10.0, min(300.0, self.remaining())))
             except subprocess.TimeoutExpired:
+                devstack.stop(proc)
                 code = None
         result = json.loads(out.read_text()) if out.exists() else {}
+        if self.gpu.peak_gib(proc.pid) is not None:
+            result.setdefault("peak_gpu_memory_gib", {})["nvidia_smi_process"] = self.gpu.peak_gib(proc.pid)
         if not a.dry_run:
             self.report["setup"]["models"] = {"kind": "random, full size (bench/gpu/models.py)",
                                               **result.pop("models", {})}  # fmt: skip
@@ -246,6 +254,8 @@ class Bench:
                 warming.ready_at is None or warming.ready_at > phase_start
             )
         finally:
+            # Whether the backend compiled anything at all (a worker without KIQ_TORCH_COMPILE support starts eager).
+            row["log_mentions_compile"] = "compile" in worker.tail(10_000).lower()
             metric = stack.scrape_metric(int(worker.env["KIQ_METRICS_PORT"]), "kiq_device_memory_bytes")
             row["peak_gpu_memory_gib"] = {
                 "nvidia_smi_process": self.gpu.peak_gib(worker.proc.pid),
@@ -257,13 +267,15 @@ class Bench:
         need = (self.args.reps + 1) * (self.direct_s or 0) * max(SPEED_GUESS.get((config.compile, 1), 1.0), 0.5)
         if self.remaining() < need:
             return report.skipped(f"time (needs ~{need:.0f} s, {self.remaining():.0f} s left)")
-        self.wait_job(self.job(config, 42))  # warm-up: the first job after start pays for lazy initialisation
+        self.wait_job(self.job(config, 41))  # warm-up: the first job after start pays for lazy initialisation
         latencies: list[float] = []
         timings: dict[str, float] = {}
-        for _ in range(self.args.reps):
+        for rep in range(self.args.reps):
             if self.remaining() <= 0:
                 break
-            seconds, result = self.wait_job(self.job(config, 42))
+            # A new seed each time: the worker's text-prior cache is keyed by the random draws, and a cache hit
+            # would flatter kiq against the direct call, which recomputes everything.
+            seconds, result = self.wait_job(self.job(config, 1000 + rep))
             if result is None:
                 break
             latencies.append(seconds)
@@ -401,7 +413,12 @@ class Bench:
             worker.stop()
         self.services.close()
         self.gpu.close()
-        self.report["logs"] = str(self.work)
+        # One file beside the JSON with the end of every log (the device call returns at most 8 files).
+        bundle = self.args.out.with_name(self.args.out.stem + "-logs.txt")
+        parts = [f"===== {log.name} =====\n{_tail(log, 150)}\n" for log in sorted(self.work.glob("*.log"))]
+        bundle.parent.mkdir(parents=True, exist_ok=True)
+        bundle.write_text("".join(parts))
+        self.report["logs"] = {"bundle": str(bundle), "dir": str(self.work)}
 
 
 class JobFailed(RuntimeError):
