@@ -12,6 +12,10 @@ set -euo pipefail
 PYTHON=${1:-python3}
 ROOT=$(git -C "$(dirname "$0")" rev-parse --show-toplevel)
 DEST="$ROOT/.whl"
+# The diffusers that kiq's `cuda` extra pins, so the bench measures what is deployed; 0.42.1 (the anchors')
+# where the extra does not exist yet. Both were run here on transformers 5.17 + huggingface_hub 1.33 (tiny models).
+DIFFUSERS=$(grep -oE '"diffusers==[0-9.]+"' "$ROOT/pyproject.toml" | head -1 | tr -d '"' || true)
+DIFFUSERS=${DIFFUSERS:-diffusers==0.42.1}
 
 WHEELS=(
   # kiq itself (producer, worker plumbing)
@@ -21,8 +25,8 @@ WHEELS=(
   redis==8.1.0
   pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5
   boto3==1.44.8 botocore==1.44.8 s3transfer==0.19.3 jmespath==1.1.0
-  # the diffusers backend (the anchors were measured with 0.42.1; it runs on the machine's transformers 5.17)
-  diffusers==0.42.1 importlib-metadata==10.2.0
+  # the diffusers backend, on the machine's torch 2.11 and transformers 5.17
+  "$DIFFUSERS" importlib-metadata==10.2.0
   # the S3 server: moto's standalone server and what it imports for S3
   moto==5.2.5 responses==0.26.3 xmltodict==1.0.4 cryptography==50.0.2 cffi==2.1.1 pycparser==3.12
   flask==3.1.3 flask-cors==6.0.5 werkzeug==3.1.9 blinker==1.9.0 itsdangerous==2.2.0
@@ -31,6 +35,7 @@ WHEELS=(
 )
 
 mkdir -p "$DEST"
+rm -f "$DEST"/*.whl  # exactly this list: a leftover second version would stop the install on the device
 EXCLUDE="$(git -C "$ROOT" rev-parse --path-format=absolute --git-common-dir)/info/exclude"
 grep -qsx '/.whl/' "$EXCLUDE" || echo '/.whl/' >>"$EXCLUDE"  # never committed, whatever .gitignore says
 "$PYTHON" -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
