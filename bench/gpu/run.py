@@ -254,8 +254,6 @@ class Bench:
                 warming.ready_at is None or warming.ready_at > phase_start
             )
         finally:
-            # Whether the backend compiled anything at all (a worker without KIQ_TORCH_COMPILE support starts eager).
-            row["log_mentions_compile"] = "compile" in worker.tail(10_000).lower()
             metric = stack.scrape_metric(int(worker.env["KIQ_METRICS_PORT"]), "kiq_device_memory_bytes")
             row["peak_gpu_memory_gib"] = {
                 "nvidia_smi_process": self.gpu.peak_gib(worker.proc.pid),
