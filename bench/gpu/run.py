@@ -71,7 +71,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, required=True, help="the JSON report (rewritten after every phase)")
     p.add_argument("--dry-run", action="store_true", help="CPU, tiny models, the mindone worker: tests the plumbing")
-    p.add_argument("--budget-s", type=float, help="stop starting work after this (default 500; dry run 600)")
+    p.add_argument("--budget-s", type=float, help="stop starting work after this (default 510; dry run 600)")
     p.add_argument("--size", type=int, help="height = width (default 768; dry run 64)")
     p.add_argument("--prior-steps", type=int, help="default 25 (dry run 2)")
     p.add_argument("--decoder-steps", type=int, help="default 100, the seed's (dry run 4)")
@@ -83,7 +83,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--workdir", type=Path, help="models, logs, caches (default: a new temporary directory)")
     args = p.parse_args(argv)
     dry = args.dry_run
-    defaults = dict(budget_s=600.0 if dry else 500.0, size=64 if dry else 768, prior_steps=2 if dry else 25,
+    defaults = dict(budget_s=600.0 if dry else 510.0, size=64 if dry else 768, prior_steps=2 if dry else 25,
                     decoder_steps=4 if dry else 100, jobs=4 if dry else 16, reps=2 if dry else 3)  # fmt: skip
     for name, value in defaults.items():
         if getattr(args, name) is None:
@@ -169,7 +169,8 @@ class Bench:
             data = (ROOT / "producer" / "examples" / name).read_bytes()
             refs[name] = s3.put(self.client.s3, BUCKET, f"{settings.s3_input_prefix}bench/{name}", data, mime)
         self.refs = refs
-        self.env = {**os.environ, "KIQ_BROKER_URL": redis_url, "KIQ_S3_ENDPOINT_URL": endpoint, "KIQ_S3_BUCKET": BUCKET,
+        inherited = {k: v for k, v in os.environ.items() if not k.startswith("KIQ_")}  # only the settings set here
+        self.env = {**inherited, "KIQ_BROKER_URL": redis_url, "KIQ_S3_ENDPOINT_URL": endpoint, "KIQ_S3_BUCKET": BUCKET,
                     "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
                     "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}  # fmt: skip
         import moto
@@ -374,9 +375,12 @@ class Bench:
                 rows[config]["status"] = f"skipped: time (compile warm-up not done after {worker.age_s():.0f} s)"
                 self.error(config.name, worker.tail(10))
                 warming = None
-        for row in rows.values():
+        self.mark_unrun("skipped: time")
+
+    def mark_unrun(self, status: str) -> None:
+        for row in self.report["kiq"]:
             if not any(k in row for k in ("single", "queued", "status")):
-                row["status"] = "skipped: time"
+                row["status"] = status
 
     def foreground(self, config: Config, row: dict[str, Any], warming: stack.Worker | None) -> None:
         guess = self.eager_ready_s or 60.0
@@ -385,8 +389,8 @@ class Bench:
             return
         worker = self.start_worker(config)
         if not worker.wait_ready(self.deadline):
+            row["status"] = "skipped: time (worker start)" if worker.alive() else "failed: worker did not start"
             worker.stop()
-            row["status"] = "failed: worker did not start" if not worker.alive() else "skipped: time (worker start)"
             self.error(config.name, worker.tail())
             return
         self.eager_ready_s = worker.ready_s
@@ -442,6 +446,7 @@ def main(argv: list[str] | None = None) -> int:
         bench.run()
     except Exception as exc:  # noqa: BLE001 - whatever broke, the JSON still says what was measured
         bench.error("run", f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}")
+        bench.mark_unrun("not run: the run broke off (see errors)")
         code = 1
     finally:
         bench.close()
