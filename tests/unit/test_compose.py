@@ -17,17 +17,21 @@ def environment(service):
     return env if isinstance(env, dict) else dict(item.split("=", 1) for item in env)
 
 
-NPUS = range(8)
+NPUS = GPUS = range(8)
 K8S = list(yaml.safe_load_all(Path("deploy/k8s/kiq-workers.yaml").read_text()))
+K8S_GPU = list(yaml.safe_load_all(Path("deploy/k8s/kiq-workers-gpu.yaml").read_text()))
+# Settings of the GPU backend (issue 10, branch gpu-backend); already in setting_names() once that is merged.
+GPU_SETTINGS = {"KIQ_BACKEND", "KIQ_TORCH_COMPILE"}
 
 
 def test_services_present():
-    assert {"redis", "minio", "minio-init", "flower"} | {f"worker-npu{n}" for n in NPUS} == set(SERVICES)
+    workers = {f"worker-npu{n}" for n in NPUS} | {f"worker-gpu{n}" for n in GPUS}
+    assert {"redis", "minio", "minio-init", "flower"} | workers == set(SERVICES)
 
 
 def test_worker_variables_are_real_settings():
-    known = set(setting_names())
-    for name in (f"worker-npu{n}" for n in NPUS):
+    known = set(setting_names()) | GPU_SETTINGS
+    for name in [f"worker-npu{n}" for n in NPUS] + [f"worker-gpu{n}" for n in GPUS]:
         kiq_vars = {k for k in environment(name) if k.startswith("KIQ_")}
         assert kiq_vars <= known, kiq_vars - known
         assert {
@@ -44,6 +48,9 @@ def test_each_worker_is_pinned_to_its_own_npu():
         service = SERVICES[f"worker-npu{npu}"]
         env = environment(f"worker-npu{npu}")
         assert (env["KIQ_DEVICE_TARGET"], str(env["KIQ_DEVICE_ID"])) == ("Ascend", str(npu))
+        # The container sees only /dev/davinciN, which the Ascend runtime numbers 0: MindSpore is given 0.
+        assert str(env["KIQ_DEVICE_RUNTIME_ID"]) == "0"
+        assert "profiles" not in service  # `docker compose up` on an Ascend host starts them as before
         devices = service["devices"]
         assert [d for d in devices if d.startswith("/dev/davinci") and d[12:].isdigit()] == [f"/dev/davinci{npu}"]
         assert all(m in devices for m in ASCEND_MOUNTS)
@@ -51,10 +58,36 @@ def test_each_worker_is_pinned_to_its_own_npu():
         assert "kiq" in " ".join(service["command"]) and "worker" in service["command"]
 
 
+def test_each_gpu_worker_reserves_its_own_gpu_in_the_gpu_profile():
+    for gpu in GPUS:
+        service = SERVICES[f"worker-gpu{gpu}"]
+        env = environment(f"worker-gpu{gpu}")
+        assert service["profiles"] == ["gpu"]
+        assert service["build"]["dockerfile"] == "Dockerfile.cuda"
+        devices = service["deploy"]["resources"]["reservations"]["devices"]
+        assert devices == [{"driver": "nvidia", "device_ids": [str(gpu)], "capabilities": ["gpu"]}]
+        assert (env["KIQ_DEVICE_TARGET"], env["KIQ_BACKEND"]) == ("GPU", "diffusers")
+        assert str(env["KIQ_DEVICE_ID"]) == str(gpu)
+        assert str(env["KIQ_DEVICE_RUNTIME_ID"]) == "0"  # the one GPU it is given is CUDA device 0 inside
+        assert "devices" not in service and not any("Ascend" in v for v in service["volumes"])
+        assert service["command"] == ["kiq", "worker"]
+
+
+def test_metrics_ports_do_not_collide():
+    published = [p.split(":")[0] for name, s in SERVICES.items() if name.startswith("worker-") for p in s["ports"]]
+    assert len(published) == len(set(published)) == len(NPUS) + len(GPUS)
+
+
+def test_cuda_image_installs_the_cuda_extra_on_a_pytorch_base():
+    text = Path("Dockerfile.cuda").read_text()
+    assert "FROM ${TORCH_IMAGE}" in text and "ARG TORCH_IMAGE=pytorch/pytorch:" in text
+    assert "'.[cuda]'" in text and 'CMD ["kiq", "worker"]' in text
+
+
 def test_bucket_is_created_and_workers_wait_for_it():
     assert "mc mb --ignore-existing local/kiq" in " ".join(SERVICES["minio-init"]["entrypoint"])
-    for npu in NPUS:
-        depends = SERVICES[f"worker-npu{npu}"]["depends_on"]
+    for name in [f"worker-npu{n}" for n in NPUS] + [f"worker-gpu{n}" for n in GPUS]:
+        depends = SERVICES[name]["depends_on"]
         assert {"redis", "minio-init"} <= set(depends)
 
 
@@ -72,6 +105,7 @@ def test_kubernetes_pod_per_npu_scaled_by_keda_on_the_queue():
     (container,) = pod["containers"]
     assert container["resources"]["requests"]["huawei.com/Ascend910"] == 1
     assert container["resources"]["limits"]["huawei.com/Ascend910"] == 1
+    assert kinds["ConfigMap"]["data"]["KIQ_DEVICE_RUNTIME_ID"] == "0"  # the pod's one NPU is logical device 0
     assert container["command"] == ["kiq", "worker"]
     assert pod["terminationGracePeriodSeconds"] >= 600
     scaled = kinds["ScaledObject"]["spec"]
@@ -80,3 +114,27 @@ def test_kubernetes_pod_per_npu_scaled_by_keda_on_the_queue():
     lists = [queue] + [f"{queue}:{step}" for step in PRIORITY_STEPS[1:]]  # kombu's list per priority class
     assert [t["metadata"]["listName"] for t in scaled["triggers"]] == lists
     assert {t["type"] for t in scaled["triggers"]} == {"redis"}
+
+
+def test_kubernetes_pod_per_gpu_beside_the_ascend_pool():
+    kinds = {doc["kind"]: doc for doc in K8S_GPU}
+    ascend = {doc["kind"]: doc for doc in K8S}
+    assert set(kinds) == {"ConfigMap", "Deployment", "ScaledObject"}
+    for kind in kinds:  # both files can be applied to one namespace
+        assert kinds[kind]["metadata"]["name"] != ascend[kind]["metadata"]["name"]
+    config = kinds["ConfigMap"]["data"]
+    assert set(config) <= set(setting_names()) | GPU_SETTINGS
+    assert (config["KIQ_DEVICE_TARGET"], config["KIQ_BACKEND"]) == ("GPU", "diffusers")
+    assert config["KIQ_DEVICE_RUNTIME_ID"] == "0"
+    pod = kinds["Deployment"]["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert container["resources"]["requests"]["nvidia.com/gpu"] == 1
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert container["envFrom"][0]["configMapRef"]["name"] == kinds["ConfigMap"]["metadata"]["name"]
+    assert container["command"] == ["kiq", "worker"] and container["image"] == "kiq-worker-cuda:latest"
+    assert pod["terminationGracePeriodSeconds"] >= 600
+    scaled = kinds["ScaledObject"]["spec"]
+    assert scaled["scaleTargetRef"]["name"] == kinds["Deployment"]["metadata"]["name"]
+    queue = config["KIQ_QUEUE"]
+    lists = [queue] + [f"{queue}:{step}" for step in PRIORITY_STEPS[1:]]
+    assert [t["metadata"]["listName"] for t in scaled["triggers"]] == lists
