@@ -106,6 +106,10 @@ class KandinskyPipelines:
             on_step(i + 1, params.steps)
             return kwargs
 
+        return self._decoder_call(embeds, negative_embeds, params, generator, callback, ["latents"])
+
+    def _decoder_call(self, embeds: Any, negative_embeds: Any, params: DecoderParams, generator: Any,
+                      callback: Callable[..., dict[str, Any]], tensor_inputs: list[str]) -> list[Any]:  # fmt: skip
         return self.decoder(
             image_embeds=embeds,
             negative_image_embeds=negative_embeds,
@@ -115,6 +119,7 @@ class KandinskyPipelines:
             guidance_scale=params.guidance_scale,
             generator=generator,
             callback_on_step_end=callback,
+            callback_on_step_end_tensor_inputs=tensor_inputs,
         )[0]
 
     def decode_batch(self, rows: Sequence[DecoderRow], params: DecoderParams, on_step: LiveRows) -> dict[int, Any]:
@@ -140,18 +145,10 @@ class KandinskyPipelines:
                 current[:] = [current[k] for k in keep]
             return kwargs
 
+        embeds = mint.cat([row.embeds for row in rows])
+        negatives = mint.cat([row.negative_embeds for row in rows])
         try:
-            images = self.decoder(
-                image_embeds=mint.cat([row.embeds for row in rows]),
-                negative_image_embeds=mint.cat([row.negative_embeds for row in rows]),
-                height=params.height,
-                width=params.width,
-                num_inference_steps=params.steps,
-                guidance_scale=params.guidance_scale,
-                generator=generators,
-                callback_on_step_end=callback,
-                callback_on_step_end_tensor_inputs=["latents", "image_embeds"],
-            )[0]
+            images = self._decoder_call(embeds, negatives, params, generators, callback, ["latents", "image_embeds"])
         except _NoRowsLeft:
             return {}
         return dict(zip(current, images, strict=True))
