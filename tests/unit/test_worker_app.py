@@ -49,3 +49,10 @@ def test_worker_with_bad_settings_fails_at_start_naming_the_variable():
     assert done.returncode == 2
     assert "KIQ_DEVICE_ID must be a number, got 'npu-three'" in done.stderr
 
+
+def test_gpu_worker_without_cuda_fails_at_start_naming_the_setting():
+    env = {"PATH": "/usr/bin:/bin", "KIQ_DEVICE_TARGET": "GPU", "KIQ_BROKER_URL": "redis://127.0.0.1:1/0"}
+    done = subprocess.run([sys.executable, "-m", "producer.cli", "worker"], env=env, capture_output=True, text=True,
+                          timeout=120)  # fmt: skip
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "KIQ_DEVICE_TARGET=GPU" in done.stderr and "no CUDA device" in done.stderr
