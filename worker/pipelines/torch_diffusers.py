@@ -75,7 +75,7 @@ def load(settings: Settings, device: DeviceConfig) -> DiffusersPipelines:
 
 def warm_batches(decoder_batch: int) -> list[int]:
     """Job batch sizes compiled at start: 1, 2, 4, 8 … up to KIQ_DECODER_BATCH."""
-    return [1 << k for k in range(max(1, decoder_batch).bit_length()) if 1 << k <= max(1, decoder_batch)]
+    return [1 << k for k in range(max(1, decoder_batch).bit_length())]
 
 
 def _pad(tensor: torch.Tensor, rows: int) -> torch.Tensor:
