@@ -40,7 +40,7 @@ class Settings:
     worker_queues: str = ""  # comma-separated queues a worker consumes; empty: KIQ_QUEUE
     large_queue: str = ""  # if set, producers route jobs over KIQ_LARGE_PIXELS here (unless a job names a queue)
     large_pixels: int = 1024 * 1024
-    device_runtime_id: int = -1  # the id MindSpore is given; -1: KIQ_DEVICE_ID (0 under ASCEND_RT_VISIBLE_DEVICES)
+    device_runtime_id: int = -1  # the id the framework is given; -1: KIQ_DEVICE_ID (0 under *_VISIBLE_DEVICES)
     metrics_port: int = 0  # Prometheus metrics on this port; 0: off
     restart_max: int = 5  # a supervised worker that dies this often within KIQ_RESTART_WINDOW_S is left down
     restart_window_s: float = 300.0

@@ -268,5 +268,5 @@ def _model_errors() -> Iterator[None]:
         yield
     except (JobCancelled, JobError):
         raise
-    except Exception as exc:  # noqa: BLE001 - MindSpore raises plain RuntimeError/ValueError
+    except Exception as exc:  # noqa: BLE001 - the frameworks raise plain RuntimeError/ValueError
         raise PipelineError(f"{type(exc).__name__}: {exc}") from None
