@@ -1,6 +1,6 @@
 """kiq's shared contract: the job and status models, settings, names and errors.
 
-Both the producer and the worker import this package; it imports neither MindSpore nor mindone.
+Both the producer and the worker import this package; it imports no model framework (MindSpore, torch…).
 """
 
 from kiq.contract import Job, JobInput, parse_job

@@ -16,7 +16,8 @@ from kiq.names import DEFAULT_QUEUE, QUEUE_NAME
 
 PREFIX = "KIQ_"
 MIN_VISIBILITY_TIMEOUT_S = 6.0
-DeviceTarget = Literal["Ascend", "CPU"]
+DeviceTarget = Literal["Ascend", "CPU", "GPU"]
+BACKENDS = ("auto", "mindone", "diffusers")
 
 
 @dataclass(frozen=True)
@@ -33,11 +34,13 @@ class Settings:
     decoder_model: str = "kandinsky-community/kandinsky-2-2-decoder"
     device_target: DeviceTarget = "Ascend"
     device_id: int = 0
+    backend: str = "auto"  # auto: diffusers (torch) on GPU, mindone (MindSpore) on Ascend and CPU
+    torch_compile: bool = False  # diffusers backend: compile the UNet at worker start
     queue: str = DEFAULT_QUEUE
     worker_queues: str = ""  # comma-separated queues a worker consumes; empty: KIQ_QUEUE
     large_queue: str = ""  # if set, producers route jobs over KIQ_LARGE_PIXELS here (unless a job names a queue)
     large_pixels: int = 1024 * 1024
-    device_runtime_id: int = -1  # the id MindSpore is given; -1: KIQ_DEVICE_ID (0 under ASCEND_RT_VISIBLE_DEVICES)
+    device_runtime_id: int = -1  # the id the framework is given; -1: KIQ_DEVICE_ID (0 under *_VISIBLE_DEVICES)
     metrics_port: int = 0  # Prometheus metrics on this port; 0: off
     restart_max: int = 5  # a supervised worker that dies this often within KIQ_RESTART_WINDOW_S is left down
     restart_window_s: float = 300.0
@@ -80,8 +83,9 @@ class Settings:
             _check_url("result_backend", self.result_backend, ("redis", "rediss"))
         if self.s3_endpoint_url:
             _check_url("s3_endpoint_url", self.s3_endpoint_url, ("http", "https"))
-        if self.device_target not in ("Ascend", "CPU"):
-            raise SettingsError(f"{env_name('device_target')} must be Ascend or CPU, got {self.device_target!r}")
+        if self.device_target not in ("Ascend", "CPU", "GPU"):
+            raise SettingsError(f"{env_name('device_target')} must be Ascend, CPU or GPU, got {self.device_target!r}")
+        _check_backend(self.backend, self.device_target)
         for name in ("queue", "large_queue", *(["worker_queues"] if self.worker_queues else [])):
             for queue in filter(None, getattr(self, name).split(",")):
                 if not QUEUE_NAME.fullmatch(queue.strip()):
@@ -124,6 +128,13 @@ class Settings:
     @property
     def consumed_queues(self) -> list[str]:
         return [q.strip() for q in self.worker_queues.split(",") if q.strip()] or [self.queue]
+
+    @property
+    def model_backend(self) -> str:
+        """The backend that runs the models: `backend`, with auto resolved by the device target."""
+        if self.backend != "auto":
+            return self.backend
+        return "diffusers" if self.device_target == "GPU" else "mindone"
 
     @property
     def runtime_device_id(self) -> int:
@@ -184,6 +195,17 @@ def _coerce(name: str, type_name: Any, raw: str) -> Any:
     except ValueError:
         raise SettingsError(f"{env_name(name)} must be a number, got {raw!r}") from None
     return raw
+
+
+def _check_backend(backend: str, target: str) -> None:
+    if backend not in BACKENDS:
+        raise SettingsError(f"{env_name('backend')} must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    # MindSpore's GPU build does not run mindone's ops; torch here means CUDA or CPU, not NPUs.
+    if (backend, target) in (("mindone", "GPU"), ("diffusers", "Ascend")):
+        raise SettingsError(
+            f"{env_name('backend')}={backend} cannot run on {env_name('device_target')}={target}: "
+            "mindone runs on Ascend or CPU, diffusers on GPU or CPU"
+        )
 
 
 def _check_url(name: str, url: str, schemes: tuple[str, ...]) -> None:

@@ -134,7 +134,7 @@ def cmd_fleet(args: argparse.Namespace, _: list[str]) -> int:
 
 
 def cmd_make_tiny_models(args: argparse.Namespace, _: list[str]) -> int:
-    from worker.tiny import make_tiny_models
+    from worker.pipelines.tiny import make_tiny_models
 
     prior, decoder = make_tiny_models(args.dir, seed=args.seed)
     print(f"{prior}\n{decoder}")

@@ -1,4 +1,4 @@
 """kiq's worker: the Celery app (`worker.celery:app`), the model runner and its collaborators.
 
-Importing this package loads neither MindSpore nor the models; `Runner.setup()` does, once per process.
+Importing this package loads no model framework nor the models; `Runner.setup()` does, once per process.
 """

@@ -1,18 +1,25 @@
-"""Pin this process to one MindSpore device; CPU also gets the kernel fallbacks."""
+"""Which device this process runs on, and with which backend; the backend binds its framework to it."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Literal
 
-Target = Literal["Ascend", "CPU"]
+from kiq.settings import Settings
+
+Target = Literal["Ascend", "CPU", "GPU"]
 
 
 @dataclass(frozen=True)
 class DeviceConfig:
     target: Target
     device_id: int  # the device's number on its host: names the worker and its results
-    runtime_id: int = -1  # the id MindSpore is given (0 when ASCEND_RT_VISIBLE_DEVICES shows one device)
+    runtime_id: int = -1  # the id the framework is given (0 when *_VISIBLE_DEVICES shows one device)
+    backend: str = "mindone"  # "mindone" (MindSpore) or "diffusers" (torch)
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> DeviceConfig:
+        return cls(settings.device_target, settings.device_id, settings.runtime_device_id, settings.model_backend)
 
     @property
     def name(self) -> str:
@@ -20,16 +27,15 @@ class DeviceConfig:
 
     @property
     def half_precision(self) -> bool:
-        return self.target == "Ascend"
+        return self.target != "CPU"
+
+    @property
+    def runtime(self) -> int:
+        return self.device_id if self.runtime_id < 0 else self.runtime_id
 
 
 def configure(config: DeviceConfig) -> None:
-    """Bind MindSpore to the device (PyNative mode); call once, before any model is built."""
-    import mindspore as ms
+    """Bind the backend's framework to the device; call once, before any model is built."""
+    from worker.pipelines.base import backend_module
 
-    ms.set_context(mode=ms.PYNATIVE_MODE)
-    ms.set_device(config.target, config.device_id if config.runtime_id < 0 else config.runtime_id)
-    if config.target == "CPU":
-        from worker import cpu_fallbacks
-
-        cpu_fallbacks.apply()
+    backend_module(config.backend).configure(config)

@@ -16,7 +16,7 @@ STAGE_SECONDS = Histogram("kiq_stage_duration_seconds", "Time per job stage", ["
 QUEUE_WAIT = Histogram("kiq_queue_wait_seconds", "From submit to the start of the job", buckets=_SECONDS)
 MODEL_LOAD = Gauge("kiq_model_load_seconds", "Time the pipelines took to load in this process")
 CACHE = Gauge("kiq_cache_lookups", "Embedding cache lookups since start", ["cache", "result"])
-DEVICE_MEMORY = Gauge("kiq_device_memory_bytes", "Device memory allocated by MindSpore (where reported)")
+DEVICE_MEMORY = Gauge("kiq_device_memory_bytes", "Device memory allocated by the framework (where reported)")
 
 
 def serve(port: int) -> None:
@@ -30,16 +30,6 @@ def job_finished(outcome: str, seconds: float, timings: dict[str, float] | None)
     JOB_SECONDS.observe(seconds)
     for stage, value in (timings or {}).items():
         STAGE_SECONDS.labels(stage).observe(value)
-    DEVICE_MEMORY.set(device_memory_bytes())
-
-
-def device_memory_bytes() -> float:
-    try:
-        import mindspore as ms
-
-        return float(ms.runtime.memory_allocated())
-    except Exception:  # noqa: BLE001 - not every backend reports it (CPU does not)
-        return float("nan")
 
 
 def observe_queue_wait(submitted_at: Any, now: float) -> None:
@@ -47,7 +37,9 @@ def observe_queue_wait(submitted_at: Any, now: float) -> None:
         QUEUE_WAIT.observe(now - submitted_at)
 
 
-def observe_caches(caches: dict[str, Any]) -> None:
+def observe_pipelines(caches: dict[str, Any], memory_bytes: float) -> None:
+    """After each job: the backend's cache counters and its device memory."""
+    DEVICE_MEMORY.set(memory_bytes)
     for name, cache in caches.items():
         CACHE.labels(name, "hit").set(cache.hits)
         CACHE.labels(name, "miss").set(cache.misses)

@@ -19,7 +19,7 @@ from kiq.status import ImageRef, JobResult, Progress, Stage
 from worker import metrics
 from worker.device import DeviceConfig
 from worker.fetch import Fetcher, FetchLimits
-from worker.pipelines.kandinsky import DecoderParams, DecoderRow, KandinskyPipelines, PriorParams
+from worker.pipelines.base import DecoderParams, DecoderRow, Pipelines, PriorParams
 from worker.retry import with_retries
 from worker.storage import S3Storage, Storage
 
@@ -67,28 +67,22 @@ class Prepared:
 
 
 class Runner:
-    def __init__(
-        self, settings: Settings, storage: Storage | None = None, pipelines: KandinskyPipelines | None = None
-    ) -> None:
+    def __init__(self, settings: Settings, storage: Storage | None = None, pipelines: Pipelines | None = None) -> None:
         self.settings = settings
-        self.device = DeviceConfig(settings.device_target, settings.device_id, settings.runtime_device_id)
+        self.device = DeviceConfig.from_settings(settings)
         self.storage = storage or S3Storage.from_settings(settings)
         self.fetcher = Fetcher(self.storage, FetchLimits.from_settings(settings))
         self.pipelines = pipelines
         self.load_seconds = 0.0
 
     def setup(self) -> None:
-        """Pin the device and load both pipelines; later calls do nothing."""
+        """Pin the device and load both pipelines with the settings' backend; later calls do nothing."""
         if self.pipelines is not None:
             return
-        from worker import device
+        from worker.pipelines import base
 
         start = time.perf_counter()
-        device.configure(self.device)
-        self.pipelines = KandinskyPipelines.load(
-            self.settings.prior_model, self.settings.decoder_model, self.device, self.settings.fast_prior,
-            self.settings.embed_cache_mb,
-        )  # fmt: skip
+        self.pipelines = base.load(self.settings, self.device)
         self.load_seconds = time.perf_counter() - start
 
     def run(self, job: Job, ctx: JobContext) -> JobResult:
@@ -184,9 +178,8 @@ class Runner:
         with _timed(timings, "upload"):
             ctx.progress("upload", 0, len(blobs))
             refs = [self._upload(ctx.job_id, n, blob, job, prepared.seed) for n, blob in enumerate(blobs)]
-        if self.pipelines is not None and self.pipelines.fast_prior is not None:
-            metrics.observe_caches({"image": self.pipelines.fast_prior.image_cache,
-                                    "text": self.pipelines.fast_prior.text_cache})  # fmt: skip
+        if self.pipelines is not None:
+            metrics.observe_pipelines(self.pipelines.caches(), self.pipelines.memory_bytes())
         return JobResult(images=refs, seed=prepared.seed, device=self.device.name, timings=timings)
 
     def _upload(self, job_id: str, n: int, blob: bytes, job: Job, seed: int) -> ImageRef:
@@ -275,5 +268,5 @@ def _model_errors() -> Iterator[None]:
         yield
     except (JobCancelled, JobError):
         raise
-    except Exception as exc:  # noqa: BLE001 - MindSpore raises plain RuntimeError/ValueError
+    except Exception as exc:  # noqa: BLE001 - the frameworks raise plain RuntimeError/ValueError
         raise PipelineError(f"{type(exc).__name__}: {exc}") from None

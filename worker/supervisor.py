@@ -41,8 +41,9 @@ def parse_devices(text: str) -> list[int]:
 
 def child_env(base: Mapping[str, str], settings: Settings, device: int) -> dict[str, str]:
     env = {**base, "KIQ_DEVICE_ID": str(device)}
-    if settings.device_target == "Ascend":
-        env["ASCEND_RT_VISIBLE_DEVICES"] = str(device)  # the child sees one NPU, as its device 0
+    visible = {"Ascend": "ASCEND_RT_VISIBLE_DEVICES", "GPU": "CUDA_VISIBLE_DEVICES"}.get(settings.device_target)
+    if visible:
+        env[visible] = str(device)  # the child sees one NPU or GPU, as its device 0
         env["KIQ_DEVICE_RUNTIME_ID"] = "0"
     if settings.metrics_port:
         env["KIQ_METRICS_PORT"] = str(settings.metrics_port + device)

@@ -16,18 +16,18 @@ CASES = [
 @pytest.fixture(scope="module")
 def pipelines(tiny_models):
     from worker import device
-    from worker.pipelines.kandinsky import KandinskyPipelines
+    from worker.pipelines.mindspore_mindone import MindonePipelines
 
     config = device.DeviceConfig("CPU", 0)
     device.configure(config)
-    return KandinskyPipelines.load(*map(str, tiny_models), config, fast_prior=True, cache_mb=0)
+    return MindonePipelines.load(*map(str, tiny_models), config, fast_prior=True, cache_mb=0)
 
 
 @pytest.fixture(scope="module")
 def cached(pipelines):
-    from worker.pipelines.kandinsky import KandinskyPipelines
+    from worker.pipelines.mindspore_mindone import MindonePipelines
 
-    return KandinskyPipelines(pipelines.prior, pipelines.decoder, fast_prior=True, cache_mb=16)
+    return MindonePipelines(pipelines.prior, pipelines.decoder, fast_prior=True, cache_mb=16)
 
 
 @pytest.mark.parametrize(("conditions", "weights", "negative", "num_images", "runs"), CASES)

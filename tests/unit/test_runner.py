@@ -15,7 +15,11 @@ from worker.storage import MemoryStorage
 
 
 class FakePipelines:
-    fast_prior = None  # no caches to report
+    def caches(self):
+        return {}
+
+    def memory_bytes(self):
+        return float("nan")
 
     def __init__(self, fail: bool = False):
         self.calls = []

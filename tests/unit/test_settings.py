@@ -37,7 +37,11 @@ def test_reads_prefixed_variables():
     [
         ({"KIQ_DEVICE_ID": "npu0"}, "KIQ_DEVICE_ID"),
         ({"KIQ_DEVICE_ID": "-1"}, "KIQ_DEVICE_ID"),
-        ({"KIQ_DEVICE_TARGET": "GPU"}, "KIQ_DEVICE_TARGET"),
+        ({"KIQ_DEVICE_TARGET": "NPU"}, "KIQ_DEVICE_TARGET"),
+        ({"KIQ_BACKEND": "onnx"}, "KIQ_BACKEND"),
+        ({"KIQ_BACKEND": "mindone", "KIQ_DEVICE_TARGET": "GPU"}, "KIQ_BACKEND"),
+        ({"KIQ_BACKEND": "diffusers", "KIQ_DEVICE_TARGET": "Ascend"}, "KIQ_BACKEND"),
+        ({"KIQ_TORCH_COMPILE": "maybe"}, "KIQ_TORCH_COMPILE"),
         ({"KIQ_BROKER_URL": "amqp://guest@localhost//"}, "KIQ_BROKER_URL"),
         ({"KIQ_RESULT_BACKEND": "redis://"}, "KIQ_RESULT_BACKEND"),
         ({"KIQ_S3_ENDPOINT_URL": "minio:9000"}, "KIQ_S3_ENDPOINT_URL"),
@@ -49,6 +53,16 @@ def test_reads_prefixed_variables():
 def test_bad_values_name_the_variable(env, variable):
     with pytest.raises(SettingsError, match=variable):
         Settings.from_env(env)
+
+
+@pytest.mark.parametrize(
+    ("target", "backend", "resolved"),
+    [("Ascend", "auto", "mindone"), ("CPU", "auto", "mindone"), ("GPU", "auto", "diffusers"),
+     ("CPU", "diffusers", "diffusers"), ("GPU", "diffusers", "diffusers"), ("CPU", "mindone", "mindone")],
+)  # fmt: skip
+def test_backend_follows_the_device_target_unless_named(target, backend, resolved):
+    s = Settings.from_env({"KIQ_DEVICE_TARGET": target, "KIQ_BACKEND": backend, "KIQ_TORCH_COMPILE": "1"})
+    assert s.model_backend == resolved and s.torch_compile is True
 
 
 def test_url_constructor():

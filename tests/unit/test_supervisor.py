@@ -29,6 +29,12 @@ def test_ascend_child_sees_only_its_npu():
     assert cpu == {"KIQ_DEVICE_ID": "1"}
 
 
+def test_gpu_child_sees_only_its_gpu():
+    env = child_env({"PATH": "/bin"}, Settings(device_target="GPU"), 5)
+    assert env["KIQ_DEVICE_ID"] == "5" and env["CUDA_VISIBLE_DEVICES"] == "5" and env["KIQ_DEVICE_RUNTIME_ID"] == "0"
+    assert "ASCEND_RT_VISIBLE_DEVICES" not in env
+
+
 class DeadProc:
     returncode = 1
 

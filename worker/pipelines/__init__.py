@@ -1,1 +1,1 @@
-"""Model backends, one file each. Only `kandinsky` (mindone, MindSpore) exists today."""
+"""Model backends behind one interface (base.py): mindone on MindSpore, diffusers on torch; one module each."""

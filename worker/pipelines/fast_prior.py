@@ -9,6 +9,8 @@ once per process.
 The output stays the seed's: `interpolate` draws from one shared numpy generator, in order, per text: the
 latents, then one variance-noise draw per UnCLIP step with t > 0. We replay that sequence of draws up front
 (no model needed) and hand each batch row a `ReplayGenerator` that serves exactly its own share.
+
+Framework-neutral: the few tensor operations go through the backend's `PriorOps`.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from __future__ import annotations
 import hashlib
 from collections import deque
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -56,9 +58,30 @@ def replay_rows(generator: np.random.Generator, prompts: int, per_prompt: int, d
     return rows
 
 
+class PriorOps(Protocol):
+    """What the batched prior needs of a backend; `pipe` is its prior pipeline (scheduler, config, processor)."""
+
+    pipe: Any
+
+    def run(self, prompts: list[str], steps: int, guidance_scale: float, num_images: int,
+            rows: list[ReplayGenerator], done: Callable[[int], None]) -> Any:  # fmt: skip
+        """The prior pipeline on all prompts, row r drawing from rows[r], `done(step)` after each step:
+        (prompts × num_images, dim)."""
+        ...
+
+    def encode(self, pixel_values: np.ndarray) -> Any:
+        """The CLIP image encoder on a preprocessed batch: (n, dim)."""
+        ...
+
+    def weighted_sum(self, parts: list[Any]) -> Any:
+        """Sum of (1, num_images, dim) parts: (num_images, dim)."""
+        ...
+
+
 class FastPrior:
-    def __init__(self, prior: Any, cache_bytes: int = 0) -> None:
-        self.pipe = prior
+    def __init__(self, ops: PriorOps, cache_bytes: int = 0) -> None:
+        self.ops = ops
+        self.pipe = ops.pipe
         self._zero: Any = None
         self.counts = {"prior_runs": 0, "encoder_batches": 0}
         # Both keyed by everything the output depends on, the random draws included: a hit is the same computation.
@@ -68,8 +91,6 @@ class FastPrior:
     def interpolate(self, conditions: Sequence[Any], weights: Sequence[float], *, steps: int, guidance_scale: float,
                     negative_prompt: str, num_images: int, generator: np.random.Generator,
                     on_step: StepCallback | None = None) -> tuple[Any, Any]:  # fmt: skip
-        from mindspore import mint
-
         texts = [c for c in conditions if isinstance(c, str)]
         prompts = texts + ([negative_prompt] if negative_prompt != "" else [])
         text_embeds = self._prior(prompts, steps, guidance_scale, num_images, generator, on_step)
@@ -79,7 +100,7 @@ class FastPrior:
             (next(by_text) if isinstance(c, str) else next(image_embeds)) * w
             for c, w in zip(conditions, weights, strict=True)
         ]
-        embeds = mint.sum(mint.cat(parts), dim=0)
+        embeds = self.ops.weighted_sum(parts)
         negative = text_embeds[-1][0] if negative_prompt != "" else self.zero_embed(num_images)
         return embeds, negative
 
@@ -106,26 +127,22 @@ class FastPrior:
 
     def _run(self, prompts: list[str], steps: int, guidance_scale: float, num_images: int,
              rows: list[ReplayGenerator], on_step: StepCallback | None) -> list[Any]:  # fmt: skip
-        def callback(pipe: Any, i: int, t: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
+        def done(step: int) -> None:
             if on_step is not None:
-                on_step(i + 1, steps)
-            return kwargs
+                on_step(step, steps)
 
         self.counts["prior_runs"] += 1
-        embeds = self.pipe(prompts, num_images_per_prompt=num_images, num_inference_steps=steps, generator=rows,
-                           guidance_scale=guidance_scale, callback_on_step_end=callback)[0]  # fmt: skip
+        embeds = self.ops.run(prompts, steps, guidance_scale, num_images, rows, done)
         return [embeds[i * num_images : (i + 1) * num_images].unsqueeze(0) for i in range(len(prompts))]
 
     def _encode(self, images: list[Any], num_images: int) -> list[Any]:
-        import mindspore as ms
-
         keys = [hashlib.sha256(f"{im.mode}{im.size}".encode() + im.tobytes()).hexdigest() for im in images]
         found = [self.image_cache.get(key) for key in keys]
         missing = [i for i, value in enumerate(found) if value is None]
         if missing:
             batch = self.pipe.image_processor([images[i] for i in missing], return_tensors="np").pixel_values
             self.counts["encoder_batches"] += 1
-            embeds = self.pipe.image_encoder(ms.tensor(batch).to(dtype=self.pipe.image_encoder.dtype))[0]
+            embeds = self.ops.encode(batch)
             for row, i in enumerate(missing):
                 found[i] = embeds[row : row + 1]
                 self.image_cache.put(keys[i], found[i], found[i].nbytes)

@@ -1,64 +1,78 @@
-"""mindone's Kandinsky 2.2 prior + decoder, loaded once per process from a hub id or a local directory."""
+"""The mindone backend: Kandinsky 2.2 on MindSpore (Ascend fp16, CPU fp32 with kernel stand-ins).
+
+mindone's pipelines take numpy generators themselves, so the job's draws need no help here.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
 from typing import Any
 
-from kiq.errors import SettingsError
+import mindspore as ms
+import numpy as np
+from mindspore import mint
+
+from kiq.settings import Settings
 from worker.device import DeviceConfig
-from worker.pipelines.fast_prior import FastPrior
-
-StepCallback = Callable[[int, int], None]
-LiveRows = Callable[[int, int], Sequence[int]]  # (step, total) -> the batch rows still wanted
-
-
-@dataclass(frozen=True)
-class DecoderRow:
-    """One job's share of a decoder batch: its embeddings and its own generator."""
-
-    embeds: Any
-    negative_embeds: Any
-    generator: Any
+from worker.pipelines.base import DecoderParams, DecoderRow, LiveRows, PriorParams, StepCallback, loading
+from worker.pipelines.fast_prior import FastPrior, ReplayGenerator
 
 
 class _NoRowsLeft(Exception):
     pass
 
 
-@dataclass(frozen=True)
-class PriorParams:
-    steps: int
-    guidance_scale: float
-    negative_prompt: str
-    num_images: int
+def configure(config: DeviceConfig) -> None:
+    """Bind MindSpore to the device (PyNative mode); call once, before any model is built."""
+    ms.set_context(mode=ms.PYNATIVE_MODE)
+    ms.set_device(config.target, config.runtime)
+    if config.target == "CPU":
+        from worker.pipelines import cpu_fallbacks
+
+        cpu_fallbacks.apply()
 
 
-@dataclass(frozen=True)
-class DecoderParams:
-    height: int
-    width: int
-    steps: int
-    guidance_scale: float
+def load(settings: Settings, device: DeviceConfig) -> MindonePipelines:
+    return MindonePipelines.load(settings.prior_model, settings.decoder_model, device, settings.fast_prior,
+                                 settings.embed_cache_mb)  # fmt: skip
 
 
-class KandinskyPipelines:
+class PriorOps:
+    """The batched prior's tensor operations, in MindSpore."""
+
+    def __init__(self, pipe: Any) -> None:
+        self.pipe = pipe
+
+    def run(self, prompts: list[str], steps: int, guidance_scale: float, num_images: int,
+            rows: list[ReplayGenerator], done: Callable[[int], None]) -> Any:  # fmt: skip
+        def callback(pipe: Any, i: int, t: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
+            done(i + 1)
+            return kwargs
+
+        return self.pipe(prompts, num_images_per_prompt=num_images, num_inference_steps=steps, generator=rows,
+                         guidance_scale=guidance_scale, callback_on_step_end=callback)[0]  # fmt: skip
+
+    def encode(self, pixel_values: np.ndarray) -> Any:
+        return self.pipe.image_encoder(ms.tensor(pixel_values).to(dtype=self.pipe.image_encoder.dtype))[0]
+
+    def weighted_sum(self, parts: list[Any]) -> Any:
+        return mint.sum(mint.cat(parts), dim=0)
+
+
+class MindonePipelines:
     def __init__(self, prior: Any, decoder: Any, fast_prior: bool = True, cache_mb: int = 0) -> None:
         self.prior, self.decoder = prior, decoder
-        self.fast_prior = FastPrior(prior, cache_mb * 1024 * 1024) if fast_prior else None
+        self.fast_prior = FastPrior(PriorOps(prior), cache_mb * 1024 * 1024) if fast_prior else None
 
     @classmethod
     def load(
         cls, prior_model: str, decoder_model: str, device: DeviceConfig, fast_prior: bool = True, cache_mb: int = 0
-    ) -> KandinskyPipelines:
-        import mindspore as ms
+    ) -> MindonePipelines:
         from mindone.diffusers import KandinskyV22Pipeline, KandinskyV22PriorPipeline
         from transformers import CLIPImageProcessor
 
         dtype = ms.float16 if device.half_precision else ms.float32
-        with _loading("KIQ_PRIOR_MODEL", prior_model):
+        with loading("KIQ_PRIOR_MODEL", prior_model):
             # The prior pipeline does not save its image processor; the hub repo keeps it in a subfolder.
             processor = CLIPImageProcessor.from_pretrained(prior_model, subfolder="image_processor")
             prior = KandinskyV22PriorPipeline.from_pretrained(
@@ -67,11 +81,22 @@ class KandinskyPipelines:
         if not device.half_precision:
             # mindone 0.3-0.5: AttnProcessor2_0's non-flash path (fp32) mis-shapes the attention mask.
             prior.prior.set_default_attn_processor()
-        with _loading("KIQ_DECODER_MODEL", decoder_model):
+        with loading("KIQ_DECODER_MODEL", decoder_model):
             decoder = KandinskyV22Pipeline.from_pretrained(decoder_model, mindspore_dtype=dtype)
         for pipe in (prior, decoder):
             pipe.set_progress_bar_config(disable=True)
         return cls(prior, decoder, fast_prior, cache_mb)
+
+    def caches(self) -> dict[str, Any]:
+        if self.fast_prior is None:
+            return {}
+        return {"image": self.fast_prior.image_cache, "text": self.fast_prior.text_cache}
+
+    def memory_bytes(self) -> float:
+        try:
+            return float(ms.runtime.memory_allocated())
+        except Exception:  # noqa: BLE001 - not every target reports it (CPU does not)
+            return float("nan")
 
     def interpolate(
         self,
@@ -128,8 +153,6 @@ class KandinskyPipelines:
         After each step `on_step` names the rows still wanted; the others (cancelled, timed out) leave the batch:
         their latents, embeddings and generators are dropped, so later steps compute only live rows, and the call
         stops once none is left. Returns {row: image} for the rows that finished."""
-        from mindspore import mint
-
         generators = [row.generator for row in rows]  # mutated in place: the pipeline and scheduler hold this list
         current = list(range(len(rows)))  # the original row of each batch row still computed
 
@@ -155,8 +178,6 @@ class KandinskyPipelines:
 
 
 def _select(tensor: Any, rows: Sequence[int]) -> Any:
-    from mindspore import mint
-
     return mint.cat([tensor[r : r + 1] for r in rows])
 
 
@@ -165,11 +186,3 @@ def _select_cfg(embeds: Any, rows: Sequence[int], batch: int) -> Any:
     if embeds.shape[0] == 2 * batch:
         return _select(embeds, [*rows, *(batch + r for r in rows)])
     return _select(embeds, rows)
-
-
-@contextmanager
-def _loading(variable: str, model: str) -> Iterator[None]:
-    try:
-        yield
-    except Exception as exc:
-        raise SettingsError(f"{variable}={model!r} could not be loaded: {type(exc).__name__}: {exc}") from exc

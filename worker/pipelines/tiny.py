@@ -1,7 +1,9 @@
 """Tiny random-weight Kandinsky 2.2 pipelines in the `from_pretrained` layout.
 
-Written to disk so the worker loads them exactly like the real hub weights. Every shape is the smallest
-that exercises the real code path (prior, CLIP text and vision towers, UNet with image embeddings, MoVQ).
+Written to disk so the worker loads them exactly like the real hub weights, with either backend: mindone
+builds and saves them, then the weight files are put in the hub's torch layout (see `_torch_layout`). Every shape
+is the smallest that exercises the real code path (prior, CLIP text and vision towers, UNet with image
+embeddings, MoVQ).
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ from typing import Any
 
 _HIDDEN = 32
 _SPECIAL = ("<|startoftext|>", "<|endoftext|>")
+# mindone.transformers saves MindSpore's parameter names for nn.Embedding and nn.LayerNorm; the hub uses torch's.
+_TORCH_NAMES = {".embedding_table": ".weight", ".gamma": ".weight", ".beta": ".bias"}
 
 
 def make_tiny_models(out_dir: str | Path, seed: int = 0) -> tuple[Path, Path]:
@@ -31,7 +35,25 @@ def make_tiny_models(out_dir: str | Path, seed: int = 0) -> tuple[Path, Path]:
     _save_image_processor(prior_dir)
     _seed_everything(seed + 1)
     build_decoder().save_pretrained(decoder_dir)
+    for weights in sorted(out.glob("*/*/*.safetensors")):
+        _torch_layout(weights)
     return prior_dir, decoder_dir
+
+
+def _torch_layout(path: Path) -> None:
+    """Rewrite a weight file as the hub has them: torch parameter names and `format: pt`. mindone loads that
+    (it maps torch names itself, as for hub weights); transformers refuses files whose metadata says `np`."""
+    from safetensors.numpy import load_file, save_file
+
+    tensors = load_file(path)
+    save_file({_torch_name(name): value for name, value in tensors.items()}, path, metadata={"format": "pt"})
+
+
+def _torch_name(name: str) -> str:
+    for ours, theirs in _TORCH_NAMES.items():
+        if name.endswith(ours):
+            return name.removesuffix(ours) + theirs
+    return name
 
 
 def _seed_everything(seed: int) -> None:
