@@ -92,11 +92,11 @@ class Mindone:
         import mindspore as ms
 
         from worker import device
-        from worker.pipelines.kandinsky import KandinskyPipelines
+        from worker.pipelines.mindspore_mindone import MindonePipelines
 
         config = device.DeviceConfig("CPU", 0)
         device.configure(config)
-        pipes = KandinskyPipelines.load(str(args.models / "prior"), str(args.models / "decoder"), config,
+        pipes = MindonePipelines.load(str(args.models / "prior"), str(args.models / "decoder"), config,
                                         fast_prior=False)  # fmt: skip
         self.prior, self.decoder = pipes.prior, pipes.decoder
         out["versions"] = {"mindspore": ms.__version__, "python": sys.version.split()[0]}
