@@ -61,20 +61,49 @@ class LeaseKeeper:
                 log.warning("could not renew message leases: %s", exc)
 
 
+DEFAULT_INDEX_KEY = "unacked_index"  # kombu's Redis transport, without a global key prefix
+
+
 def held_by_consumer(consumer: Any) -> list[tuple[str, str]]:
-    """(unacked index key, delivery tag) of every message the consumer's task channel has not acknowledged."""
+    """(unacked index key, delivery tag) of every message this worker holds: the task channel's unacknowledged
+    deliveries (ETA messages included), and the requests it runs or has reserved — those outlive a broker
+    reconnect, which gives the consumer a fresh channel that no longer lists them."""
     task_consumer = getattr(consumer, "task_consumer", None)
     channel = getattr(task_consumer, "channel", None)
-    qos = getattr(channel, "_qos", None)  # kombu creates it on first delivery
-    if qos is None:
-        return []
-    index_key = getattr(channel, "global_keyprefix", "") + channel.unacked_index_key
+    index_key = DEFAULT_INDEX_KEY
+    tags: set[str] = set()
+    if channel is not None:
+        index_key = getattr(channel, "global_keyprefix", "") + channel.unacked_index_key
+        qos = getattr(channel, "_qos", None)  # kombu creates it on first delivery
+        if qos is not None:
+            tags.update(_copy(qos._delivered))
+    for request in _requests():
+        tag = getattr(getattr(request, "message", None), "delivery_tag", None)
+        if tag is not None:
+            tags.add(tag)
+    return [(index_key, tag) for tag in sorted(tags)]
+
+
+def _requests() -> list[Any]:
+    from celery.worker import state
+
+    return [*_copy(state.active_requests), *_copy(state.reserved_requests)]
+
+
+def _copy(items: Any) -> list[Any]:
     for _ in range(3):  # the consumer thread may add or ack while we copy
         try:
-            return [(index_key, tag) for tag in list(qos._delivered)]
+            return list(items)
         except RuntimeError:
             continue
     return []
+
+
+def broker_redis(broker_url: str) -> Any:
+    """Leases live in the broker's Redis, which need not be the result backend's."""
+    import redis
+
+    return redis.Redis.from_url(broker_url)
 
 
 def install(app: Any, redis_factory: Callable[[], Any], visibility_timeout_s: float) -> None:

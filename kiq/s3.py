@@ -56,7 +56,8 @@ def server_side(exc: Any) -> bool:
 
 
 def split_uri(uri: str) -> tuple[str, str]:
-    bucket, _, key = uri.removeprefix("s3://").partition("/")
+    """(bucket, key) of an s3:// URI; the scheme in any case, as URL parsing (and so the worker) reads it."""
+    bucket, _, key = (uri[5:] if uri[:5].lower() == "s3://" else uri).partition("/")
     return bucket, key
 
 

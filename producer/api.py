@@ -240,7 +240,7 @@ class IdempotencyClaim:
     so the client's retry creates the job; if even that fails (Redis down), the pending mark expires by itself.
     """
 
-    PENDING_TTL_S = 60
+    PENDING_TTL_S = 300  # above the slowest submit: S3 retries plus ten publish retries
 
     def __init__(self, redis: Any, settings: Settings, owner: str, key: str, digest: str) -> None:
         self.redis, self.ttl_s, self.digest = redis, settings.idempotency_ttl_s, digest
@@ -261,9 +261,15 @@ class IdempotencyClaim:
         return str(existing["id"])
 
     def commit(self) -> None:
-        if self.value:
-            enqueued = json.dumps({"digest": self.digest, "id": self.job_id, "state": "enqueued"})
-            self.redis.set(self.key, enqueued, ex=self.ttl_s)
+        """Point the key at the enqueued job, only if it still holds our pending mark; never raises (the job is
+        enqueued: a failed commit leaves the mark to expire, and the client's retry makes a second job)."""
+        if not self.value:
+            return
+        enqueued = json.dumps({"digest": self.digest, "id": self.job_id, "state": "enqueued"})
+        try:
+            self.redis.eval(_SET_IF_EQUAL, 1, self.key, self.value, enqueued, self.ttl_s)
+        except Exception as exc:  # noqa: BLE001
+            log.error("job %s is enqueued but its idempotency key could not be committed: %s", self.job_id, exc)
 
     def release(self) -> None:
         if not self.value:
@@ -275,6 +281,10 @@ class IdempotencyClaim:
 
 
 _DELETE_IF_EQUAL = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end return 0"
+_SET_IF_EQUAL = (
+    "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('set', KEYS[1], ARGV[2], 'EX', ARGV[3]) end "
+    "return 0"
+)
 
 
 def _check(probe: Any) -> str:

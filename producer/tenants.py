@@ -40,7 +40,7 @@ class Tenant:
             found.append(_forbidden(["priority"], f"priority above {self.max_priority} is not allowed"))
         readable = ((settings.s3_bucket, f"{settings.s3_input_prefix}{self.owner}/"), *self.s3_read)
         for i, item in enumerate(job.inputs):
-            if item.image is not None and item.image.startswith("s3://") and not s3.within(item.image, readable):
+            if item.image is not None and item.image[:5].lower() == "s3://" and not s3.within(item.image, readable):
                 # The same answer whether or not the object exists: nothing about other tenants' objects leaks.
                 found.append(_forbidden(["inputs", i, "image"], "s3:// reference is not readable by this API key"))
         return found

@@ -116,6 +116,9 @@ class DecoderBatch:
     def _settle(self, mate: Mate, outcome: JobResult | BaseException, seconds: float) -> None:
         try:
             self.records.store(mate.job_id, outcome)
+        except Exception as exc:  # noqa: BLE001 - one job's bookkeeping must not fail its mates
+            # Its own turn finds no final state and runs it again (outputs are idempotent by job id).
+            log.error("could not store the outcome of %s: %s", mate.job_id, exc)
         finally:
             self.guard.end(mate.job_id)
             name = "success" if isinstance(outcome, JobResult) else "cancelled" if isinstance(outcome, JobCancelled) \

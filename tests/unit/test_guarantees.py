@@ -90,10 +90,11 @@ def test_leases_renew_held_messages_and_never_revive_acked_ones():
     assert renew_interval_s(60) == 10 and renew_interval_s(6) == 1
 
 
-def test_held_messages_come_from_the_consumers_unacked_deliveries():
+def test_held_messages_come_from_the_consumers_unacked_deliveries(monkeypatch):
     qos = SimpleNamespace(_delivered={"tag-a": object(), "tag-b": object()})
     channel = SimpleNamespace(unacked_index_key="unacked_index", global_keyprefix="", _qos=qos)
     consumer = SimpleNamespace(task_consumer=SimpleNamespace(channel=channel))
+    monkeypatch.setattr("kiq.leases._requests", lambda: [])
     assert held_by_consumer(consumer) == [("unacked_index", "tag-a"), ("unacked_index", "tag-b")]
     assert held_by_consumer(object()) == []
 
@@ -148,9 +149,15 @@ class ClaimRedis(FakeRedis):
     def get(self, key):
         return self.data.get(key)
 
-    def eval(self, script, nkeys, key, value):
-        if self.data.get(key) == value:
+    def eval(self, script, nkeys, key, expected, *rest):
+        """The two compare-and-swap scripts: delete, or set to rest[0], if the key still holds `expected`."""
+        if self.data.get(key) != expected:
+            return 0
+        if rest:
+            self.data[key] = rest[0]
+        else:
             del self.data[key]
+        return 1
 
 
 def test_an_idempotency_key_points_at_a_job_only_once_it_is_enqueued():
@@ -169,3 +176,20 @@ def test_an_idempotency_key_points_at_a_job_only_once_it_is_enqueued():
         IdempotencyClaim(redis, settings, "t1", "order-1", "digest-b").acquire("job-5")
     assert other_body.value.status == 409 and "different request body" in other_body.value.detail
     assert IdempotencyClaim(redis, settings, "t2", "order-1", "digest-b").acquire("job-6") is None  # per tenant
+
+
+def test_running_requests_keep_their_leases_after_a_reconnect_gave_the_consumer_a_fresh_channel(monkeypatch):
+    fresh = SimpleNamespace(unacked_index_key="unacked_index", global_keyprefix="", _qos=None)
+    running = SimpleNamespace(message=SimpleNamespace(delivery_tag="tag-running"))
+    monkeypatch.setattr("kiq.leases._requests", lambda: [running])
+    consumer = SimpleNamespace(task_consumer=SimpleNamespace(channel=fresh))
+    assert held_by_consumer(consumer) == [("unacked_index", "tag-running")]
+
+
+def test_the_s3_scheme_in_any_case_meets_the_tenant_fence():
+    settings = Settings(api_keys="k-a,k-b")
+    tenants = Tenants.from_settings(settings)
+    a, b = tenants.find("k-a"), tenants.find("k-b")
+    theirs = f"S3://kiq/inputs/{b.owner}/j/0"
+    assert a.problems(job(inputs=[{"image": theirs, "weight": 1.0}]), settings)[0]["type"] == "forbidden"
+    assert s3.within(f"S3://kiq/inputs/{a.owner}/j/0", [("kiq", f"inputs/{a.owner}/")])
