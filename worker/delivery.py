@@ -17,11 +17,11 @@ from kiq.errors import PoisonJob
 log = logging.getLogger(__name__)
 WATCHDOG_EXIT_CODE = 75
 T = TypeVar("T")
-_REDIS_ERRORS: tuple[type[BaseException], ...] = (OSError,)
+REDIS_ERRORS: tuple[type[BaseException], ...] = (OSError,)
 try:  # redis-py's errors do not derive from OSError
     from redis.exceptions import RedisError
 
-    _REDIS_ERRORS = (OSError, RedisError)
+    REDIS_ERRORS = (OSError, RedisError)
 except ImportError:  # pragma: no cover
     pass
 
@@ -79,7 +79,7 @@ class DeliveryGuard:
     def end(self, job_id: str) -> None:
         try:
             self._retrying(lambda: self.redis.delete(deliveries_key(job_id)))
-        except _REDIS_ERRORS as exc:  # the count expires by itself; the job's outcome stands
+        except REDIS_ERRORS as exc:  # the count expires by itself; the job's outcome stands
             log.warning("could not clear the delivery count of %s: %s", job_id, exc)
 
     def _retrying(self, call: Callable[[], T]) -> T:
@@ -87,7 +87,7 @@ class DeliveryGuard:
         while True:
             try:
                 return call()
-            except _REDIS_ERRORS as exc:
+            except REDIS_ERRORS as exc:
                 if time.monotonic() + delay > deadline:
                     raise
                 log.warning("delivery bookkeeping: Redis unavailable (%s); retrying in %.1f s", exc, delay)

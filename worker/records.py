@@ -15,16 +15,10 @@ from kiq.names import PROGRESS, TERMINAL_STATES, cancel_key
 from kiq.settings import Settings
 from kiq.status import JobResult, Progress
 from kiq.webhooks import queue_webhook
+from worker.delivery import REDIS_ERRORS as _BACKEND_ERRORS
 from worker.runner import JobCancelled, JobContext
 
 log = logging.getLogger(__name__)
-_BACKEND_ERRORS: tuple[type[BaseException], ...] = (OSError,)
-try:  # redis-py's errors do not derive from OSError
-    from redis.exceptions import RedisError
-
-    _BACKEND_ERRORS = (OSError, RedisError)
-except ImportError:  # pragma: no cover
-    pass
 
 
 class JobRecords:
