@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from kiq import redisconn
 from kiq.names import GENERATE_TASK
 from kiq.settings import Settings
 
@@ -14,6 +15,7 @@ def broker_transport_options(settings: Settings) -> dict[str, Any]:
     # kombu sweeps for unacked jobs of dead workers every interval x throttle seconds (default 100 s):
     # sweep every tenth of the visibility timeout, at most every 10 s, one cheap ZRANGE each time.
     return {
+        **redisconn.transport_options(settings, settings.broker_server),
         "visibility_timeout": settings.visibility_timeout_s,
         "unacked_restore_interval": max(1, min(10, int(settings.visibility_timeout_s / 10))),
         "unacked_restore_throttle": 1,
@@ -27,8 +29,8 @@ def broker_transport_options(settings: Settings) -> dict[str, Any]:
 
 def common_config(settings: Settings) -> dict[str, Any]:
     return {
-        "broker_url": settings.broker_url,
-        "result_backend": settings.backend_url,
+        "broker_url": settings.broker_server.celery_url(),
+        "result_backend": settings.results_server.celery_url(),
         "task_serializer": "json",
         "result_serializer": "json",
         "accept_content": ["json"],
@@ -41,9 +43,13 @@ def common_config(settings: Settings) -> dict[str, Any]:
         # Redis redelivers an unacked job after this unless its lease is renewed (kiq/leases.py): live workers
         # renew theirs, so only a dead worker's jobs come back. Celery reads it in three places; all get one value.
         "broker_transport_options": broker_transport_options(settings),
-        "result_backend_transport_options": {"visibility_timeout": settings.visibility_timeout_s},
+        "result_backend_transport_options": {
+            **redisconn.transport_options(settings, settings.results_server),
+            "visibility_timeout": settings.visibility_timeout_s,
+        },
         "visibility_timeout": settings.visibility_timeout_s,
-        # Redis restarts: reconnect forever (broker), retry result writes (backend) and publishes.
+        # Redis restarts and Sentinel failovers: reconnect forever (broker), retry result writes (backend) and
+        # publishes (for KIQ_REDIS_RETRY_S).
         "broker_connection_retry_on_startup": True,
         "broker_connection_max_retries": None,
         "result_backend_always_retry": True,
@@ -51,11 +57,6 @@ def common_config(settings: Settings) -> dict[str, Any]:
         "redis_retry_on_timeout": True,
         "redis_socket_keepalive": True,
         "task_publish_retry": True,
-        "task_publish_retry_policy": {
-            "max_retries": 10,
-            "interval_start": 0.2,
-            "interval_step": 0.5,
-            "interval_max": 3,
-        },
+        "task_publish_retry_policy": redisconn.publish_retry_policy(settings.redis_retry_s),
         "enable_utc": True,
     }

@@ -17,6 +17,9 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from kiq import redisconn
+from kiq.settings import Settings
+
 log = logging.getLogger(__name__)
 
 
@@ -99,11 +102,9 @@ def _copy(items: Any) -> list[Any]:
     return []
 
 
-def broker_redis(broker_url: str) -> Any:
-    """Leases live in the broker's Redis, which need not be the result backend's."""
-    import redis
-
-    return redis.Redis.from_url(broker_url)
+def broker_redis(settings: Settings) -> Any:
+    """Leases live in the broker's Redis, which need not be the result backend's (with Sentinel: its master)."""
+    return redisconn.connect(settings.broker_server, settings)
 
 
 def install(app: Any, redis_factory: Callable[[], Any], visibility_timeout_s: float) -> None:

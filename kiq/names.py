@@ -10,6 +10,7 @@ QUEUE_NAME = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
 
 PROGRESS = "PROGRESS"
 TERMINAL_STATES = frozenset({"SUCCESS", "FAILURE", "REVOKED"})
+SUBMITS_KEY = "kiq:submits"  # a count of submits; with Sentinel its INCR is the write a submit's WAIT follows
 
 
 def job_record_key(job_id: str) -> str:

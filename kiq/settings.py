@@ -11,6 +11,7 @@ from dataclasses import dataclass, fields
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
+from kiq import redisconn
 from kiq.errors import SettingsError
 from kiq.names import DEFAULT_QUEUE, QUEUE_NAME
 
@@ -22,8 +23,13 @@ BACKENDS = ("auto", "mindone", "diffusers")
 
 @dataclass(frozen=True)
 class Settings:
-    broker_url: str = "redis://localhost:6379/0"
+    broker_url: str = "redis://localhost:6379/0"  # or sentinel://host:port;sentinel://host:port/db
     result_backend: str = ""  # empty: same as the broker
+    sentinel_master: str = "kiq"  # the Sentinels' name for the Redis group (sentinel:// URLs)
+    sentinel_password: str = ""  # the Sentinels' own AUTH password; the master's goes in the URL
+    redis_retry_s: float = 30.0  # how long submits, publishes and delivery bookkeeping ride out a Redis outage
+    submit_replicas: int = 1  # with Sentinel: a submit returns once the job is on this many replicas (WAIT)
+    submit_replica_timeout_ms: int = 1000  # ...or after this long, with a warning; 0 replicas = do not wait
     s3_endpoint_url: str = ""  # empty: AWS S3
     s3_bucket: str = "kiq"
     s3_prefix: str = "jobs/"
@@ -78,9 +84,11 @@ class Settings:
     visibility_timeout_s: float = 60.0  # a dead worker's jobs come back after this; live workers renew leases
 
     def __post_init__(self) -> None:
-        _check_url("broker_url", self.broker_url, ("redis", "rediss"))
+        redisconn.parse(self.broker_url, env_name("broker_url"))
         if self.result_backend:
-            _check_url("result_backend", self.result_backend, ("redis", "rediss"))
+            redisconn.parse(self.result_backend, env_name("result_backend"))
+        if not self.sentinel_master.strip():
+            raise SettingsError(f"{env_name('sentinel_master')} must not be empty")
         if self.s3_endpoint_url:
             _check_url("s3_endpoint_url", self.s3_endpoint_url, ("http", "https"))
         if self.device_target not in ("Ascend", "CPU", "GPU"):
@@ -112,6 +120,14 @@ class Settings:
     @property
     def backend_url(self) -> str:
         return self.result_backend or self.broker_url
+
+    @property
+    def broker_server(self) -> redisconn.RedisURL:
+        return redisconn.parse(self.broker_url, env_name("broker_url"))
+
+    @property
+    def results_server(self) -> redisconn.RedisURL:
+        return redisconn.parse(self.backend_url, env_name("result_backend" if self.result_backend else "broker_url"))
 
     @property
     def s3_read_prefixes(self) -> list[tuple[str, str]]:
@@ -160,7 +176,7 @@ class Settings:
 _NON_NEGATIVE = (
     "device_id", "fetch_max_redirects", "fetch_retries", "s3_retry_s", "time_limit_grace_s", "metrics_port",
     "embed_cache_mb", "decoder_batch_wait_ms",
-    "shutdown_grace_s",
+    "shutdown_grace_s", "redis_retry_s", "submit_replicas", "submit_replica_timeout_ms",
 )  # fmt: skip
 _POSITIVE = (
     "result_ttl_s", "presign_ttl_s", "fetch_timeout_s", "fetch_max_bytes", "fetch_max_pixels", "max_deliveries",

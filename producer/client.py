@@ -13,11 +13,11 @@ from typing import Any
 from celery import Celery
 from celery.result import AsyncResult
 
-from kiq import s3
+from kiq import redisconn, s3
 from kiq.celeryconf import common_config
 from kiq.contract import MAX_PRIORITY, Job, parse_job
 from kiq.errors import TransientError, UnknownJob, WaitTimeout
-from kiq.names import GENERATE_TASK, PROGRESS, cancel_key, fleet_key, job_record_key
+from kiq.names import GENERATE_TASK, PROGRESS, SUBMITS_KEY, cancel_key, fleet_key, job_record_key
 from kiq.settings import Settings
 from kiq.status import ErrorInfo, JobResult, JobStatus, Progress
 from kiq.webhooks import queue_webhook
@@ -33,6 +33,7 @@ class Client:
         if app is None:
             self.app.conf.update(common_config(settings))
         self._s3 = s3_client
+        self._broker_redis: Any = None
 
     @property
     def s3(self) -> Any:
@@ -54,8 +55,9 @@ class Client:
         parsed = job if isinstance(job, Job) else parse_job(job)
         job_id = job_id or str(uuid.uuid4())
         parsed = self.store_inline_images(parsed, owner, job_id)
-        record = {"owner": owner, "webhook_url": parsed.webhook_url or ""}
-        self.redis.set(job_record_key(job_id), json.dumps(record), ex=self.settings.result_ttl_s)
+        record = json.dumps({"owner": owner, "webhook_url": parsed.webhook_url or ""})
+        key, ttl = job_record_key(job_id), self.settings.result_ttl_s
+        redisconn.retrying(lambda: self.redis.set(key, record, ex=ttl), self.settings.redis_retry_s, "submit")
         try:
             self.app.send_task(
                 GENERATE_TASK, args=[parsed.model_dump(mode="json")], task_id=job_id,
@@ -65,7 +67,32 @@ class Client:
         except Exception:
             self._forget(job_id)
             raise
+        self._replicate(job_id)
         return job_id
+
+    def _replicate(self, job_id: str) -> None:
+        """With Sentinel, return only once the job (message and record) is on a replica, so that a failover
+        right after the submit cannot lose it. Past the timeout the job stands (it is enqueued on the master,
+        and failing now would make the caller submit it twice): a warning says the guarantee was not met."""
+        wanted, timeout_ms = self.settings.submit_replicas, self.settings.submit_replica_timeout_ms
+        servers = {self.settings.broker_server, self.settings.results_server}
+        for server in (s for s in servers if s.sentinel and wanted > 0):
+            client = self.redis if server == self.settings.results_server else self.broker_redis
+            try:
+                acked = redisconn.wait_for_replicas(client, lambda p: p.incr(SUBMITS_KEY), wanted, timeout_ms)
+            except redisconn.REDIS_ERRORS as exc:
+                acked = 0
+                log.warning("job %s: could not confirm replication: %s", job_id, exc)
+            if acked < wanted:
+                log.warning("job %s is on the Redis master but on %d of %d replicas after %d ms: a failover "
+                            "now could lose it", job_id, acked, wanted, timeout_ms)  # fmt: skip
+
+    @property
+    def broker_redis(self) -> Any:
+        """A client of the broker's Redis, where it is not the result backend's."""
+        if self._broker_redis is None:
+            self._broker_redis = redisconn.connect(self.settings.broker_server, self.settings)
+        return self._broker_redis
 
     def store_inline_images(self, job: Job, owner: str, job_id: str) -> Job:
         """Put each `data:` image in S3 under the job's input prefix and refer to it by s3:// instead:

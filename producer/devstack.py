@@ -82,11 +82,13 @@ def _tail(log: Path | None, lines: int = 30) -> str:
 
 
 def redis_ping(url: str) -> bool:
-    import redis
+    from kiq import redisconn
+    from kiq.settings import Settings
 
+    settings = Settings(broker_url=url)
     try:
-        return bool(redis.Redis.from_url(url, socket_connect_timeout=1).ping())
-    except redis.RedisError:
+        return bool(redisconn.connect(settings.broker_server, settings, socket_connect_timeout=1).ping())
+    except redisconn.REDIS_ERRORS:
         return False
 
 
@@ -95,7 +97,8 @@ def ensure_redis(stack: Stack, url: str, log_dir: Path) -> None:
     if redis_ping(url):
         return
     parts = urlsplit(url)
-    if parts.hostname not in ("localhost", "127.0.0.1") or shutil.which("redis-server") is None:
+    local = parts.scheme == "redis" and parts.hostname in ("localhost", "127.0.0.1")
+    if not local or shutil.which("redis-server") is None:
         raise StackError(f"no Redis answers at {url}, and kiq can only start one locally (needs redis-server)")
     log = log_dir / "redis.log"
     argv = [

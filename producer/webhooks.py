@@ -38,7 +38,7 @@ def create_webhook_app(settings: Settings) -> Celery:
                     task_acks_late=True, worker_prefetch_multiplier=4)  # fmt: skip
     client = Client(settings, app=app)
     # Retries wait as ETA messages this worker holds unacknowledged: keep their leases like the job worker does.
-    leases.install(app, lambda: leases.broker_redis(settings.broker_url), settings.visibility_timeout_s)
+    leases.install(app, lambda: leases.broker_redis(settings), settings.visibility_timeout_s)
     limits = safe_http.HttpLimits(64 * 1024, settings.webhook_timeout_s, 0)
     policy = safe_http.AddressPolicy.parse(settings.fetch_allow)
 

@@ -4,26 +4,18 @@ from __future__ import annotations
 
 import logging
 import os
-import random
 import threading
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from kiq.errors import PoisonJob
+from kiq.redisconn import REDIS_ERRORS, retrying
 
 log = logging.getLogger(__name__)
 WATCHDOG_EXIT_CODE = 75
 T = TypeVar("T")
-REDIS_ERRORS: tuple[type[BaseException], ...] = (OSError,)
-try:  # redis-py's errors do not derive from OSError
-    from redis.exceptions import RedisError
-
-    REDIS_ERRORS = (OSError, RedisError)
-except ImportError:  # pragma: no cover
-    pass
 
 
 def deliveries_key(job_id: str) -> str:
@@ -83,16 +75,7 @@ class DeliveryGuard:
             log.warning("could not clear the delivery count of %s: %s", job_id, exc)
 
     def _retrying(self, call: Callable[[], T]) -> T:
-        deadline, delay = time.monotonic() + self.redis_retry_s, 0.2
-        while True:
-            try:
-                return call()
-            except REDIS_ERRORS as exc:
-                if time.monotonic() + delay > deadline:
-                    raise
-                log.warning("delivery bookkeeping: Redis unavailable (%s); retrying in %.1f s", exc, delay)
-                time.sleep(delay * (0.5 + random.random() / 2))
-                delay = min(delay * 2, 5.0)
+        return retrying(call, self.redis_retry_s, "delivery bookkeeping")
 
 
 @contextmanager

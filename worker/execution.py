@@ -49,7 +49,9 @@ class JobDelivery:
         self.task, self.runner, self.settings, self.observers = task, runner, settings, observers
         self.job_id: str = task.request.id
         self.records = JobRecords(task.backend, task.app, settings)
-        self.guard = DeliveryGuard(task.backend.client, settings.max_deliveries, settings.result_ttl_s)
+        self.guard = DeliveryGuard(
+            task.backend.client, settings.max_deliveries, settings.result_ttl_s, settings.redis_retry_s
+        )
 
     def run(self, raw: dict[str, Any]) -> dict[str, Any]:
         if self.records.final(self.job_id):

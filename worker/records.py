@@ -12,10 +12,10 @@ from typing import Any
 
 from kiq.errors import JobTimeout
 from kiq.names import PROGRESS, TERMINAL_STATES, cancel_key
+from kiq.redisconn import REDIS_ERRORS as _BACKEND_ERRORS
 from kiq.settings import Settings
 from kiq.status import JobResult, Progress
 from kiq.webhooks import queue_webhook
-from worker.delivery import REDIS_ERRORS as _BACKEND_ERRORS
 from worker.runner import JobCancelled, JobContext
 
 log = logging.getLogger(__name__)

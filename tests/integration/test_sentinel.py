@@ -1,0 +1,75 @@
+"""No single Redis to lose: the primary is SIGKILLed mid-stream, Sentinel promotes the replica, and every job
+submitted before and after ends SUCCESS once with its one object. kiq runs on its defaults; only the broker URL
+(Sentinels) and the queue are set."""
+
+import threading
+import time
+import uuid
+
+import pytest
+
+from kiq.settings import Settings
+from producer.client import Client
+from tests.integration.jobs import tiny_job
+from tests.integration.test_faults import count_in_logs, objects_of, wait_for_step
+from tests.sentinel import RedisHA
+
+
+@pytest.fixture
+def redis_ha(tmp_path):
+    ha = RedisHA(tmp_path).start()
+    yield ha
+    ha.close()
+
+
+def unconfirmed(caplog) -> int:
+    """Submits that warned that their job was not confirmed on a replica (the client logs it)."""
+    found = sum("replicas after" in r.getMessage() for r in caplog.records)
+    caplog.clear()
+    return found
+
+
+def test_primary_killed_mid_stream_fails_over_without_losing_or_repeating_a_job(
+    env, redis_ha, spawn_worker, s3, settings, caplog
+):
+    caplog.set_level("WARNING", logger="producer.client")
+    overrides = {"KIQ_BROKER_URL": redis_ha.url, "KIQ_QUEUE": f"kiq-ha-{uuid.uuid4().hex[:8]}"}
+    worker_settings = Settings.from_env({**env, **overrides})
+    assert worker_settings.broker_server.sentinel and worker_settings.sentinel_master == "kiq"  # the default name
+    client = Client(worker_settings)
+    _, log = spawn_worker("sentinel", **overrides)
+
+    before = [client.submit(tiny_job(decoder_steps=6, seed=n)) for n in range(3)]
+    assert unconfirmed(caplog) == 0  # each submit returned once its job was on the replica (WAIT)
+    wait_for_step(client, before[0], step=2)
+    replica = redis_ha.ports["replica"]
+    promoted: list[float] = []
+
+    def watch() -> None:
+        while redis_ha.master_port() != replica:
+            time.sleep(0.05)
+        promoted.append(time.monotonic())
+
+    killed_at = redis_ha.kill_primary()  # one job running, two queued
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    after, submit_s = [], []
+    for n in range(3):  # the first of these waits through the failover
+        started = time.monotonic()
+        after.append(client.submit(tiny_job(seed=10 + n)))
+        submit_s.append(time.monotonic() - started)
+    watcher.join(60)
+    assert promoted, "Sentinel never promoted the replica"
+    assert unconfirmed(caplog) == 3  # no replica left: the jobs stand on the new master, each submit says so
+    redis_ha.restart_old_primary()  # it rejoins as the new master's replica
+    after.append(client.submit(tiny_job(seed=20)))
+    assert unconfirmed(caplog) == 0
+    print(f"\nfailover: replica promoted {promoted[0] - killed_at:.1f} s after SIGKILL of the primary; "
+          f"submits across it took {', '.join(f'{s:.1f}' for s in submit_s)} s")  # fmt: skip
+
+    for job_id in before + after:
+        final = client.wait(job_id, timeout=150)
+        assert final.state == "SUCCESS", (job_id, final.error)
+        assert objects_of(s3, settings, job_id) == [f"jobs/{job_id}/0.png"]
+        assert count_in_logs([log], f"[{job_id}] succeeded") == 1, job_id
+    assert redis_ha.master_port() == replica
