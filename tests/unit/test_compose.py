@@ -26,7 +26,8 @@ GPU_SETTINGS = {"KIQ_BACKEND", "KIQ_TORCH_COMPILE"}
 
 def test_services_present():
     workers = {f"worker-npu{n}" for n in NPUS} | {f"worker-gpu{n}" for n in GPUS}
-    assert {"redis", "minio", "minio-init", "flower"} | workers == set(SERVICES)
+    redis_ha = {"redis-ha-1", "redis-ha-2", "redis-ha-3", "sentinel-1", "sentinel-2", "sentinel-3"}
+    assert {"redis", "minio", "minio-init", "flower"} | workers | redis_ha == set(SERVICES)
 
 
 def test_worker_variables_are_real_settings():
@@ -138,3 +139,27 @@ def test_kubernetes_pod_per_gpu_beside_the_ascend_pool():
     queue = config["KIQ_QUEUE"]
     lists = [queue] + [f"{queue}:{step}" for step in PRIORITY_STEPS[1:]]
     assert [t["metadata"]["listName"] for t in scaled["triggers"]] == lists
+
+
+def test_ha_profile_replicates_with_aof_and_three_sentinels_on_the_tested_timings():
+    from tests.sentinel import DOWN_AFTER_MS, FAILOVER_TIMEOUT_MS, MASTER
+
+    nodes = [SERVICES[f"redis-ha-{n}"] for n in (1, 2, 3)]
+    for n, node in enumerate(nodes, 1):
+        command = node["command"]
+        assert node["profiles"] == ["ha"] and command[0] == "redis-server"
+        assert command[command.index("--appendfsync") + 1] == "everysec" and "--appendonly" in command
+        assert command[command.index("--replica-announce-ip") + 1] == f"redis-ha-{n}"
+        assert ("--replicaof" in command) == (n > 1)
+    for n in (1, 2, 3):
+        script = " ".join(SERVICES[f"sentinel-{n}"]["command"])
+        assert f"sentinel monitor {MASTER} redis-ha-1 6379 2" in script  # KIQ_SENTINEL_MASTER's default
+        assert f"down-after-milliseconds {MASTER} {DOWN_AFTER_MS}" in script
+        assert f"failover-timeout {MASTER} {FAILOVER_TIMEOUT_MS}" in script
+        assert "--sentinel" in script and SERVICES[f"sentinel-{n}"]["profiles"] == ["ha"]
+    header = Path("docker-compose.yml").read_text()
+    url = "sentinel://sentinel-1:26379;sentinel://sentinel-2:26379;sentinel://sentinel-3:26379/0"
+    assert url in header
+    from kiq.settings import Settings
+
+    assert Settings(broker_url=url).sentinel_master == MASTER
