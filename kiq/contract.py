@@ -260,7 +260,7 @@ class Job(BaseModel):
         inputs, num_images = info.data.get("inputs"), info.data.get("num_images")
         if sweep is None or inputs is None:  # a bad `inputs` has its own error already
             return sweep
-        if num_images != 1:
+        if num_images is not None and num_images != 1:
             raise ValueError("num_images must be 1 with a sweep (each frame is one image)")
         name = "keyframes" if sweep.keyframes is not None else "to"
         for n, keyframe in enumerate(sweep.further()):
