@@ -99,9 +99,8 @@ class SweepRun:
                 ctx.progress("decoder", b * steps + step, batches * steps)  # raises on cancel and timeout
                 return list(range(rows))
 
-            rows = [DecoderRow(embeds[k], negative, rng(prepared.seed)) for k in chunk]
             with _adding(timings, "decoder"), model_errors():
-                decoded = self.runner.pipelines.decode_batch(rows, decoder_params(job), on_step)
+                decoded = self._decode([embeds[k] for k in chunk], negative, prepared.seed, on_step)
             for row, k in enumerate(chunk):
                 images.append(decoded[row])
                 with _adding(timings, "encode"):
@@ -109,6 +108,16 @@ class SweepRun:
                 with _adding(timings, "upload"):
                     ctx.frame_done(self.runner.upload(ctx.job_id, k, blob, job, prepared.seed))
         return images
+
+    def _decode(self, embeds: list[Any], negative: Any, seed: int, on_step: Any) -> dict[int, Any]:
+        """One decoder call; each row draws from a fresh generator of the job's seed, so every frame starts from
+        the same noise. A batch of one takes the plain job's own path."""
+        pipelines, params = self.runner.pipelines, decoder_params(self.job)
+        assert pipelines is not None
+        if len(embeds) == 1:
+            return dict(enumerate(pipelines.decode(embeds[0], negative, params, rng(seed), on_step)))
+        rows = [DecoderRow(e, negative, rng(seed)) for e in embeds]
+        return pipelines.decode_batch(rows, params, on_step)
 
     def _animation(self, prepared: Prepared, images: list[Any]) -> ImageRef:
         spec = self.job.animation
