@@ -73,7 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("--seed", type=int, default=0)
     tiny.set_defaults(handler=cmd_make_tiny_models)
     demo = sub.add_parser("demo", help="bring up what is missing, run the example job, save the image")
-    demo.add_argument("--out", default="kiq-demo.png", help="where to save the image")
+    demo.add_argument("--out", default=None, help="where to save the image (kiq-demo.png; kiq-demo.gif with --sweep)")
+    demo.add_argument("--sweep", action="store_true", help="a morph over the three conditions, saved as a GIF")
     demo.set_defaults(handler=cmd_demo)
     return parser
 
@@ -166,7 +167,7 @@ def cmd_make_tiny_models(args: argparse.Namespace, _: list[str]) -> int:
 def cmd_demo(args: argparse.Namespace, _: list[str]) -> int:
     from producer.demo import run_demo
 
-    return run_demo(args.out)
+    return run_demo(args.out, sweep=args.sweep)
 
 
 def read_job(path: str) -> Any:

@@ -127,3 +127,13 @@ def test_a_plain_job_has_one_frame_and_no_sweep_fields_in_its_dump():
     assert "sweep" not in plain.settings_summary()
     round_trip = parse_job(sweep_job().model_dump(mode="json"))
     assert round_trip == sweep_job()
+
+
+@pytest.mark.parametrize("real_models", [False, True])
+def test_the_demo_sweep_is_a_valid_job(real_models):
+    from producer.demo import example_job, sweep_job
+
+    job = parse_job(sweep_job(example_job("s3://kiq/inputs/cat.png", "s3://kiq/inputs/starry.png", real_models),
+                              real_models))  # fmt: skip
+    assert job.animation.format == "gif" and job.sweep.mix == "slerp"
+    assert job.frame_weights()[0] == [1.0, 0.0, 0.0] and job.frame_weights()[-1] == [0.0, 0.0, 1.0]
