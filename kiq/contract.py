@@ -20,6 +20,7 @@ from pydantic import (
     Field,
     SerializerFunctionWrapHandler,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_serializer,
     model_validator,
@@ -27,6 +28,7 @@ from pydantic import (
 
 from kiq.errors import JobInvalid
 from kiq.names import QUEUE_NAME
+from kiq.sweep import frame_weights
 
 MAX_INPUTS = 16
 MAX_PROMPT_CHARS = 1000
@@ -39,6 +41,9 @@ MAX_GUIDANCE = 50.0
 MAX_NUM_IMAGES = 8
 MAX_SEED = 2**32 - 1
 DEFAULT_PRIORITY, MAX_PRIORITY = 5, 9
+MIN_FRAMES, MAX_FRAMES = 2, 120
+MAX_KEYFRAMES = 16
+MAX_FPS = 60
 MAX_DNS_LABEL, MAX_DNS_NAME = 63, 253
 
 OutputFormat = Literal["png", "jpeg", "webp"]
@@ -157,6 +162,48 @@ def _check_data_uri(ref: str) -> None:
         raise ValueError(f"data URI image is over {MAX_DATA_URI_BYTES} bytes: upload it to S3 and use s3://")
 
 
+Weight = Annotated[float, Field(allow_inf_nan=False, ge=-MAX_WEIGHT, le=MAX_WEIGHT)]
+
+
+class Sweep(BaseModel):
+    """A morph: the inputs' weights are keyframe 0; `keyframes` (or `to`, one keyframe) follow, spread evenly
+    over `frames` frames. `mix` is how a frame's embedding is made from the conditions' embeddings: `linear`,
+    the weighted sum `interpolate` computes, or `slerp`, spherical between consecutive keyframes' embeddings."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    keyframes: list[list[Weight]] | None = Field(default=None, min_length=1, max_length=MAX_KEYFRAMES)
+    to: list[Weight] | None = None
+    frames: int = Field(ge=MIN_FRAMES, le=MAX_FRAMES)
+    easing: Literal["linear", "ease-in-out"] = "linear"
+    mix: Literal["linear", "slerp"] = "linear"
+
+    @model_serializer(mode="wrap")
+    def _drop_unset(self, handler: SerializerFunctionWrapHandler) -> dict[str, object]:
+        return {k: v for k, v in handler(self).items() if v is not None}
+
+    @model_validator(mode="after")
+    def _one_of(self) -> Sweep:
+        if (self.keyframes is None) == (self.to is None):
+            raise ValueError("give exactly one of 'keyframes' or 'to'")
+        return self
+
+    def further(self) -> list[list[float]]:
+        """The keyframes after the inputs' weights."""
+        return [list(k) for k in self.keyframes] if self.keyframes is not None else [list(self.to or [])]
+
+
+class Animation(BaseModel):
+    """The sweep's frames as one animation, encoded and uploaded once every frame is done."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    format: Literal["gif", "webp", "mp4"] = "gif"
+    fps: int = Field(default=12, ge=1, le=MAX_FPS)
+    loop: bool = True  # play forever (GIF, WebP); MP4 players decide for themselves
+    boomerang: bool = False  # play forward then backward: frames 0..n-1, n-2..1
+
+
 Side = Annotated[int, Field(ge=MIN_SIDE, le=MAX_SIDE, multiple_of=SIDE_STEP)]
 Guidance = Annotated[float, Field(ge=0.0, le=MAX_GUIDANCE, allow_inf_nan=False)]
 
@@ -180,11 +227,13 @@ class Job(BaseModel):
     queue: str | None = Field(default=None, pattern=QUEUE_NAME.pattern)  # a dedicated queue (model variant…)
     priority: int = Field(default=DEFAULT_PRIORITY, ge=0, le=MAX_PRIORITY)  # 9 is served first
     webhook_url: str | None = Field(default=None, max_length=MAX_REF_CHARS)
+    sweep: Sweep | None = None  # a morph: many frames from one job (see Sweep)
+    animation: Animation | None = None  # the sweep's frames as a GIF, animated WebP or MP4
 
     @model_serializer(mode="wrap")
     def _drop_unset_options(self, handler: SerializerFunctionWrapHandler) -> dict[str, object]:
         data = handler(self)
-        for name in ("queue", "webhook_url"):
+        for name in ("queue", "webhook_url", "sweep", "animation"):
             if data.get(name) is None:
                 data.pop(name, None)
         return data
@@ -205,9 +254,58 @@ class Job(BaseModel):
             raise ValueError("at least one input weight must be non-zero")
         return self
 
+    @field_validator("sweep")
+    @classmethod
+    def _sweep_fits(cls, sweep: Sweep | None, info: ValidationInfo) -> Sweep | None:
+        inputs, num_images = info.data.get("inputs"), info.data.get("num_images")
+        if sweep is None or inputs is None:  # a bad `inputs` has its own error already
+            return sweep
+        if num_images is not None and num_images != 1:
+            raise ValueError("num_images must be 1 with a sweep (each frame is one image)")
+        name = "keyframes" if sweep.keyframes is not None else "to"
+        for n, keyframe in enumerate(sweep.further()):
+            if len(keyframe) != len(inputs):
+                raise ValueError(f"{name}: keyframe {n} has {len(keyframe)} weights; give one per input "
+                                 f"({len(inputs)})")  # fmt: skip
+        segments = len(sweep.further())
+        if sweep.frames < segments + 1:
+            raise ValueError(f"frames: {sweep.frames} frames cannot show {segments + 1} keyframes")
+        keyframes = [[i.weight for i in inputs], *sweep.further()]
+        for k, weights in enumerate(frame_weights(keyframes, sweep.frames, sweep.easing)):
+            if all(w == 0 for w in weights):
+                raise ValueError(f"every weight of frame {k} is zero")
+        return sweep
+
+    @field_validator("animation")
+    @classmethod
+    def _animation_needs_sweep(cls, animation: Animation | None, info: ValidationInfo) -> Animation | None:
+        if animation is not None and info.data.get("sweep") is None and "sweep" not in _failed(info):
+            raise ValueError("needs a sweep (an animation is made of the sweep's frames)")
+        return animation
+
+    def keyframes(self) -> list[list[float]]:
+        """All keyframes, the inputs' weights first; just those weights without a sweep."""
+        first = [i.weight for i in self.inputs]
+        return [first, *(self.sweep.further() if self.sweep is not None else [])]
+
+    def frame_weights(self) -> list[list[float]]:
+        """Each frame's input weights (one frame, the inputs' weights, without a sweep)."""
+        if self.sweep is None:
+            return [[i.weight for i in self.inputs]]
+        return frame_weights(self.keyframes(), self.sweep.frames, self.sweep.easing)
+
+    @property
+    def frames(self) -> int:
+        return self.sweep.frames if self.sweep is not None else 1
+
     def settings_summary(self) -> dict[str, object]:
         """The generation settings without the inputs (which may be large data URIs)."""
-        return self.model_dump(exclude={"inputs", "queue", "webhook_url", "priority"})
+        return self.model_dump(exclude={"inputs", "queue", "webhook_url", "priority", "sweep", "animation"})
+
+
+def _failed(info: ValidationInfo) -> set[str]:
+    """Fields validated before this one that failed: absent from info.data (their own error is reported)."""
+    return set(Job.model_fields) - set(info.data) - {info.field_name or ""}
 
 
 def parse_job(data: object) -> Job:

@@ -30,3 +30,8 @@ def fleet_key(worker: str) -> str:
 
 def idempotency_key(owner: str, key: str) -> str:
     return f"kiq:idem:{owner}:{key}"
+
+
+def frames_key(job_id: str) -> str:
+    """A sweep's frames uploaded so far (JSON list of ImageRef), so a cancelled or failed sweep still lists them."""
+    return f"kiq:frames:{job_id}"

@@ -10,12 +10,6 @@ State = Literal["PENDING", "STARTED", "PROGRESS", "SUCCESS", "FAILURE", "REVOKED
 Stage = Literal["fetch", "prior", "decoder", "upload"]
 
 
-class Progress(BaseModel):
-    stage: Stage
-    step: int = Field(ge=0)
-    total: int = Field(ge=0)
-
-
 class ImageRef(BaseModel):
     uri: str
     url: str
@@ -24,11 +18,20 @@ class ImageRef(BaseModel):
     format: str
 
 
+class Progress(BaseModel):
+    stage: Stage
+    step: int = Field(ge=0)
+    total: int = Field(ge=0)
+    frames: list[ImageRef] | None = None  # a sweep's frames uploaded so far, in order
+
+
 class JobResult(BaseModel):
-    images: list[ImageRef]
+    images: list[ImageRef]  # a sweep's frames, in order
     seed: int
     device: str
     timings: dict[str, float]
+    animation: ImageRef | None = None  # a sweep's animation, when the job asked for one
+    frame_weights: list[list[float]] | None = None  # a sweep's effective input weights per frame (see README)
 
 
 class ErrorInfo(BaseModel):
@@ -43,6 +46,7 @@ class JobStatus(BaseModel):
     progress: Progress | None = None
     result: JobResult | None = None
     error: ErrorInfo | None = None
+    frames: list[ImageRef] | None = None  # a cancelled or failed sweep's frames that were uploaded
 
     @property
     def done(self) -> bool:

@@ -137,6 +137,19 @@ def create_api(settings: Settings, client: Client | None = None, s3: Any = None)
         bucket, key = current.result.images[n].uri.removeprefix("s3://").split("/", 1)
         return RedirectResponse(presign(s3, bucket, key, settings.presign_ttl_s), status_code=307)
 
+    @app.get("/v1/jobs/{job_id}/animation", status_code=307, response_class=RedirectResponse,
+             responses=image_errors)  # fmt: skip
+    def animation(job_id: str, tenant: Caller) -> RedirectResponse:
+        """A sweep's animation (GIF, WebP or MP4), once the job has succeeded."""
+        owned(job_id, tenant.owner)
+        current = client.status(job_id)
+        if current.result is None:
+            raise HTTPException(409, f"job {job_id} is {current.state}, not SUCCESS")
+        if current.result.animation is None:
+            raise HTTPException(404, f"job {job_id} has no animation")
+        bucket, key = current.result.animation.uri.removeprefix("s3://").split("/", 1)
+        return RedirectResponse(presign(s3, bucket, key, settings.presign_ttl_s), status_code=307)
+
     @app.get("/healthz")
     def healthz() -> dict[str, str]:
         return {"status": "ok"}

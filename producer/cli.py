@@ -1,4 +1,4 @@
-"""`kiq`: submit, status, wait, cancel; plus `worker`, `make-tiny-models` and `demo`, which load the
+"""`kiq`: submit, status, wait, download, cancel; plus `worker`, `make-tiny-models` and `demo`, which load the
 worker side lazily so that the producer commands never import MindSpore.
 
 Exit codes: 0 success, 1 the job failed or was cancelled, 2 bad input or settings, 3 wait timed out,
@@ -52,6 +52,12 @@ def build_parser() -> argparse.ArgumentParser:
     wait.add_argument("id")
     wait.add_argument("--timeout", type=float, default=None)
     wait.set_defaults(handler=cmd_wait)
+    download = sub.add_parser("download", help="wait for a job, then save its images (a sweep's frames and "
+                              "animation) in DIR; prints the paths")  # fmt: skip
+    download.add_argument("id")
+    download.add_argument("dir", nargs="?", default=".", help="where to save them (default: here)")
+    download.add_argument("--timeout", type=float, default=None)
+    download.set_defaults(handler=cmd_download)
     worker = sub.add_parser("worker", help="run a worker on KIQ_DEVICE_TARGET/KIQ_DEVICE_ID (extra args go to celery)")
     worker.add_argument("--devices", help="supervise one worker per device: 0-7, 0,2,5 …")
     worker.set_defaults(handler=cmd_worker)
@@ -67,7 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("--seed", type=int, default=0)
     tiny.set_defaults(handler=cmd_make_tiny_models)
     demo = sub.add_parser("demo", help="bring up what is missing, run the example job, save the image")
-    demo.add_argument("--out", default="kiq-demo.png", help="where to save the image")
+    demo.add_argument("--out", default=None, help="where to save the image (kiq-demo.png; kiq-demo.gif with --sweep)")
+    demo.add_argument("--sweep", action="store_true", help="a morph over the three conditions, saved as a GIF")
     demo.set_defaults(handler=cmd_demo)
     return parser
 
@@ -93,6 +100,22 @@ def cmd_status(args: argparse.Namespace, _: list[str]) -> int:
 
 def cmd_wait(args: argparse.Namespace, _: list[str]) -> int:
     return wait_and_print(_client(), args.id, args.timeout)
+
+
+def cmd_download(args: argparse.Namespace, _: list[str]) -> int:
+    from producer.progress import ProgressBar
+
+    bar = ProgressBar()
+    try:
+        final, paths = _client().download(args.id, args.dir, timeout=args.timeout, on_progress=bar)
+    finally:
+        bar.close()
+    for path in paths:
+        print(path, flush=True)
+    if final.state != "SUCCESS":
+        print_status(final)
+        return EXIT_FAILED
+    return 0
 
 
 def cmd_cancel(args: argparse.Namespace, _: list[str]) -> int:
@@ -144,7 +167,7 @@ def cmd_make_tiny_models(args: argparse.Namespace, _: list[str]) -> int:
 def cmd_demo(args: argparse.Namespace, _: list[str]) -> int:
     from producer.demo import run_demo
 
-    return run_demo(args.out)
+    return run_demo(args.out, sweep=args.sweep)
 
 
 def read_job(path: str) -> Any:

@@ -8,6 +8,7 @@ import logging
 import time
 import uuid
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 from celery import Celery
@@ -17,9 +18,9 @@ from kiq import redisconn, s3
 from kiq.celeryconf import common_config
 from kiq.contract import MAX_PRIORITY, Job, parse_job
 from kiq.errors import TransientError, UnknownJob, WaitTimeout
-from kiq.names import GENERATE_TASK, PROGRESS, SUBMITS_KEY, cancel_key, fleet_key, job_record_key
+from kiq.names import GENERATE_TASK, PROGRESS, SUBMITS_KEY, cancel_key, fleet_key, frames_key, job_record_key
 from kiq.settings import Settings
-from kiq.status import ErrorInfo, JobResult, JobStatus, Progress
+from kiq.status import ErrorInfo, ImageRef, JobResult, JobStatus, Progress
 from kiq.webhooks import queue_webhook
 
 ProgressCallback = Callable[[JobStatus], None]
@@ -123,7 +124,12 @@ class Client:
         state = meta["status"]
         if state == "PENDING" and self.record(job_id) is None:
             raise UnknownJob(f"no job with id {job_id!r} (never submitted, or expired)")
-        return to_status(job_id, state, meta.get("result"))
+        status = to_status(job_id, state, meta.get("result"))
+        if state in ("FAILURE", "REVOKED"):  # a sweep that ended early still lists the frames it uploaded
+            raw = self.redis.get(frames_key(job_id))
+            if raw:
+                status.frames = [ImageRef.model_validate(f) for f in json.loads(raw)]
+        return status
 
     def wait(
         self,
@@ -145,6 +151,25 @@ class Client:
                 raise WaitTimeout(f"job {job_id} still {current.state} after {timeout} s")
             last = current
             time.sleep(poll_s)
+
+    def download(self, job_id: str, directory: str | Path, timeout: float | None = None,
+                 on_progress: ProgressCallback | None = None) -> tuple[JobStatus, list[Path]]:  # fmt: skip
+        """Wait for the job, then save its outputs in `directory` under their object names (`0.png` …, a sweep's
+        `animation.gif`); a sweep that was cancelled or failed leaves the frames it uploaded. Returns the final
+        status and the files written."""
+        final = self.wait(job_id, timeout=timeout, on_progress=on_progress)
+        refs = list(final.result.images) if final.result is not None else list(final.frames or [])
+        if final.result is not None and final.result.animation is not None:
+            refs.append(final.result.animation)
+        target = Path(directory)
+        target.mkdir(parents=True, exist_ok=True)
+        paths = []
+        for ref in refs:
+            bucket, key = s3.split_uri(ref.uri)
+            path = target / key.rsplit("/", 1)[-1]
+            path.write_bytes(self.s3.get_object(Bucket=bucket, Key=key)["Body"].read())
+            paths.append(path)
+        return final, paths
 
     def cancel(self, job_id: str) -> JobStatus:
         """A queued job never runs; a running one stops at its next denoising step."""

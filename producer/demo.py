@@ -2,7 +2,8 @@
 
 Brings up what is missing (Redis, a local S3 server, one CPU worker on tiny models unless KIQ_PRIOR_MODEL and
 KIQ_DECODER_MODEL name real ones), submits one text and two images weighted 0.3/0.3/0.4, shows progress,
-saves the image and prints its s3:// URI. Everything it started is stopped on the way out.
+saves the image and prints its s3:// URI. With --sweep: the same three conditions as a morph, saved as a GIF.
+Everything it started is stopped on the way out.
 """
 
 from __future__ import annotations
@@ -41,7 +42,18 @@ def example_job(cat_uri: str, starry_uri: str, real_models: bool) -> dict[str, A
     }
 
 
-def run_demo(out: str) -> int:
+def sweep_job(job: dict[str, Any], real_models: bool) -> dict[str, Any]:
+    """The same three conditions as a morph: "a cat" → the cat image → the starry image, as a looping GIF."""
+    size, decoder_steps, frames = (768, 50, 24) if real_models else (64, 8, 12)
+    inputs = [{**item, "weight": w} for item, w in zip(job["inputs"], (1.0, 0.0, 0.0), strict=True)]
+    return {**job, "inputs": inputs, "height": size, "width": size, "decoder_steps": decoder_steps,
+            "sweep": {"keyframes": [[0.0, 1.0, 0.0], [0.0, 0.0, 1.0]], "frames": frames, "easing": "ease-in-out",
+                      "mix": "slerp"},
+            "animation": {"format": "gif", "fps": 8, "boomerang": True}}  # fmt: skip
+
+
+def run_demo(out: str | None = None, sweep: bool = False) -> int:
+    out = out or ("kiq-demo.gif" if sweep else "kiq-demo.png")
     env = demo_env(dict(os.environ))
     stack = devstack.Stack()
     try:
@@ -50,6 +62,8 @@ def run_demo(out: str) -> int:
         cat_uri = upload_example(settings, "cat.png")
         starry_uri = "data:image/jpeg;base64," + base64.b64encode((EXAMPLES / "starry.jpeg").read_bytes()).decode()
         job = example_job(cat_uri, starry_uri, real_models=_real_models(os.environ))
+        if sweep:
+            job = sweep_job(job, real_models=_real_models(os.environ))
         start = time.perf_counter()
         job_id = client.submit(job)
         print(f"submitted {job_id}", file=sys.stderr)
@@ -98,7 +112,7 @@ def finish(client: Client, settings: Settings, job_id: str, out: Path, start: fl
     if final.result is None:
         print(final.model_dump_json(indent=2, exclude_none=True))
         return 1
-    image = final.result.images[0]
+    image = final.result.animation or final.result.images[0]
     bucket, key = s3.split_uri(image.uri)
     out.write_bytes(s3.s3_client(settings).get_object(Bucket=bucket, Key=key)["Body"].read())
     timings = ", ".join(f"{k} {v:.2f}s" for k, v in final.result.timings.items())

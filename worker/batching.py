@@ -44,8 +44,8 @@ def shape(job: Job) -> tuple[int, int, int, float, int]:
 
 def find_mates(task: Task, leader: Job, settings: Settings, may_join: Callable[[str], bool]) -> list[Mate]:
     """Reserved jobs that can share the leader's decoder call, waiting up to KIQ_DECODER_BATCH_WAIT_MS for them."""
-    if settings.decoder_batch < 2 or leader.num_images != 1:
-        return []
+    if settings.decoder_batch < 2 or leader.num_images != 1 or leader.sweep is not None:
+        return []  # a sweep batches its own frames (KIQ_DECODER_BATCH at a time) and shares no call
     deadline = time.monotonic() + settings.decoder_batch_wait_ms / 1000
     refused: set[str] = set()
     while True:
@@ -68,7 +68,7 @@ def _reserved_mates(task: Task, leader: Job, limit: int, may_join: Callable[[str
         except JobInvalid:
             refused.add(request.id)
             continue  # it fails on its own turn, with its own error
-        if shape(job) != shape(leader):
+        if shape(job) != shape(leader) or job.sweep is not None:
             continue
         if task.backend.get_task_meta(request.id)["status"] in TERMINAL_STATES or not may_join(request.id):
             refused.add(request.id)

@@ -1,4 +1,4 @@
-"""Per-job time limits, derived from the job's size and step counts."""
+"""Per-job time limits, derived from the job's size, step counts and (for a sweep) its frames."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ def expected_seconds(job: Job, settings: Settings) -> float:
     texts = sum(1 for i in job.inputs if i.text is not None)
     prior = job.prior_steps * (texts + 1) * settings.prior_step_s
     scale = job.height * job.width / REFERENCE_PIXELS
-    decoder = job.decoder_steps * job.num_images * scale * settings.decoder_step_s
+    decoder = job.decoder_steps * job.num_images * job.frames * scale * settings.decoder_step_s
     return prior + decoder
 
 

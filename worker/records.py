@@ -6,15 +6,16 @@ can report for each of its jobs without one job's prompts or images landing in a
 
 from __future__ import annotations
 
+import json
 import logging
 import socket
 from typing import Any
 
 from kiq.errors import JobTimeout
-from kiq.names import PROGRESS, TERMINAL_STATES, cancel_key
+from kiq.names import PROGRESS, TERMINAL_STATES, cancel_key, frames_key
 from kiq.redisconn import REDIS_ERRORS as _BACKEND_ERRORS
 from kiq.settings import Settings
-from kiq.status import JobResult, Progress
+from kiq.status import ImageRef, JobResult, Progress
 from kiq.webhooks import queue_webhook
 from worker.runner import JobCancelled, JobContext
 
@@ -67,7 +68,16 @@ class JobRecords:
             except _BACKEND_ERRORS:
                 return False
 
-        return JobContext(job_id=job_id, report=report, cancelled=cancelled, limit_s=limit_s)
+        def record_frames(frames: list[ImageRef]) -> None:
+            # Overwritten whole, so a redelivered sweep lists only its own run's frames.
+            payload = json.dumps([f.model_dump(mode="json") for f in frames])
+            try:
+                self.backend.client.set(frames_key(job_id), payload, ex=self.settings.result_ttl_s)
+            except _BACKEND_ERRORS as exc:  # like progress: best effort
+                log.warning("could not record the frames of %s: %s", job_id, exc)
+
+        return JobContext(job_id=job_id, report=report, cancelled=cancelled, limit_s=limit_s,
+                          record_frames=record_frames)  # fmt: skip
 
 
 def webhook_url(raw: Any) -> str | None:

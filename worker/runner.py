@@ -38,8 +38,10 @@ class JobContext:
     report: Callable[[Progress], None]
     cancelled: Callable[[], bool]
     limit_s: float = math.inf  # the soft time limit, checked at every progress point
+    record_frames: Callable[[list[ImageRef]], None] | None = None  # keeps a sweep's frames past cancel/failure
 
     deadline: float = field(init=False)  # time.monotonic() at which the soft limit runs out
+    frames: list[ImageRef] = field(init=False, default_factory=list)  # a sweep's frames uploaded so far
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "deadline", time.monotonic() + self.limit_s)
@@ -48,7 +50,12 @@ class JobContext:
         if self.cancelled():
             raise JobCancelled(self.job_id)
         self.check_time()
-        self.report(Progress(stage=stage, step=step, total=total))
+        self.report(Progress(stage=stage, step=step, total=total, frames=list(self.frames) or None))
+
+    def frame_done(self, ref: ImageRef) -> None:
+        self.frames.append(ref)
+        if self.record_frames is not None:
+            self.record_frames(list(self.frames))
 
     def check_time(self) -> None:
         if time.monotonic() > self.deadline:
@@ -86,10 +93,14 @@ class Runner:
         self.load_seconds = time.perf_counter() - start
 
     def run(self, job: Job, ctx: JobContext) -> JobResult:
+        if job.sweep is not None:
+            from worker.sweep import SweepRun
+
+            return SweepRun(self, job, ctx).run()
         prepared = self.prepare(job, ctx)
-        with _timed(prepared.timings, "decoder"), _model_errors():
+        with timed(prepared.timings, "decoder"), model_errors():
             on_step = lambda step, total: ctx.progress("decoder", step, total)  # noqa: E731
-            images = self.pipelines.decode(*prepared.embeds, _decoder(job), _rng(prepared.seed), on_step)
+            images = self.pipelines.decode(*prepared.embeds, decoder_params(job), rng(prepared.seed), on_step)
         return self.finish(prepared, images)
 
     def run_batch(self, items: list[tuple[Job, JobContext]],
@@ -126,11 +137,11 @@ class Runner:
                     batch.settle(i, exc)
             return [row for row, i in enumerate(live) if batch.outcomes[i] is None]
 
-        rows = [DecoderRow(prepared[i].embeds[0], prepared[i].embeds[1], _rng(prepared[i].seed)) for i in live]
+        rows = [DecoderRow(prepared[i].embeds[0], prepared[i].embeds[1], rng(prepared[i].seed)) for i in live]
         start = time.perf_counter()
         try:
-            with _model_errors():
-                images = self.pipelines.decode_batch(rows, _decoder(items[live[0]][0]), on_step)
+            with model_errors():
+                images = self.pipelines.decode_batch(rows, decoder_params(items[live[0]][0]), on_step)
         except JobError as exc:
             for i in batch.open(live):
                 batch.settle(i, exc)
@@ -144,20 +155,25 @@ class Runner:
 
     def prepare(self, job: Job, ctx: JobContext) -> Prepared:
         """Fetch the references and run the prior: everything up to the decoder."""
-        self.setup()
+        prepared, conditions = self.fetch(job, ctx)
         assert self.pipelines is not None
-        prepared = Prepared(job=job, ctx=ctx, seed=seed_for(job, ctx.job_id))
-        with _timed(prepared.timings, "fetch"):
-            conditions = [self._condition(ctx, item, n, len(job.inputs)) for n, item in enumerate(job.inputs)]
-        with _timed(prepared.timings, "prior"), _model_errors():
+        with timed(prepared.timings, "prior"), model_errors():
             ctx.progress("prior", 0, job.prior_steps)
             weights = [i.weight for i in job.inputs]
             on_prior_step = lambda step, total: ctx.progress("prior", step, total)  # noqa: E731
             prepared.embeds = self.pipelines.interpolate(
-                conditions, weights, _prior(job), _rng(prepared.seed), on_prior_step
+                conditions, weights, prior_params(job), rng(prepared.seed), on_prior_step
             )
             ctx.progress("prior", job.prior_steps, job.prior_steps)
         return prepared
+
+    def fetch(self, job: Job, ctx: JobContext) -> tuple[Prepared, list[Any]]:
+        """The job's conditions: texts as they are, images fetched and decoded."""
+        self.setup()
+        prepared = Prepared(job=job, ctx=ctx, seed=seed_for(job, ctx.job_id))
+        with timed(prepared.timings, "fetch"):
+            conditions = [self._condition(ctx, item, n, len(job.inputs)) for n, item in enumerate(job.inputs)]
+        return prepared, conditions
 
     def _condition(self, ctx: JobContext, item: JobInput, n: int, total: int) -> Any:
         """A text as is, an image fetched and decoded within the job's soft time limit."""
@@ -173,28 +189,31 @@ class Runner:
     def finish(self, prepared: Prepared, images: list[Any]) -> JobResult:
         """Encode and upload the decoded images."""
         job, ctx, timings = prepared.job, prepared.ctx, prepared.timings
-        with _timed(timings, "encode"):
+        with timed(timings, "encode"):
             blobs = [encode(image, job.output_format) for image in images]
-        with _timed(timings, "upload"):
+        with timed(timings, "upload"):
             ctx.progress("upload", 0, len(blobs))
-            refs = [self._upload(ctx.job_id, n, blob, job, prepared.seed) for n, blob in enumerate(blobs)]
+            refs = [self.upload(ctx.job_id, n, blob, job, prepared.seed) for n, blob in enumerate(blobs)]
         if self.pipelines is not None:
             metrics.observe_pipelines(self.pipelines.caches(), self.pipelines.memory_bytes())
         return JobResult(images=refs, seed=prepared.seed, device=self.device.name, timings=timings)
 
-    def _upload(self, job_id: str, n: int, blob: bytes, job: Job, seed: int) -> ImageRef:
-        # Keyed by the task id: a redelivered job overwrites its own objects instead of adding more.
-        key = f"{self.settings.s3_prefix}{job_id}/{n}.{job.output_format}"
+    def upload(self, job_id: str, n: int | str, blob: bytes, job: Job, seed: int, fmt: str | None = None,
+               content_type: str | None = None) -> ImageRef:  # fmt: skip
+        """Put one output at <prefix><job id>/<n>.<format>: keyed by the task id, so a redelivered job overwrites
+        its own objects instead of adding more."""
+        fmt = fmt or job.output_format
+        key = f"{self.settings.s3_prefix}{job_id}/{n}.{fmt}"
         metadata = object_metadata(job, job_id, seed)
+        if isinstance(n, int) and job.sweep is not None:
+            metadata["kiq-frame"] = str(n)
         bound = self.settings.s3_retry_s
+        body_type = content_type or _CONTENT_TYPES[fmt]
         try:
-            uri = with_retries(lambda: self.storage.put(key, blob, _CONTENT_TYPES[job.output_format], metadata),
-                               within_s=bound)  # fmt: skip
+            uri = with_retries(lambda: self.storage.put(key, blob, body_type, metadata), within_s=bound)
         except StorageUnavailable as exc:
             raise StorageUnavailable(f"{exc} (still failing after {bound:g} s of retries)") from None
-        return ImageRef(
-            uri=uri, url=self.storage.presign(key), width=job.width, height=job.height, format=job.output_format
-        )
+        return ImageRef(uri=uri, url=self.storage.presign(key), width=job.width, height=job.height, format=fmt)
 
 
 def object_metadata(job: Job, job_id: str, seed: int) -> dict[str, str]:
@@ -211,22 +230,22 @@ def encode(image: Any, fmt: str) -> bytes:
     return buffer.getvalue()
 
 
-def _rng(seed: int) -> Any:
+def rng(seed: int) -> Any:
     import numpy as np
 
     return np.random.default_rng(seed)
 
 
-def _prior(job: Job) -> PriorParams:
+def prior_params(job: Job) -> PriorParams:
     return PriorParams(job.prior_steps, job.prior_guidance_scale, job.negative_prompt, job.num_images)
 
 
-def _decoder(job: Job) -> DecoderParams:
+def decoder_params(job: Job) -> DecoderParams:
     return DecoderParams(job.height, job.width, job.decoder_steps, job.guidance_scale)
 
 
 @contextmanager
-def _timed(timings: dict[str, float], stage: str) -> Iterator[None]:
+def timed(timings: dict[str, float], stage: str) -> Iterator[None]:
     start = time.perf_counter()
     try:
         yield
@@ -262,7 +281,7 @@ def _own_outcome(step: Callable[[], Any]) -> Any:
 
 
 @contextmanager
-def _model_errors() -> Iterator[None]:
+def model_errors() -> Iterator[None]:
     """Turn framework exceptions into a PipelineError that serialises cleanly through the result backend."""
     try:
         yield

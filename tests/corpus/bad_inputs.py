@@ -126,6 +126,38 @@ CASES = [
     submit("negative seed", job(seed=-1), "seed: Input should be greater than or equal to 0"),
     submit("seed over 32 bits", job(seed=2**40), "seed: Input should be less than or equal to 4294967295"),
     submit("gif output", job(output_format="gif"), "output_format: Input should be 'png', 'jpeg' or 'webp'"),
+    # sweeps and animations
+    submit("sweep without keyframes or to", job(sweep={"frames": 4}), "sweep: give exactly one of 'keyframes' or 'to'"),
+    submit("sweep with both", job(sweep={"frames": 4, "to": [1.0], "keyframes": [[1.0]]}), "exactly one of"),
+    submit("sweep of one frame", job(sweep={"frames": 1, "to": [1.0]}), "sweep.frames: Input should be greater"),
+    submit("sweep of 10k frames", job(sweep={"frames": 10_000, "to": [1.0]}), "sweep.frames: Input should be less"),
+    submit(
+        "sweep keyframe too short",
+        job(GOOD_INPUT, GOOD_INPUT, sweep={"frames": 4, "to": [1.0]}),
+        "sweep: to: keyframe 0 has 1 weights; give one per input (2)",
+    ),
+    submit(
+        "sweep keyframe too long",
+        job(sweep={"frames": 4, "keyframes": [[1.0], [1.0, 2.0]]}),
+        "sweep: keyframes: keyframe 1 has 2 weights",
+    ),
+    submit("sweep weight NaN", job(sweep={"frames": 4, "to": [float("nan")]}), "sweep.to.0: Input should be a finite"),
+    submit("sweep weight inf", job(sweep={"frames": 4, "keyframes": [[float("inf")]]}), "should be a finite number"),
+    submit("sweep through all-zero weights", job(sweep={"frames": 3, "to": [-0.5]}), "every weight of frame 1 is zero"),
+    submit("sweep of 2 images each", job(num_images=2, sweep={"frames": 3, "to": [1.0]}), "num_images must be 1"),
+    submit(
+        "sweep with more keyframes than frames",
+        job(sweep={"frames": 2, "keyframes": [[1.0], [2.0]]}),
+        "sweep: frames: 2 frames cannot show 3 keyframes",
+    ),
+    submit("sweep easing unknown", job(sweep={"frames": 3, "to": [1.0], "easing": "bounce"}), "sweep.easing"),
+    submit("animation without a sweep", job(animation={"format": "gif"}), "animation: needs a sweep"),
+    submit(
+        "animation as avi",
+        job(sweep={"frames": 3, "to": [1.0]}, animation={"format": "avi"}),
+        "animation.format: Input should be 'gif', 'webp' or 'mp4'",
+    ),
+    submit("animation at 0 fps", job(sweep={"frames": 3, "to": [1.0]}, animation={"fps": 0}), "animation.fps"),
     # image references refused from their text alone
     submit("ftp scheme", image("ftp://example.com/cat.png"), "unsupported image reference scheme 'ftp'"),
     submit("file scheme", image("file:///etc/passwd"), "unsupported image reference scheme 'file'"),

@@ -66,6 +66,20 @@ class Pipelines(Protocol):
         """One decoder call for several jobs; rows leave when `on_step` stops naming them. {row: PIL image}."""
         ...
 
+    def conditions(self, conditions: Sequence[Any], params: PriorParams, generator: Any,
+                   on_step: StepCallback | None = None) -> Any:  # fmt: skip
+        """Each input's embedding and the negative, once (a fast_prior.Conditions): the prior's draws and
+        results are `interpolate`'s, so `mix(…, weights)` of them is what `interpolate` with those weights gives."""
+        ...
+
+    def mix(self, conditions: Any, weights: Sequence[float]) -> Any:
+        """The weighted sum of the inputs' embeddings, (num_images, dim): no model runs."""
+        ...
+
+    def numpy(self, tensor: Any) -> Any:
+        """A tensor's values on the host (float64 numpy), for the sweep's slerp coefficients."""
+        ...
+
     def caches(self) -> dict[str, Any]:
         """The embedding caches by name (hits and misses go to the metrics); empty without the batched prior."""
         ...

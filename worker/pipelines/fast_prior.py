@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 from collections import deque
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
@@ -77,6 +78,19 @@ class PriorOps(Protocol):
         """Sum of (1, num_images, dim) parts: (num_images, dim)."""
         ...
 
+    def numpy(self, tensor: Any) -> np.ndarray:
+        """A tensor's values on the host, as float64."""
+        ...
+
+
+@dataclass(frozen=True)
+class Conditions:
+    """Each input's embedding, (1, num_images, dim) in input order, and the negative embedding: what every
+    mix of the job's inputs is made of (`interpolate` is one mix; a sweep makes one per frame)."""
+
+    parts: list[Any]
+    negative: Any
+
 
 class FastPrior:
     def __init__(self, ops: PriorOps, cache_bytes: int = 0) -> None:
@@ -91,18 +105,27 @@ class FastPrior:
     def interpolate(self, conditions: Sequence[Any], weights: Sequence[float], *, steps: int, guidance_scale: float,
                     negative_prompt: str, num_images: int, generator: np.random.Generator,
                     on_step: StepCallback | None = None) -> tuple[Any, Any]:  # fmt: skip
+        embedded = self.conditions(conditions, steps=steps, guidance_scale=guidance_scale,
+                                   negative_prompt=negative_prompt, num_images=num_images, generator=generator,
+                                   on_step=on_step)  # fmt: skip
+        return self.mix(embedded, weights), embedded.negative
+
+    def conditions(self, conditions: Sequence[Any], *, steps: int, guidance_scale: float, negative_prompt: str,
+                   num_images: int, generator: np.random.Generator,
+                   on_step: StepCallback | None = None) -> Conditions:  # fmt: skip
+        """One batched prior run for the texts (and a non-empty negative), one encoder batch for the images."""
         texts = [c for c in conditions if isinstance(c, str)]
         prompts = texts + ([negative_prompt] if negative_prompt != "" else [])
         text_embeds = self._prior(prompts, steps, guidance_scale, num_images, generator, on_step)
         image_embeds = iter(self._encode([c for c in conditions if not isinstance(c, str)], num_images))
         by_text = iter(text_embeds[: len(texts)])
-        parts = [
-            (next(by_text) if isinstance(c, str) else next(image_embeds)) * w
-            for c, w in zip(conditions, weights, strict=True)
-        ]
-        embeds = self.ops.weighted_sum(parts)
+        parts = [next(by_text) if isinstance(c, str) else next(image_embeds) for c in conditions]
         negative = text_embeds[-1][0] if negative_prompt != "" else self.zero_embed(num_images)
-        return embeds, negative
+        return Conditions(parts, negative)
+
+    def mix(self, conditions: Conditions, weights: Sequence[float]) -> Any:
+        """The weighted sum `interpolate` returns: (num_images, dim). Cheap: no model runs."""
+        return self.ops.weighted_sum([part * w for part, w in zip(conditions.parts, weights, strict=True)])
 
     def _prior(self, prompts: list[str], steps: int, guidance_scale: float, num_images: int,
                generator: np.random.Generator, on_step: StepCallback | None) -> list[Any]:  # fmt: skip

@@ -15,7 +15,7 @@ from mindspore import mint
 from kiq.settings import Settings
 from worker.device import DeviceConfig
 from worker.pipelines.base import DecoderParams, DecoderRow, LiveRows, PriorParams, StepCallback, loading
-from worker.pipelines.fast_prior import FastPrior, ReplayGenerator
+from worker.pipelines.fast_prior import Conditions, FastPrior, ReplayGenerator
 
 
 class _NoRowsLeft(Exception):
@@ -58,11 +58,17 @@ class PriorOps:
     def weighted_sum(self, parts: list[Any]) -> Any:
         return mint.sum(mint.cat(parts), dim=0)
 
+    def numpy(self, tensor: Any) -> np.ndarray:
+        return tensor.float().asnumpy().astype(np.float64)
+
 
 class MindonePipelines:
     def __init__(self, prior: Any, decoder: Any, fast_prior: bool = True, cache_mb: int = 0) -> None:
         self.prior, self.decoder = prior, decoder
         self.fast_prior = FastPrior(PriorOps(prior), cache_mb * 1024 * 1024) if fast_prior else None
+        # A sweep needs each input's embedding, which mindone's `interpolate` never returns: with
+        # KIQ_FAST_PRIOR=0 sweeps still use the batched prior (same draws, same result), without caches.
+        self.sweep_prior = self.fast_prior or FastPrior(PriorOps(prior))
 
     @classmethod
     def load(
@@ -123,6 +129,20 @@ class MindonePipelines:
             negative_prompt=params.negative_prompt,
             guidance_scale=params.guidance_scale,
         )
+
+    def conditions(self, conditions: Sequence[Any], params: PriorParams, generator: Any,
+                   on_step: StepCallback | None = None) -> Conditions:  # fmt: skip
+        return self.sweep_prior.conditions(
+            conditions, steps=params.steps, guidance_scale=params.guidance_scale,
+            negative_prompt=params.negative_prompt, num_images=params.num_images, generator=generator,
+            on_step=on_step,
+        )  # fmt: skip
+
+    def mix(self, conditions: Conditions, weights: Sequence[float]) -> Any:
+        return self.sweep_prior.mix(conditions, weights)
+
+    def numpy(self, tensor: Any) -> np.ndarray:
+        return self.sweep_prior.ops.numpy(tensor)
 
     def decode(
         self, embeds: Any, negative_embeds: Any, params: DecoderParams, generator: Any, on_step: StepCallback

@@ -21,7 +21,7 @@ from kiq.errors import SettingsError
 from kiq.settings import Settings
 from worker.device import DeviceConfig
 from worker.pipelines.base import DecoderParams, DecoderRow, LiveRows, PriorParams, StepCallback, loading
-from worker.pipelines.fast_prior import FastPrior, ReplayGenerator
+from worker.pipelines.fast_prior import Conditions, FastPrior, ReplayGenerator
 from worker.pipelines.torch_noise import HostNoise, route_scheduler_noise, select_rows
 
 WARM_SIZE = 768  # the job contract's default height and width: compiled at start
@@ -125,6 +125,9 @@ class PriorOps:
     def weighted_sum(self, parts: list[torch.Tensor]) -> torch.Tensor:
         return torch.cat(parts).sum(dim=0)
 
+    def numpy(self, tensor: torch.Tensor) -> np.ndarray:
+        return tensor.detach().double().cpu().numpy()
+
 
 class DiffusersPipelines:
     def __init__(self, prior: Any, decoder: Any, device: torch.device, dtype: torch.dtype, cache_mb: int = 0) -> None:
@@ -147,6 +150,22 @@ class DiffusersPipelines:
             negative_prompt=params.negative_prompt, num_images=params.num_images, generator=generator,
             on_step=on_step,
         )  # fmt: skip
+
+    @torch.inference_mode()
+    def conditions(self, conditions: Sequence[Any], params: PriorParams, generator: Any,
+                   on_step: StepCallback | None = None) -> Conditions:  # fmt: skip
+        return self.fast_prior.conditions(
+            conditions, steps=params.steps, guidance_scale=params.guidance_scale,
+            negative_prompt=params.negative_prompt, num_images=params.num_images, generator=generator,
+            on_step=on_step,
+        )  # fmt: skip
+
+    @torch.inference_mode()
+    def mix(self, conditions: Conditions, weights: Sequence[float]) -> torch.Tensor:
+        return self.fast_prior.mix(conditions, weights)
+
+    def numpy(self, tensor: torch.Tensor) -> np.ndarray:
+        return self.fast_prior.ops.numpy(tensor)
 
     @torch.inference_mode()
     def decode(self, embeds: Any, negative_embeds: Any, params: DecoderParams, generator: Any,
