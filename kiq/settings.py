@@ -54,6 +54,7 @@ class Settings:
     fast_prior: bool = True  # one batched prior run per job, no wasted negative run (same output)
     decoder_batch: int = 1  # > 1: run up to this many queued jobs of one decoder shape as one decoder batch
     decoder_batch_wait_ms: int = 50  # how long a job waits for batch mates
+    progress_interval_ms: int = 500  # a job's progress is written at most this often (stage ends always); 0: every step
     embed_cache_mb: int = 256  # image-embedding and text-prior caches (with the fast prior); 0: off
     api_host: str = "127.0.0.1"
     api_port: int = 8000
@@ -176,7 +177,7 @@ class Settings:
 _NON_NEGATIVE = (
     "device_id", "fetch_max_redirects", "fetch_retries", "s3_retry_s", "time_limit_grace_s", "metrics_port",
     "embed_cache_mb", "decoder_batch_wait_ms",
-    "shutdown_grace_s", "redis_retry_s", "submit_replicas", "submit_replica_timeout_ms",
+    "shutdown_grace_s", "redis_retry_s", "progress_interval_ms", "submit_replicas", "submit_replica_timeout_ms",
 )  # fmt: skip
 _POSITIVE = (
     "result_ttl_s", "presign_ttl_s", "fetch_timeout_s", "fetch_max_bytes", "fetch_max_pixels", "max_deliveries",

@@ -18,6 +18,7 @@ from kiq.settings import Settings
 from kiq.status import ImageRef, JobResult, Progress
 from kiq.webhooks import queue_webhook
 from worker.runner import JobCancelled, JobContext
+from worker.throttle import ProgressThrottle
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +57,11 @@ class JobRecords:
         queue_webhook(self.app, self.backend.client, job_id, webhook_url, self.settings.result_ttl_s)
 
     def context(self, job_id: str, limit_s: float) -> JobContext:
+        throttle = ProgressThrottle(self.settings.progress_interval_ms / 1000)
+
         def report(progress: Progress) -> None:
+            if not throttle.due(progress):  # cancel and time limits are still checked at every step
+                return
             try:
                 self.backend.store_result(job_id, progress.model_dump(), PROGRESS)
             except _BACKEND_ERRORS as exc:  # progress is best effort: a Redis blip must not fail the job
