@@ -209,8 +209,9 @@ def client_process(index: int, env: dict[str, str], rate: float, run_s: float, w
     def poll_loop() -> None:
         while time.time() < stop_at:
             now = time.time()
-            with lock:
+            with lock:  # claim the due jobs, so the other poll thread does not poll (and count) them too
                 due = [j for j, t in followed.items() if t <= now]
+                followed.update(dict.fromkeys(due, float("inf")))
             for job_id in due:
                 status = client.status(job_id)
                 when = time.time()
