@@ -28,7 +28,8 @@ def broker_transport_options(settings: Settings) -> dict[str, Any]:
 def common_config(settings: Settings) -> dict[str, Any]:
     return {
         "broker_url": settings.broker_url,
-        "result_backend": settings.backend_url,
+        # Celery's Redis backend plus a per-job event stream (kiq/events.py); the URL is Celery's "class+url" form.
+        "result_backend": f"kiq.events:EventsBackend+{settings.backend_url}",
         "task_serializer": "json",
         "result_serializer": "json",
         "accept_content": ["json"],

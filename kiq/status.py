@@ -47,3 +47,11 @@ class JobStatus(BaseModel):
     @property
     def done(self) -> bool:
         return self.state in ("SUCCESS", "FAILURE", "REVOKED")
+
+
+class JobEvent(BaseModel):
+    """One state write of a job, as `GET /v1/jobs/{id}/events` and `Client.events` deliver it. `id` is the
+    Redis Stream id of the write ("<ms>-<seq>", increasing per job): resume after it with Last-Event-ID."""
+
+    id: str
+    status: JobStatus

@@ -4,27 +4,31 @@ replicas can sit behind a load balancer. See the README's "HTTP API" section for
 import hashlib
 import json
 import logging
+import re
 import uuid
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Header, HTTPException, Request
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import JSONResponse, RedirectResponse
+from fastapi.responses import JSONResponse, RedirectResponse, StreamingResponse
 from pydantic import BaseModel, ValidationError
 
 from kiq.contract import Job, validation_errors
 from kiq.errors import StorageError, UnknownJob
+from kiq.events import events_key
 from kiq.names import idempotency_key
 from kiq.s3 import input_prefix, presign, put, s3_client
 from kiq.settings import Settings
 from kiq.status import JobStatus
 from producer.bodylimit import BodyLimit
 from producer.client import Client
+from producer.events import EventHub, job_events
 from producer.tenants import Tenant, Tenants
 
 log = logging.getLogger("kiq.api")
 UPLOAD_SCHEME = "upload:"
 MAX_UPLOADS = 16
+HEARTBEAT_S = 15.0  # an SSE comment this often keeps proxies (nginx: 60 s) from closing idle streams
 
 
 def _unavailable_errors() -> tuple[type[BaseException], ...]:
@@ -56,6 +60,21 @@ def create_api(settings: Settings, client: Client | None = None, s3: Any = None)
         log.warning("KIQ_API_KEYS and KIQ_API_TENANTS are empty: the API is open to anyone who can reach it")
     app = FastAPI(title="kiq", version="0.1.0", summary="Kandinsky 2.2 interpolation queue")
     app.state.tenants = tenants
+    app.state.heartbeat_s = HEARTBEAT_S
+    hubs: list[EventHub] = []  # made on first use, inside the server's event loop
+
+    def hub() -> EventHub:
+        if not hubs:
+            from redis.asyncio import from_url
+
+            hubs.append(EventHub(from_url(settings.backend_url)))
+        return hubs[0]
+
+    @app.on_event("shutdown")
+    async def close_hub() -> None:
+        if hubs:
+            await hubs[0].close()
+
     app.add_middleware(BodyLimit, max_bytes=settings.api_max_body_bytes)
 
     @app.exception_handler(Rejected)
@@ -123,6 +142,40 @@ def create_api(settings: Settings, client: Client | None = None, s3: Any = None)
     def cancel(job_id: str, tenant: Caller) -> JobStatus:
         owned(job_id, tenant.owner)
         return client.cancel(job_id)
+
+    @app.get("/v1/jobs/{job_id}/events", response_class=StreamingResponse,
+             responses={200: {"content": {"text/event-stream": {}}, "description": EVENTS_DOC},
+                        404: {"description": "unknown job, or another key's"}})  # fmt: skip
+    async def events(job_id: str, tenant: Caller,
+                     last_event_id: Annotated[str | None, Header(alias="Last-Event-ID", max_length=40)] = None,
+                     ) -> StreamingResponse:  # fmt: skip
+        await run_in_threadpool(owned, job_id, tenant.owner)
+        if last_event_id is not None and not _EVENT_ID.fullmatch(last_event_id):
+            raise HTTPException(400, "Last-Event-ID must be an event id from this stream (<ms>-<seq>)")
+        first = None if last_event_id else await run_in_threadpool(first_status, job_id)
+        stream = sse(hub(), job_id, last_event_id, first, app.state.heartbeat_s)
+        return StreamingResponse(stream, media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})  # fmt: skip
+
+    def first_status(job_id: str) -> JobStatus | None:
+        """The current status when the job has written no event yet (still queued, or older than events)."""
+        return None if client.redis.exists(events_key(job_id)) else client.status(job_id)
+
+    async def sse(hub: EventHub, job_id: str, after: str | None, first: JobStatus | None,
+                  heartbeat_s: float) -> Any:  # fmt: skip
+        yield "retry: 2000\n\n"
+        if first is not None:
+            yield _sse_event("", first)
+            if first.done:
+                return
+        async for event in job_events(hub, job_id, after, heartbeat_s):
+            if event is None:
+                yield ": heartbeat\n\n"
+                continue
+            current = client.decode_event(job_id, event[1])
+            yield _sse_event(event[0], current)
+            if current.done:
+                return
 
     image_errors = {404: {"description": "no such job or image"}, 409: {"description": "job not finished"}}
 
@@ -285,6 +338,20 @@ _SET_IF_EQUAL = (
     "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('set', KEYS[1], ARGV[2], 'EX', ARGV[3]) end "
     "return 0"
 )
+
+
+_EVENT_ID = re.compile(r"[0-9]{1,20}-[0-9]{1,20}")
+EVENTS_DOC = (
+    "Server-Sent Events: `state` (PENDING, STARTED), `progress` (one per step) and `done` (the final status, "
+    "then the stream ends); each `data` is the status JSON and each `id` the job's event id (resume with "
+    "Last-Event-ID: nothing lost, nothing repeated). A `: heartbeat` comment every 15 s."
+)
+
+
+def _sse_event(event_id: str, current: JobStatus) -> str:
+    kind = "done" if current.done else "progress" if current.state == "PROGRESS" else "state"
+    head = f"id: {event_id}\n" if event_id else ""
+    return f"{head}event: {kind}\ndata: {current.model_dump_json(exclude_none=True)}\n\n"
 
 
 def _check(probe: Any) -> str:

@@ -7,7 +7,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 from celery import Celery
@@ -17,9 +17,10 @@ from kiq import s3
 from kiq.celeryconf import common_config
 from kiq.contract import MAX_PRIORITY, Job, parse_job
 from kiq.errors import TransientError, UnknownJob, WaitTimeout
+from kiq.events import events_key
 from kiq.names import GENERATE_TASK, PROGRESS, cancel_key, fleet_key, job_record_key
 from kiq.settings import Settings
-from kiq.status import ErrorInfo, JobResult, JobStatus, Progress
+from kiq.status import ErrorInfo, JobEvent, JobResult, JobStatus, Progress
 from kiq.webhooks import queue_webhook
 
 ProgressCallback = Callable[[JobStatus], None]
@@ -98,26 +99,52 @@ class Client:
             raise UnknownJob(f"no job with id {job_id!r} (never submitted, or expired)")
         return to_status(job_id, state, meta.get("result"))
 
+    def events(self, job_id: str, last_event_id: str | None = None, timeout: float | None = None,
+               block_s: float = 5.0) -> Iterator[JobEvent]:  # fmt: skip
+        """The job's state writes in order, from after `last_event_id` (from the start if None), until its final
+        status; blocks on the job's event stream (XREAD), so no polling. Raises UnknownJob, or WaitTimeout once
+        `timeout` seconds pass without the final status. A job whose stream is gone (expired, or written before
+        events existed) yields its current status once, with an empty id."""
+        if self.record(job_id) is None and self.app.backend.get_task_meta(job_id)["status"] == "PENDING":
+            raise UnknownJob(f"no job with id {job_id!r} (never submitted, or expired)")
+        deadline = None if timeout is None else time.monotonic() + timeout
+        after, key = last_event_id or "0-0", events_key(job_id)
+        if after == "0-0" and not self.redis.exists(key):
+            current = self.status(job_id)
+            yield JobEvent(id="", status=current)
+            if current.done:
+                return
+        while True:
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                raise WaitTimeout(f"job {job_id} did not end within {timeout} s")
+            block = block_s if left is None else min(block_s, left)
+            for _, entries in self.redis.xread({key: after}, block=max(1, int(block * 1000))) or []:
+                for raw_id, fields in entries:
+                    after = raw_id.decode()
+                    event = JobEvent(id=after, status=self.decode_event(job_id, fields[b"meta"]))
+                    yield event
+                    if event.status.done:
+                        return
+
+    def decode_event(self, job_id: str, raw: bytes) -> JobStatus:
+        meta = self.app.backend.decode_result(raw)
+        return to_status(job_id, meta["status"], meta.get("result"))
+
     def wait(
         self,
         job_id: str,
         timeout: float | None = None,
         on_progress: ProgressCallback | None = None,
-        poll_s: float = 0.2,
     ) -> JobStatus:
-        """Poll until the job ends; `on_progress` sees every status that differs from the last one."""
-        deadline = None if timeout is None else time.monotonic() + timeout
+        """Follow the job's events until it ends; `on_progress` sees every status that differs from the last one."""
         last = None
-        while True:
-            current = self.status(job_id)
-            if on_progress is not None and current != last:
-                on_progress(current)
-            if current.done:
-                return current
-            if deadline is not None and time.monotonic() >= deadline:
-                raise WaitTimeout(f"job {job_id} still {current.state} after {timeout} s")
-            last = current
-            time.sleep(poll_s)
+        for event in self.events(job_id, timeout=timeout):
+            if on_progress is not None and event.status != last:
+                on_progress(event.status)
+            last = event.status
+        assert last is not None and last.done
+        return last
 
     def cancel(self, job_id: str) -> JobStatus:
         """A queued job never runs; a running one stops at its next denoising step."""
