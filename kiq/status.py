@@ -55,3 +55,12 @@ class JobEvent(BaseModel):
 
     id: str
     status: JobStatus
+
+
+class JobSummary(JobStatus):
+    submitted_at: float  # Unix time
+
+
+class JobList(BaseModel):
+    jobs: list[JobSummary]
+    next_cursor: str | None = None  # pass as `cursor` for the next (older) page; None on the last one

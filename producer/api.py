@@ -8,7 +8,7 @@ import re
 import uuid
 from typing import Annotated, Any
 
-from fastapi import Depends, FastAPI, Header, HTTPException, Request
+from fastapi import Depends, FastAPI, Header, HTTPException, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, RedirectResponse, StreamingResponse
 from pydantic import BaseModel, ValidationError
@@ -19,7 +19,7 @@ from kiq.events import events_key
 from kiq.names import idempotency_key
 from kiq.s3 import input_prefix, presign, put, s3_client
 from kiq.settings import Settings
-from kiq.status import JobStatus
+from kiq.status import JobList, JobStatus, State
 from producer.bodylimit import BodyLimit
 from producer.client import Client
 from producer.events import EventHub, job_events
@@ -45,6 +45,11 @@ _UNAVAILABLE = _unavailable_errors()
 class Submitted(BaseModel):
     id: str
     status_url: str
+
+
+class Fleet(BaseModel):
+    workers: list[dict[str, str]]  # one heartbeat each: hostname, device, current_job, done, failed, queues …
+    queues: dict[str, dict[str, int]]  # queue -> job priority class ("7-9", "4-6", "1-3", "0") -> jobs waiting
 
 
 class Rejected(Exception):
@@ -127,6 +132,27 @@ def create_api(settings: Settings, client: Client | None = None, s3: Any = None)
         job_id = str(uuid.uuid4())
         job, digest, uploads = await read_job(request, job_id, settings, tenant.owner)
         return await run_in_threadpool(accept, tenant, job, digest, uploads, job_id, idempotency)
+
+    @app.get("/v1/jobs", response_model=JobList, response_model_exclude_none=True)
+    def jobs(tenant: Caller, limit: Annotated[int, Query(ge=1, le=100)] = 20, state: State | None = None,
+             cursor: Annotated[str | None, Query(pattern=r"^[0-9]+(\.[0-9]+)?(e[-+]?[0-9]+)?$")] = None,
+             ) -> JobList:  # fmt: skip
+        """The caller's jobs, newest first; follow `next_cursor` for older ones."""
+        return client.jobs(tenant.owner, limit, state, cursor)
+
+    @app.get("/v1/fleet", response_model=Fleet)
+    def fleet(tenant: Caller) -> Fleet:
+        """Live workers (device, current job, counters) and the jobs waiting per queue and priority class. A
+        worker busy with another tenant's job shows `current_job` "busy": job ids stay with their owners."""
+        workers = client.fleet()
+        for worker in workers:
+            job_id = worker.get("current_job")
+            if job_id and (client.record(job_id) or {}).get("owner") != tenant.owner:
+                worker["current_job"] = "busy"
+        queues = {settings.queue, *([settings.large_queue] if settings.large_queue else [])}
+        for worker in workers:
+            queues.update(q for q in worker.get("queues", "").split(",") if q)
+        return Fleet(workers=workers, queues=client.queue_depths(sorted(queues)))
 
     @app.get("/v1/jobs/{job_id}", response_model=JobStatus, response_model_exclude_none=True,
              responses={404: {"description": "unknown job, or another key's"}})  # fmt: skip

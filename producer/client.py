@@ -14,16 +14,18 @@ from celery import Celery
 from celery.result import AsyncResult
 
 from kiq import s3
-from kiq.celeryconf import common_config
+from kiq.celeryconf import PRIORITY_STEPS, common_config
 from kiq.contract import MAX_PRIORITY, Job, parse_job
 from kiq.errors import TransientError, UnknownJob, WaitTimeout
 from kiq.events import events_key
-from kiq.names import GENERATE_TASK, PROGRESS, cancel_key, fleet_key, job_record_key
+from kiq.names import GENERATE_TASK, PROGRESS, cancel_key, fleet_key, job_record_key, jobs_index_key
 from kiq.settings import Settings
-from kiq.status import ErrorInfo, JobEvent, JobResult, JobStatus, Progress
+from kiq.status import ErrorInfo, JobEvent, JobList, JobResult, JobStatus, JobSummary, Progress
 from kiq.webhooks import queue_webhook
 
 ProgressCallback = Callable[[JobStatus], None]
+# kombu's priority step (sent priority 9 - p, floored to a step) -> the job priorities it holds
+PRIORITY_CLASSES = {0: "7-9", 3: "4-6", 6: "1-3", 9: "0"}
 log = logging.getLogger(__name__)
 
 
@@ -56,7 +58,13 @@ class Client:
         job_id = job_id or str(uuid.uuid4())
         parsed = self.store_inline_images(parsed, owner, job_id)
         record = {"owner": owner, "webhook_url": parsed.webhook_url or ""}
-        self.redis.set(job_record_key(job_id), json.dumps(record), ex=self.settings.result_ttl_s)
+        now, ttl, index = time.time(), self.settings.result_ttl_s, jobs_index_key(owner)
+        with self.redis.pipeline() as pipe:  # the record and the tenant's index entry live as long as the result
+            pipe.set(job_record_key(job_id), json.dumps(record), ex=ttl)
+            pipe.zadd(index, {job_id: now})
+            pipe.zremrangebyscore(index, "-inf", now - ttl)
+            pipe.expire(index, ttl)
+            pipe.execute()
         try:
             self.app.send_task(
                 GENERATE_TASK, args=[parsed.model_dump(mode="json")], task_id=job_id,
@@ -64,7 +72,7 @@ class Client:
                 headers={"kiq_submitted_at": time.time()},
             )  # fmt: skip
         except Exception:
-            self._forget(job_id)
+            self._forget(job_id, owner)
             raise
         return job_id
 
@@ -81,9 +89,10 @@ class Client:
             inputs.append(item)
         return job.model_copy(update={"inputs": inputs})
 
-    def _forget(self, job_id: str) -> None:
+    def _forget(self, job_id: str, owner: str) -> None:
         try:
             self.redis.delete(job_record_key(job_id))
+            self.redis.zrem(jobs_index_key(owner), job_id)
         except Exception as exc:  # noqa: BLE001 - Redis is what failed; the record expires by itself
             log.warning("could not remove the record of unsent job %s: %s", job_id, exc)
 
@@ -145,6 +154,44 @@ class Client:
             last = event.status
         assert last is not None and last.done
         return last
+
+    def jobs(self, owner: str = "", limit: int = 20, state: str | None = None, cursor: str | None = None) -> JobList:
+        """The owner's jobs, newest first, `limit` per page; `state` keeps only jobs in that state. The cursor is
+        the submit time of the page's last job (exclusive). Reads pages of the index and their statuses in one
+        MGET each; with a state filter it scans at most 20 index pages per call and hands back a cursor."""
+        found: list[JobSummary] = []
+        top = f"({cursor}" if cursor else "+inf"
+        for _ in range(20 if state else 1):
+            page = self.redis.zrevrangebyscore(jobs_index_key(owner), top, "-inf", start=0, num=limit,
+                                               withscores=True)  # fmt: skip
+            if not page:
+                return JobList(jobs=found)
+            metas = self.redis.mget([self.app.backend.get_key_for_task(raw.decode()) for raw, _ in page])
+            for (raw, score), meta in zip(page, metas, strict=True):
+                current = self._summary(raw.decode(), meta, score)
+                if state is None or current.state == state:
+                    found.append(current)
+                if len(found) == limit:
+                    return JobList(jobs=found, next_cursor=repr(score))
+            if len(page) < limit:
+                return JobList(jobs=found)
+            top = f"({page[-1][1]!r}"
+        return JobList(jobs=found, next_cursor=top[1:])
+
+    def _summary(self, job_id: str, raw: bytes | None, submitted_at: float) -> JobSummary:
+        meta = self.app.backend.decode_result(raw) if raw else {"status": "PENDING"}
+        current = to_status(job_id, meta["status"], meta.get("result"))
+        return JobSummary(**current.model_dump(), submitted_at=submitted_at)
+
+    def queue_depths(self, queues: list[str]) -> dict[str, dict[str, int]]:
+        """Jobs waiting per queue and priority class ("7-9", "4-6", "1-3", "0"), from kombu's lists in the broker
+        (which may be another Redis than the results')."""
+        with self.app.connection_for_read() as conn, conn.default_channel.client.pipeline() as pipe:
+            for queue in queues:
+                for step in PRIORITY_STEPS:
+                    pipe.llen(f"{queue}:{step}" if step else queue)
+            lengths = iter(pipe.execute())
+        return {queue: {PRIORITY_CLASSES[step]: next(lengths) for step in PRIORITY_STEPS} for queue in queues}
 
     def cancel(self, job_id: str) -> JobStatus:
         """A queued job never runs; a running one stops at its next denoising step."""
