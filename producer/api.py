@@ -6,11 +6,12 @@ import json
 import logging
 import re
 import uuid
+from importlib import resources
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Header, HTTPException, Query, Request
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import JSONResponse, RedirectResponse, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, StreamingResponse
 from pydantic import BaseModel, ValidationError
 
 from kiq.contract import Job, validation_errors
@@ -135,7 +136,7 @@ def create_api(settings: Settings, client: Client | None = None, s3: Any = None)
 
     @app.get("/v1/jobs", response_model=JobList, response_model_exclude_none=True)
     def jobs(tenant: Caller, limit: Annotated[int, Query(ge=1, le=100)] = 20, state: State | None = None,
-             cursor: Annotated[str | None, Query(pattern=r"^[0-9]+(\.[0-9]+)?(e[-+]?[0-9]+)?$")] = None,
+             cursor: Annotated[str | None, Query(pattern=r"^[0-9]{1,12}(\.[0-9]{1,9})?$")] = None,
              ) -> JobList:  # fmt: skip
         """The caller's jobs, newest first; follow `next_cursor` for older ones."""
         return client.jobs(tenant.owner, limit, state, cursor)
@@ -215,6 +216,11 @@ def create_api(settings: Settings, client: Client | None = None, s3: Any = None)
             raise HTTPException(404, f"job {job_id} has {len(current.result.images)} image(s)")
         bucket, key = current.result.images[n].uri.removeprefix("s3://").split("/", 1)
         return RedirectResponse(presign(s3, bucket, key, settings.presign_ttl_s), status_code=307)
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    def playground() -> HTMLResponse:
+        """The playground: one static page that uses the API below with the visitor's key."""
+        return HTMLResponse(PLAYGROUND, headers={"Cache-Control": "no-cache"})
 
     @app.get("/healthz")
     def healthz() -> dict[str, str]:
@@ -366,6 +372,7 @@ _SET_IF_EQUAL = (
 )
 
 
+PLAYGROUND = (resources.files("producer") / "static" / "playground.html").read_text(encoding="utf-8")
 _EVENT_ID = re.compile(r"[0-9]{1,20}-[0-9]{1,20}")
 EVENTS_DOC = (
     "Server-Sent Events: `state` (PENDING, STARTED), `progress` (one per step) and `done` (the final status, "
