@@ -71,9 +71,11 @@ def create_api(settings: Settings, client: Client | None = None, s3: Any = None)
 
     def hub() -> EventHub:
         if not hubs:
-            from redis.asyncio import from_url
+            from redis.asyncio import BlockingConnectionPool, Redis
 
-            hubs.append(EventHub(from_url(settings.backend_url)))
+            # Bounded: streams opening at once wait for a connection (their one XRANGE) instead of failing.
+            pool = BlockingConnectionPool.from_url(settings.backend_url, max_connections=32, timeout=30)
+            hubs.append(EventHub(Redis(connection_pool=pool)))
         return hubs[0]
 
     @app.on_event("shutdown")

@@ -21,19 +21,20 @@ RESYNC = ("", b"")  # told to every listener after a reconnect: read the stream 
 
 
 class EventHub:
+    """Only the reader task touches the pub/sub connection (redis-py's asyncio PubSub is not safe for a command
+    sent while another coroutine reads): streams ask for (un)subscriptions, the reader sends them between reads."""
+
     def __init__(self, redis: Any) -> None:
-        self.redis = redis  # a redis.asyncio client
+        self.redis = redis  # a redis.asyncio client (its pool also serves the streams' XRANGEs)
         self.listeners: dict[str, set[asyncio.Queue[tuple[str, bytes]]]] = defaultdict(set)
-        self.subscribed: dict[str, asyncio.Event] = {}
-        self.pubsub: Any = None
+        self.subscribed: dict[str, asyncio.Event] = {}  # wanted channels; set once Redis confirmed
+        self.to_add: set[str] = set()
+        self.to_remove: set[str] = set()
         self.task: asyncio.Task[None] | None = None
-        self.pending: set[asyncio.Task[None]] = set()  # unsubscribes in flight (a reference keeps them alive)
 
     async def close(self) -> None:
         if self.task is not None:
             self.task.cancel()
-        if self.pubsub is not None:
-            await self.pubsub.aclose()
         await self.redis.aclose()
 
     async def listen(self, job_id: str) -> asyncio.Queue[tuple[str, bytes]]:
@@ -41,14 +42,11 @@ class EventHub:
         queue: asyncio.Queue[tuple[str, bytes]] = asyncio.Queue()
         channel = events_channel(job_id)
         self.listeners[channel].add(queue)
+        if channel not in self.subscribed:
+            self.subscribed[channel] = asyncio.Event()
+            self.to_add.add(channel)
         if self.task is None or self.task.done():
-            self.pubsub = self.redis.pubsub()
-            await self.pubsub.subscribe(channel)  # redis-py needs one subscription before listening
-            self.subscribed[channel] = asyncio.Event()
             self.task = asyncio.create_task(self._run())
-        elif channel not in self.subscribed:
-            self.subscribed[channel] = asyncio.Event()
-            await self.pubsub.subscribe(channel)
         await self.subscribed[channel].wait()
         return queue
 
@@ -57,42 +55,40 @@ class EventHub:
         self.listeners[channel].discard(queue)
         if not self.listeners[channel]:
             del self.listeners[channel]
-            if self.subscribed.pop(channel, None) is not None and self.pubsub is not None:
-                task = asyncio.create_task(self._unsubscribe(channel))
-                self.pending.add(task)
-                task.add_done_callback(self.pending.discard)
-
-    async def _unsubscribe(self, channel: str) -> None:
-        try:
-            if channel not in self.subscribed:
-                await self.pubsub.unsubscribe(channel)
-        except Exception as exc:  # noqa: BLE001 - the reader's reconnect resubscribes only live channels
-            log.debug("unsubscribe %s: %s", channel, exc)
+            self.subscribed.pop(channel, None)
+            self.to_add.discard(channel)
+            self.to_remove.add(channel)
 
     async def _run(self) -> None:
         while True:
+            pubsub = self.redis.pubsub()
             try:
-                await self._read()
+                await self._read(pubsub)
             except asyncio.CancelledError:
+                await pubsub.aclose()
                 raise
             except Exception as exc:  # noqa: BLE001 - Redis went away: reconnect, resubscribe, resync
                 log.warning("event hub lost Redis (%s: %s); reconnecting", type(exc).__name__, exc)
+                await pubsub.aclose()
                 await asyncio.sleep(0.5)
-                try:
-                    await self.pubsub.aclose()
-                    self.pubsub = self.redis.pubsub()
-                    if self.subscribed:
-                        await self.pubsub.subscribe(*self.subscribed)
-                except Exception as again:  # noqa: BLE001
-                    log.warning("event hub reconnect failed: %s", again)
-                    continue
+                self.to_add, self.to_remove = set(self.subscribed), set()
                 for queues in self.listeners.values():
                     for queue in queues:
                         queue.put_nowait(RESYNC)
 
-    async def _read(self) -> None:
+    async def _read(self, pubsub: Any) -> None:
         while True:
-            message = await self.pubsub.get_message(timeout=1.0)
+            remove, self.to_remove = self.to_remove - set(self.subscribed), set()
+            add, self.to_add = self.to_add, set()
+            if remove and pubsub.connection is not None:
+                await pubsub.unsubscribe(*remove)
+            if add:
+                await pubsub.subscribe(*add)
+            if pubsub.connection is None:  # nothing subscribed yet
+                await asyncio.sleep(0.05)
+                continue
+            # Returns as soon as a message is there; the timeout only bounds how long a new subscription waits.
+            message = await pubsub.get_message(timeout=0.05)
             if message is None:
                 continue
             channel = message["channel"].decode()
