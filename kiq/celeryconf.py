@@ -27,10 +27,17 @@ def broker_transport_options(settings: Settings) -> dict[str, Any]:
     }
 
 
+def events_backend(settings: Settings) -> str:
+    """The result backend class (kiq/events.py): Celery's Redis or Sentinel backend, with event streams."""
+    kind = "SentinelEventsBackend" if settings.results_server.sentinel else "EventsBackend"
+    return f"kiq.events:{kind}"
+
+
 def common_config(settings: Settings) -> dict[str, Any]:
     return {
         "broker_url": settings.broker_server.celery_url(),
-        "result_backend": settings.results_server.celery_url(),
+        # Celery's Redis backend plus a per-job event stream (kiq/events.py); the URL is Celery's "class+url" form.
+        "result_backend": f"{events_backend(settings)}+{settings.results_server.celery_url()}",
         "task_serializer": "json",
         "result_serializer": "json",
         "accept_content": ["json"],

@@ -18,6 +18,11 @@ def job_record_key(job_id: str) -> str:
     return f"kiq:job:{job_id}"
 
 
+def jobs_index_key(owner: str) -> str:
+    """A tenant's jobs by submit time (a sorted set, scores in seconds), for `GET /v1/jobs`."""
+    return f"kiq:jobs:{owner}"
+
+
 def cancel_key(job_id: str) -> str:
     """Set by `cancel`; the worker checks it before the job and at every denoising step."""
     return f"kiq:cancel:{job_id}"

@@ -127,6 +127,21 @@ def connect(url: RedisURL, settings: Settings, **kwargs: Any) -> Any:
     return sentinels.master_for(settings.sentinel_master, db=url.db, **credentials)
 
 
+def connect_async(url: RedisURL, settings: Settings, max_connections: int = 32) -> Any:
+    """A redis.asyncio client for `url`; a plain Redis's pool is bounded and blocking (callers wait for a
+    connection instead of failing), a Sentinel master's follows failovers."""
+    from redis.asyncio import BlockingConnectionPool, Redis
+    from redis.asyncio.sentinel import Sentinel
+
+    if not url.sentinel:
+        pool = BlockingConnectionPool.from_url(url.raw, max_connections=max_connections, timeout=30)
+        return Redis(connection_pool=pool)
+    sentinel_kwargs = {"password": settings.sentinel_password} if settings.sentinel_password else {}
+    sentinels = Sentinel(list(url.hosts), sentinel_kwargs=sentinel_kwargs)
+    credentials = {"username": url.username or None, "password": url.password or None}
+    return sentinels.master_for(settings.sentinel_master, db=url.db, max_connections=max_connections, **credentials)
+
+
 def retrying(call: Callable[[], T], within_s: float, what: str) -> T:
     """Call `call`, retrying Redis errors with backoff and jitter for up to `within_s` (a restart, a failover)."""
     deadline, delay = time.monotonic() + within_s, 0.2

@@ -51,3 +51,20 @@ class JobStatus(BaseModel):
     @property
     def done(self) -> bool:
         return self.state in ("SUCCESS", "FAILURE", "REVOKED")
+
+
+class JobEvent(BaseModel):
+    """One state write of a job, as `GET /v1/jobs/{id}/events` and `Client.events` deliver it. `id` is the
+    Redis Stream id of the write ("<ms>-<seq>", increasing per job): resume after it with Last-Event-ID."""
+
+    id: str
+    status: JobStatus
+
+
+class JobSummary(JobStatus):
+    submitted_at: float  # Unix time
+
+
+class JobList(BaseModel):
+    jobs: list[JobSummary]
+    next_cursor: str | None = None  # pass as `cursor` for the next (older) page; None on the last one

@@ -4,27 +4,33 @@ replicas can sit behind a load balancer. See the README's "HTTP API" section for
 import hashlib
 import json
 import logging
+import re
 import uuid
+from importlib import resources
 from typing import Annotated, Any
 
-from fastapi import Depends, FastAPI, Header, HTTPException, Request
+from fastapi import Depends, FastAPI, Header, HTTPException, Query, Request
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import JSONResponse, RedirectResponse
+from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, StreamingResponse
 from pydantic import BaseModel, ValidationError
 
+from kiq import redisconn
 from kiq.contract import Job, validation_errors
 from kiq.errors import StorageError, UnknownJob
+from kiq.events import events_key
 from kiq.names import idempotency_key
 from kiq.s3 import input_prefix, presign, put, s3_client
 from kiq.settings import Settings
-from kiq.status import JobStatus
+from kiq.status import JobList, JobStatus, State
 from producer.bodylimit import BodyLimit
 from producer.client import Client
+from producer.events import EventHub, job_events
 from producer.tenants import Tenant, Tenants
 
 log = logging.getLogger("kiq.api")
 UPLOAD_SCHEME = "upload:"
 MAX_UPLOADS = 16
+HEARTBEAT_S = 15.0  # an SSE comment this often keeps proxies (nginx: 60 s) from closing idle streams
 
 
 def _unavailable_errors() -> tuple[type[BaseException], ...]:
@@ -43,6 +49,11 @@ class Submitted(BaseModel):
     status_url: str
 
 
+class Fleet(BaseModel):
+    workers: list[dict[str, str]]  # one heartbeat each: hostname, device, current_job, done, failed, queues …
+    queues: dict[str, dict[str, int]]  # queue -> job priority class ("7-9", "4-6", "1-3", "0") -> jobs waiting
+
+
 class Rejected(Exception):
     def __init__(self, status: int, detail: Any) -> None:
         self.status, self.detail = status, detail
@@ -56,6 +67,20 @@ def create_api(settings: Settings, client: Client | None = None, s3: Any = None)
         log.warning("KIQ_API_KEYS and KIQ_API_TENANTS are empty: the API is open to anyone who can reach it")
     app = FastAPI(title="kiq", version="0.1.0", summary="Kandinsky 2.2 interpolation queue")
     app.state.tenants = tenants
+    app.state.heartbeat_s = HEARTBEAT_S
+    hubs: list[EventHub] = []  # made on first use, inside the server's event loop
+
+    def hub() -> EventHub:
+        if not hubs:
+            # Bounded: streams opening at once wait for a connection (their one XRANGE) instead of failing.
+            hubs.append(EventHub(redisconn.connect_async(settings.results_server, settings)))
+        return hubs[0]
+
+    @app.on_event("shutdown")
+    async def close_hub() -> None:
+        if hubs:
+            await hubs[0].close()
+
     app.add_middleware(BodyLimit, max_bytes=settings.api_max_body_bytes)
 
     @app.exception_handler(Rejected)
@@ -109,6 +134,27 @@ def create_api(settings: Settings, client: Client | None = None, s3: Any = None)
         job, digest, uploads = await read_job(request, job_id, settings, tenant.owner)
         return await run_in_threadpool(accept, tenant, job, digest, uploads, job_id, idempotency)
 
+    @app.get("/v1/jobs", response_model=JobList, response_model_exclude_none=True)
+    def jobs(tenant: Caller, limit: Annotated[int, Query(ge=1, le=100)] = 20, state: State | None = None,
+             cursor: Annotated[str | None, Query(pattern=r"^[0-9]{1,12}(\.[0-9]{1,9})?$")] = None,
+             ) -> JobList:  # fmt: skip
+        """The caller's jobs, newest first; follow `next_cursor` for older ones."""
+        return client.jobs(tenant.owner, limit, state, cursor)
+
+    @app.get("/v1/fleet", response_model=Fleet)
+    def fleet(tenant: Caller) -> Fleet:
+        """Live workers (device, current job, counters) and the jobs waiting per queue and priority class. A
+        worker busy with another tenant's job shows `current_job` "busy": job ids stay with their owners."""
+        workers = client.fleet()
+        for worker in workers:
+            job_id = worker.get("current_job")
+            if job_id and (client.record(job_id) or {}).get("owner") != tenant.owner:
+                worker["current_job"] = "busy"
+        queues = {settings.queue, *([settings.large_queue] if settings.large_queue else [])}
+        for worker in workers:
+            queues.update(q for q in worker.get("queues", "").split(",") if q)
+        return Fleet(workers=workers, queues=client.queue_depths(sorted(queues)))
+
     @app.get("/v1/jobs/{job_id}", response_model=JobStatus, response_model_exclude_none=True,
              responses={404: {"description": "unknown job, or another key's"}})  # fmt: skip
     def status(job_id: str, tenant: Caller) -> JobStatus:
@@ -123,6 +169,40 @@ def create_api(settings: Settings, client: Client | None = None, s3: Any = None)
     def cancel(job_id: str, tenant: Caller) -> JobStatus:
         owned(job_id, tenant.owner)
         return client.cancel(job_id)
+
+    @app.get("/v1/jobs/{job_id}/events", response_class=StreamingResponse,
+             responses={200: {"content": {"text/event-stream": {}}, "description": EVENTS_DOC},
+                        404: {"description": "unknown job, or another key's"}})  # fmt: skip
+    async def events(job_id: str, tenant: Caller,
+                     last_event_id: Annotated[str | None, Header(alias="Last-Event-ID", max_length=40)] = None,
+                     ) -> StreamingResponse:  # fmt: skip
+        await run_in_threadpool(owned, job_id, tenant.owner)
+        if last_event_id is not None and not _EVENT_ID.fullmatch(last_event_id):
+            raise HTTPException(400, "Last-Event-ID must be an event id from this stream (<ms>-<seq>)")
+        first = None if last_event_id else await run_in_threadpool(first_status, job_id)
+        stream = sse(hub(), job_id, last_event_id, first, app.state.heartbeat_s)
+        return StreamingResponse(stream, media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})  # fmt: skip
+
+    def first_status(job_id: str) -> JobStatus | None:
+        """The current status when the job has written no event yet (still queued, or older than events)."""
+        return None if client.redis.exists(events_key(job_id)) else client.status(job_id)
+
+    async def sse(hub: EventHub, job_id: str, after: str | None, first: JobStatus | None,
+                  heartbeat_s: float) -> Any:  # fmt: skip
+        yield "retry: 2000\n\n"
+        if first is not None:
+            yield _sse_event("", first)
+            if first.done:
+                return
+        async for event in job_events(hub, job_id, after, heartbeat_s):
+            if event is None:
+                yield ": heartbeat\n\n"
+                continue
+            current = client.decode_event(job_id, event[1])
+            yield _sse_event(event[0], current)
+            if current.done:
+                return
 
     image_errors = {404: {"description": "no such job or image"}, 409: {"description": "job not finished"}}
 
@@ -149,6 +229,11 @@ def create_api(settings: Settings, client: Client | None = None, s3: Any = None)
             raise HTTPException(404, f"job {job_id} has no animation")
         bucket, key = current.result.animation.uri.removeprefix("s3://").split("/", 1)
         return RedirectResponse(presign(s3, bucket, key, settings.presign_ttl_s), status_code=307)
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    def playground() -> HTMLResponse:
+        """The playground: one static page that uses the API below with the visitor's key."""
+        return HTMLResponse(PLAYGROUND, headers={"Cache-Control": "no-cache"})
 
     @app.get("/healthz")
     def healthz() -> dict[str, str]:
@@ -298,6 +383,21 @@ _SET_IF_EQUAL = (
     "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('set', KEYS[1], ARGV[2], 'EX', ARGV[3]) end "
     "return 0"
 )
+
+
+PLAYGROUND = (resources.files("producer") / "static" / "playground.html").read_text(encoding="utf-8")
+_EVENT_ID = re.compile(r"[0-9]{1,20}-[0-9]{1,20}")
+EVENTS_DOC = (
+    "Server-Sent Events: `state` (PENDING, STARTED), `progress` (one per step) and `done` (the final status, "
+    "then the stream ends); each `data` is the status JSON and each `id` the job's event id (resume with "
+    "Last-Event-ID: nothing lost, nothing repeated). A `: heartbeat` comment every 15 s."
+)
+
+
+def _sse_event(event_id: str, current: JobStatus) -> str:
+    kind = "done" if current.done else "progress" if current.state == "PROGRESS" else "state"
+    head = f"id: {event_id}\n" if event_id else ""
+    return f"{head}event: {kind}\ndata: {current.model_dump_json(exclude_none=True)}\n\n"
 
 
 def _check(probe: Any) -> str:

@@ -8,6 +8,7 @@ Exit codes: 0 success, 1 the job failed or was cancelled, 2 bad input or setting
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from collections.abc import Sequence
@@ -18,6 +19,12 @@ from kiq.settings import Settings
 from kiq.status import JobStatus
 
 EXIT_FAILED, EXIT_INVALID, EXIT_TIMEOUT, EXIT_UNKNOWN = 1, 2, 3, 4
+# A command whose optional dependencies are missing names the extra that brings them (top-level module -> extra).
+EXTRAS = {
+    **dict.fromkeys(("fastapi", "uvicorn", "starlette", "multipart", "python_multipart"), "api"),
+    **dict.fromkeys(("mindspore", "mindone", "transformers", "numpy", "PIL", "prometheus_client"), "worker"),
+    **dict.fromkeys(("torch", "diffusers"), "cuda"),
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -26,6 +33,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         build_parser().error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return int(args.handler(args, extra) or 0)
+    except ModuleNotFoundError as exc:
+        missing = (exc.name or "").partition(".")[0]
+        if missing not in EXTRAS:
+            raise
+        wanted = EXTRAS[missing]
+        hint = " (or 'kiq[cuda]' for the diffusers backend)" if wanted == "worker" else ""
+        return _fail(f"`kiq {args.command}` needs the {wanted!r} extra (no module {missing!r}): "
+                     f"pip install 'kiq[{wanted}]'{hint}", EXIT_INVALID)  # fmt: skip
     except (JobInvalid, SettingsError) as exc:
         return _fail(str(exc), EXIT_INVALID)
     except UnknownJob as exc:
@@ -64,7 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     fleet = sub.add_parser("fleet", help="list live workers: device, current job, jobs done and failed, uptime")
     fleet.add_argument("--json", action="store_true", help="print JSON instead of a table")
     fleet.set_defaults(handler=cmd_fleet)
-    api = sub.add_parser("api", help="serve the HTTP API on KIQ_API_HOST:KIQ_API_PORT")
+    api = sub.add_parser("api", help="serve the HTTP API and the playground on KIQ_API_HOST:KIQ_API_PORT")
+    api.add_argument("--host", help="listen on this address (overrides KIQ_API_HOST)")
+    api.add_argument("--port", type=int, help="listen on this port (overrides KIQ_API_PORT)")
     api.set_defaults(handler=cmd_api)
     hooks = sub.add_parser("webhook-worker", help="deliver webhooks (a light Celery worker, threads pool)")
     hooks.set_defaults(handler=cmd_webhook_worker)
@@ -134,10 +151,12 @@ def cmd_worker(args: argparse.Namespace, extra: list[str]) -> int:
     return 0
 
 
-def cmd_api(_: argparse.Namespace, __: list[str]) -> int:
+def cmd_api(args: argparse.Namespace, _: list[str]) -> int:
     from producer.api import run_api
 
-    run_api(Settings.from_env())
+    settings = Settings.from_env()
+    overrides = {k: v for k, v in (("api_host", args.host), ("api_port", args.port)) if v is not None}
+    run_api(dataclasses.replace(settings, **overrides))
     return 0
 
 

@@ -7,7 +7,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -15,15 +15,27 @@ from celery import Celery
 from celery.result import AsyncResult
 
 from kiq import redisconn, s3
-from kiq.celeryconf import common_config
+from kiq.celeryconf import PRIORITY_STEPS, common_config
 from kiq.contract import MAX_PRIORITY, Job, parse_job
 from kiq.errors import TransientError, UnknownJob, WaitTimeout
-from kiq.names import GENERATE_TASK, PROGRESS, SUBMITS_KEY, cancel_key, fleet_key, frames_key, job_record_key
+from kiq.events import events_key
+from kiq.names import (
+    GENERATE_TASK,
+    PROGRESS,
+    SUBMITS_KEY,
+    cancel_key,
+    fleet_key,
+    frames_key,
+    job_record_key,
+    jobs_index_key,  # fmt: skip
+)
 from kiq.settings import Settings
-from kiq.status import ErrorInfo, ImageRef, JobResult, JobStatus, Progress
+from kiq.status import ErrorInfo, ImageRef, JobEvent, JobList, JobResult, JobStatus, JobSummary, Progress
 from kiq.webhooks import queue_webhook
 
 ProgressCallback = Callable[[JobStatus], None]
+# kombu's priority step (sent priority 9 - p, floored to a step) -> the job priorities it holds
+PRIORITY_CLASSES = {0: "7-9", 3: "4-6", 6: "1-3", 9: "0"}
 log = logging.getLogger(__name__)
 
 
@@ -56,9 +68,19 @@ class Client:
         parsed = job if isinstance(job, Job) else parse_job(job)
         job_id = job_id or str(uuid.uuid4())
         parsed = self.store_inline_images(parsed, owner, job_id)
-        record = json.dumps({"owner": owner, "webhook_url": parsed.webhook_url or ""})
-        key, ttl = job_record_key(job_id), self.settings.result_ttl_s
-        redisconn.retrying(lambda: self.redis.set(key, record, ex=ttl), self.settings.redis_retry_s, "submit")
+        record = {"owner": owner, "webhook_url": parsed.webhook_url or ""}
+        ttl, index = self.settings.result_ttl_s, jobs_index_key(owner)
+
+        def write() -> None:  # the record and the tenant's index entry live as long as the result
+            now = time.time()
+            with self.redis.pipeline() as pipe:
+                pipe.set(job_record_key(job_id), json.dumps(record), ex=ttl)
+                pipe.zadd(index, {job_id: now})
+                pipe.zremrangebyscore(index, "-inf", now - ttl)
+                pipe.expire(index, ttl)
+                pipe.execute()
+
+        redisconn.retrying(write, self.settings.redis_retry_s, "submit")
         try:
             self.app.send_task(
                 GENERATE_TASK, args=[parsed.model_dump(mode="json")], task_id=job_id,
@@ -66,7 +88,7 @@ class Client:
                 headers={"kiq_submitted_at": time.time()},
             )  # fmt: skip
         except Exception:
-            self._forget(job_id)
+            self._forget(job_id, owner)
             raise
         self._replicate(job_id)
         return job_id
@@ -108,9 +130,10 @@ class Client:
             inputs.append(item)
         return job.model_copy(update={"inputs": inputs})
 
-    def _forget(self, job_id: str) -> None:
+    def _forget(self, job_id: str, owner: str) -> None:
         try:
             self.redis.delete(job_record_key(job_id))
+            self.redis.zrem(jobs_index_key(owner), job_id)
         except Exception as exc:  # noqa: BLE001 - Redis is what failed; the record expires by itself
             log.warning("could not remove the record of unsent job %s: %s", job_id, exc)
 
@@ -131,26 +154,90 @@ class Client:
                 status.frames = [ImageRef.model_validate(f) for f in json.loads(raw)]
         return status
 
+    def events(self, job_id: str, last_event_id: str | None = None, timeout: float | None = None,
+               block_s: float = 5.0) -> Iterator[JobEvent]:  # fmt: skip
+        """The job's state writes in order, from after `last_event_id` (from the start if None), until its final
+        status; blocks on the job's event stream (XREAD), so no polling. Raises UnknownJob, or WaitTimeout once
+        `timeout` seconds pass without the final status. A job whose stream is gone (expired, or written before
+        events existed) yields its current status once, with an empty id."""
+        if self.record(job_id) is None and self.app.backend.get_task_meta(job_id)["status"] == "PENDING":
+            raise UnknownJob(f"no job with id {job_id!r} (never submitted, or expired)")
+        deadline = None if timeout is None else time.monotonic() + timeout
+        after, key = last_event_id or "0-0", events_key(job_id)
+        if after == "0-0" and not self.redis.exists(key):
+            current = self.status(job_id)
+            yield JobEvent(id="", status=current)
+            if current.done:
+                return
+        while True:
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                raise WaitTimeout(f"job {job_id} did not end within {timeout} s")
+            block = block_s if left is None else min(block_s, left)
+            for _, entries in self.redis.xread({key: after}, block=max(1, int(block * 1000))) or []:
+                for raw_id, fields in entries:
+                    after = raw_id.decode()
+                    event = JobEvent(id=after, status=self.decode_event(job_id, fields[b"meta"]))
+                    yield event
+                    if event.status.done:
+                        return
+
+    def decode_event(self, job_id: str, raw: bytes) -> JobStatus:
+        meta = self.app.backend.decode_result(raw)
+        return to_status(job_id, meta["status"], meta.get("result"))
+
     def wait(
         self,
         job_id: str,
         timeout: float | None = None,
         on_progress: ProgressCallback | None = None,
-        poll_s: float = 0.2,
     ) -> JobStatus:
-        """Poll until the job ends; `on_progress` sees every status that differs from the last one."""
-        deadline = None if timeout is None else time.monotonic() + timeout
+        """Follow the job's events until it ends; `on_progress` sees every status that differs from the last one."""
         last = None
-        while True:
-            current = self.status(job_id)
-            if on_progress is not None and current != last:
-                on_progress(current)
-            if current.done:
-                return current
-            if deadline is not None and time.monotonic() >= deadline:
-                raise WaitTimeout(f"job {job_id} still {current.state} after {timeout} s")
-            last = current
-            time.sleep(poll_s)
+        for event in self.events(job_id, timeout=timeout):
+            if on_progress is not None and event.status != last:
+                on_progress(event.status)
+            last = event.status
+        assert last is not None and last.done
+        return last
+
+    def jobs(self, owner: str = "", limit: int = 20, state: str | None = None, cursor: str | None = None) -> JobList:
+        """The owner's jobs, newest first, `limit` per page; `state` keeps only jobs in that state. The cursor is
+        the submit time of the page's last job (exclusive). Reads pages of the index and their statuses in one
+        MGET each; with a state filter it scans at most 20 index pages per call and hands back a cursor."""
+        found: list[JobSummary] = []
+        top = f"({cursor}" if cursor else "+inf"
+        for _ in range(20 if state else 1):
+            page = self.redis.zrevrangebyscore(jobs_index_key(owner), top, "-inf", start=0, num=limit,
+                                               withscores=True)  # fmt: skip
+            if not page:
+                return JobList(jobs=found)
+            metas = self.redis.mget([self.app.backend.get_key_for_task(raw.decode()) for raw, _ in page])
+            for (raw, score), meta in zip(page, metas, strict=True):
+                current = self._summary(raw.decode(), meta, score)
+                if state is None or current.state == state:
+                    found.append(current)
+                if len(found) == limit:
+                    return JobList(jobs=found, next_cursor=repr(score))
+            if len(page) < limit:
+                return JobList(jobs=found)
+            top = f"({page[-1][1]!r}"
+        return JobList(jobs=found, next_cursor=top[1:])
+
+    def _summary(self, job_id: str, raw: bytes | None, submitted_at: float) -> JobSummary:
+        meta = self.app.backend.decode_result(raw) if raw else {"status": "PENDING"}
+        current = to_status(job_id, meta["status"], meta.get("result"))
+        return JobSummary(**current.model_dump(), submitted_at=submitted_at)
+
+    def queue_depths(self, queues: list[str]) -> dict[str, dict[str, int]]:
+        """Jobs waiting per queue and priority class ("7-9", "4-6", "1-3", "0"), from kombu's lists in the broker
+        (which may be another Redis than the results')."""
+        with self.app.connection_for_read() as conn, conn.default_channel.client.pipeline() as pipe:
+            for queue in queues:
+                for step in PRIORITY_STEPS:
+                    pipe.llen(f"{queue}:{step}" if step else queue)
+            lengths = iter(pipe.execute())
+        return {queue: {PRIORITY_CLASSES[step]: next(lengths) for step in PRIORITY_STEPS} for queue in queues}
 
     def download(self, job_id: str, directory: str | Path, timeout: float | None = None,
                  on_progress: ProgressCallback | None = None) -> tuple[JobStatus, list[Path]]:  # fmt: skip

@@ -273,3 +273,77 @@ def test_a_submit_that_failed_on_s3_or_redis_is_created_by_the_idempotent_retry(
     retried = http.post("/v1/jobs", headers=key, json=tiny_job(seed=78))
     assert retried.status_code == 202, retried.text
     assert wait_state(api, retried.json()["id"], A)["state"] == "SUCCESS"
+
+
+def read_events(api, job_id, headers, limit=None):
+    """The job's SSE stream as (id, event, status) tuples, plus the comment lines seen."""
+    events, comments, fields = [], [], {}
+    with api.stream("GET", f"/v1/jobs/{job_id}/events", headers=headers) as response:
+        assert response.status_code == 200, response.read()
+        assert response.headers["content-type"].startswith("text/event-stream")
+        for line in response.iter_lines():
+            if line.startswith(":"):
+                comments.append(line)
+            elif line:
+                name, _, value = line.partition(": ")
+                fields[name] = value
+            elif "data" in fields:
+                events.append((fields.get("id", ""), fields["event"], json.loads(fields["data"])))
+                fields = {}
+                if limit is not None and len(events) == limit:
+                    break
+    return events, comments
+
+
+def test_events_stream_states_progress_and_the_final_status_then_resume_without_loss_or_repeats(api):
+    job_id = api.post("/v1/jobs", json=tiny_job(decoder_steps=6), headers=A).json()["id"]
+    assert api.get(f"/v1/jobs/{job_id}/events", headers=B).status_code == 404  # another tenant's job
+    events, _ = read_events(api, job_id, A)
+    kinds = [kind for _, kind, _ in events]
+    assert kinds[-1] == "done" and events[-1][2]["state"] == "SUCCESS" and kinds.count("done") == 1
+    assert "state" in kinds and events[-1][2]["result"]["images"][0]["uri"].startswith("s3://")
+    decoder = [s["progress"]["step"] for _, k, s in events if k == "progress" and s["progress"]["stage"] == "decoder"]
+    assert decoder == list(range(1, 7))
+    ids = [event_id for event_id, _, _ in events if event_id]
+    assert len(ids) == len(set(ids)) and ids == sorted(ids, key=lambda i: tuple(map(int, i.split("-"))))
+    # Resume from the middle (what EventSource does after a dropped connection): exactly the rest.
+    middle = len(ids) // 2
+    resumed, _ = read_events(api, job_id, {**A, "Last-Event-ID": ids[middle]})
+    assert [e[0] for e in resumed] == ids[middle + 1 :]
+    # A finished job's stream replays from the start and ends.
+    again, _ = read_events(api, job_id, A)
+    assert [e[0] for e in again if e[0]] == ids
+    assert api.get(f"/v1/jobs/{job_id}/events", headers={**A, "Last-Event-ID": "x"}).status_code == 400
+
+
+def test_events_of_a_job_still_queued_start_with_pending_and_python_client_follows(api, client):
+    blocker = api.post("/v1/jobs", json=tiny_job(decoder_steps=12), headers=A).json()["id"]
+    queued = api.post("/v1/jobs", json=tiny_job(seed=3), headers=A).json()["id"]
+    first, _ = read_events(api, queued, A, limit=1)
+    assert first[0][1:] == ("state", {"id": queued, "state": "PENDING"})
+    seen = [event.status.state for event in client.events(queued, timeout=120)]
+    assert seen[-1] == "SUCCESS" and "STARTED" in seen and "PROGRESS" in seen
+    assert client.wait(blocker, timeout=120).state == "SUCCESS"
+
+
+def test_list_the_callers_jobs_newest_first_with_cursor_and_state(api):
+    key = {"Authorization": f"Bearer {KEY_B}"}
+    mine = [api.post("/v1/jobs", json=tiny_job(seed=s, queue=None), headers=key).json()["id"] for s in (11, 12, 13)]
+    page = api.get("/v1/jobs", params={"limit": 2}, headers=key).json()
+    assert [j["id"] for j in page["jobs"]] == mine[::-1][:2] and page["next_cursor"]
+    rest = api.get("/v1/jobs", params={"limit": 2, "cursor": page["next_cursor"]}, headers=key).json()
+    assert mine[0] == rest["jobs"][0]["id"]
+    assert not {j["id"] for j in api.get("/v1/jobs", params={"limit": 100}, headers=A).json()["jobs"]} & set(mine)
+    for job_id in mine:
+        wait_state(api, job_id, key)
+    done = api.get("/v1/jobs", params={"state": "SUCCESS", "limit": 100}, headers=key).json()["jobs"]
+    assert set(mine) <= {j["id"] for j in done} and all(j["state"] == "SUCCESS" for j in done)
+    assert api.get("/v1/jobs", params={"state": "NOPE"}, headers=key).status_code == 422
+
+
+def test_fleet_lists_workers_and_queue_depth_per_priority_class(api, env):
+    fleet = api.get("/v1/fleet", headers=A).json()
+    assert fleet["workers"] and all(w["device"] and w["hostname"] for w in fleet["workers"])
+    assert set(fleet["queues"][env["KIQ_QUEUE"]]) == {"7-9", "4-6", "1-3", "0"}
+    schema = api.get("/openapi.json").json()
+    assert {"/v1/jobs", "/v1/fleet", "/v1/jobs/{job_id}/events"} <= set(schema["paths"])

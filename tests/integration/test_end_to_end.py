@@ -77,7 +77,7 @@ def test_client_formats_multiple_images_and_presigned_urls(worker, client, s3, f
 def test_progress_per_decoder_step_then_success(worker, client):
     seen = []
     job_id = client.submit(tiny_job(decoder_steps=12))
-    final = client.wait(job_id, timeout=120, on_progress=seen.append, poll_s=0.05)
+    final = client.wait(job_id, timeout=120, on_progress=seen.append)
     assert final.state == "SUCCESS"
     decoder_steps = [s.progress.step for s in seen if s.progress and s.progress.stage == "decoder"]
     assert len(decoder_steps) >= 3 and decoder_steps == sorted(decoder_steps)

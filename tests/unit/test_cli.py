@@ -57,3 +57,28 @@ def test_producer_never_imports_a_framework_or_the_worker():
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+@pytest.mark.parametrize(("argv", "module", "extra"), [(["api"], "fastapi", "api"),
+                                                       (["make-tiny-models", "x"], "mindspore", "worker")])  # fmt: skip
+def test_a_command_without_its_extra_names_the_extra(argv, module, extra, capsys, monkeypatch):
+    for name in [n for n in sys.modules if n.split(".")[0] in (module, "worker")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, module, None)  # import of it raises ModuleNotFoundError
+    monkeypatch.delitem(sys.modules, "producer.api", raising=False)
+    monkeypatch.delitem(sys.modules, "worker.pipelines.tiny", raising=False)
+    assert cli.main(argv) == cli.EXIT_INVALID
+    err = capsys.readouterr().err
+    assert f"needs the '{extra}' extra" in err and f"pip install 'kiq[{extra}]'" in err
+
+
+def test_api_host_and_port_flags_override_the_settings(monkeypatch):
+    import producer.api
+
+    seen = []
+    monkeypatch.setattr(producer.api, "run_api", seen.append)
+    monkeypatch.setenv("KIQ_API_PORT", "9000")
+    assert cli.main(["api", "--host", "0.0.0.0", "--port", "8080"]) == 0
+    assert (seen[0].api_host, seen[0].api_port) == ("0.0.0.0", 8080)
+    assert cli.main(["api"]) == 0
+    assert (seen[1].api_host, seen[1].api_port) == ("127.0.0.1", 9000)

@@ -50,7 +50,8 @@ def test_celery_and_kombu_get_the_master_name_and_the_sentinels_password():
     for options in (conf["broker_transport_options"], conf["result_backend_transport_options"]):
         assert options["master_name"] == "fleet"
         assert options["sentinel_kwargs"] == {"password": "sentinel-pw"}
-    assert conf["broker_url"] == conf["result_backend"] == settings.broker_server.celery_url()
+    assert conf["broker_url"] == settings.broker_server.celery_url()
+    assert conf["result_backend"] == f"kiq.events:SentinelEventsBackend+{conf['broker_url']}"  # with event streams
     # kombu reads the Sentinels from the alternates and the database from the first part
     connection = Connection(conf["broker_url"])
     assert connection.transport_cls == "sentinel" and len(connection.alt) == 3
@@ -59,6 +60,7 @@ def test_celery_and_kombu_get_the_master_name_and_the_sentinels_password():
 
 def test_plain_redis_gets_no_sentinel_options():
     conf = common_config(Settings())
+    assert conf["result_backend"] == "kiq.events:EventsBackend+redis://localhost:6379/0"
     assert "master_name" not in conf["broker_transport_options"]
     assert "master_name" not in conf["result_backend_transport_options"]
 

@@ -1,0 +1,71 @@
+"""Job events: every state write also lands in a per-job Redis Stream and is published with its stream id.
+
+Celery's Redis result backend writes each state with SET + PUBLISH on `celery-task-meta-<id>`, but that
+message carries no sequence number, so a reader could not resume without loss or repeats. `EventsBackend`
+does the same write in one Lua script that also XADDs the meta to `kiq:events:<id>` (the stream id is the
+event id: strictly increasing per job, assigned by Redis) and PUBLISHes "<stream id> <meta>" on the same key.
+A reader subscribes first, then reads the stream after its last id, then takes published events whose id is
+greater than the last it delivered: nothing is lost between the read and the subscription, nothing repeats.
+
+The stream lives as long as the result (`result_expires`). No Celery import at module level beyond the
+backend base class, which only the Celery side loads (by the `kiq.events:EventsBackend+redis://…` URL).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery.backends.redis import RedisBackend, SentinelBackend
+
+# KEYS: meta key, stream key, event channel. ARGV: meta, ttl (0 = none).
+_WRITE = """
+local ttl = tonumber(ARGV[2])
+if ttl > 0 then redis.call('SETEX', KEYS[1], ttl, ARGV[1]) else redis.call('SET', KEYS[1], ARGV[1]) end
+local id = redis.call('XADD', KEYS[2], '*', 'meta', ARGV[1])
+if ttl > 0 then redis.call('EXPIRE', KEYS[2], ttl) end
+redis.call('PUBLISH', KEYS[1], ARGV[1])
+redis.call('PUBLISH', KEYS[3], id .. ' ' .. ARGV[1])
+return id
+"""
+
+_META_PREFIX = "celery-task-meta-"
+
+
+def events_key(job_id: str) -> str:
+    """The job's event stream (one entry per state write)."""
+    return f"kiq:events:{job_id}"
+
+
+def events_channel(job_id: str) -> str:
+    """Where each event is published as "<stream id> <meta JSON>"."""
+    return f"kiq:events:{job_id}:live"
+
+
+def event_order(event_id: str) -> tuple[int, int]:
+    """Stream ids ("<ms>-<seq>") in the order Redis assigned them."""
+    ms, _, seq = event_id.partition("-")
+    return int(ms), int(seq or 0)
+
+
+class _EventStreams:
+    """Each state write also appended to the job's event stream (mixed into Celery's Redis backends)."""
+
+    client: Any
+    expires: Any
+
+    def _set(self, key: Any, value: Any) -> None:
+        name = key.decode() if isinstance(key, bytes) else str(key)
+        if not name.startswith(_META_PREFIX):  # group or chord keys: Celery's own write
+            return super()._set(key, value)  # type: ignore[misc]
+        job_id = name.removeprefix(_META_PREFIX)
+        ttl = int(self.expires or 0)
+        self.client.eval(_WRITE, 3, name, events_key(job_id), events_channel(job_id), value, ttl)
+        return None
+
+
+class EventsBackend(_EventStreams, RedisBackend):
+    """Celery's Redis backend with event streams."""
+
+
+class SentinelEventsBackend(_EventStreams, SentinelBackend):
+    """Celery's Sentinel backend (it follows a failover) with event streams."""
