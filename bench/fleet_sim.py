@@ -168,7 +168,9 @@ def worker_process(index: int, threads: int, env: dict[str, str], prior_s: float
     worker_init.connect(more_heartbeats, weak=False)
     worker_shutdown.connect(lambda **_: [e.stop() for e in extra], weak=False)
     task_prerun.connect(lambda task_id=None, **_: steplog.job(task_id or ""), weak=False)
-    app.worker_main(["worker", f"--hostname={hostname}", "--loglevel=WARNING"])
+    from worker.main import WORKER_FLAGS
+
+    app.worker_main(["worker", f"--hostname={hostname}", "--loglevel=WARNING", *WORKER_FLAGS])  # as `kiq worker`
 
 
 # --- producers and pollers ---------------------------------------------------------------------------------

@@ -62,6 +62,11 @@ class _EventStreams:
         self.client.eval(_WRITE, 3, name, events_key(job_id), events_channel(job_id), value, ttl)
         return None
 
+    def on_task_call(self, producer: Any, task_id: str) -> None:
+        """Celery subscribes the sender to each task's result channel, for `AsyncResult.get()`, which kiq never
+        calls (clients read the status, or the event stream): a long-lived producer such as the API would hold a
+        subscription per job it ever sent, and Redis would push it every progress write of every one of them."""
+
 
 class EventsBackend(_EventStreams, RedisBackend):
     """Celery's Redis backend with event streams."""

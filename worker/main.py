@@ -4,9 +4,14 @@ from __future__ import annotations
 
 import socket
 
+# No gossip or mingle: kiq keeps its own cancel flags and fleet heartbeats, and with gossip every worker would
+# receive every other worker's events, a fleet's traffic growing with the square of its size.
+WORKER_FLAGS = ("--without-gossip", "--without-mingle")
+
 
 def run_worker(extra_args: list[str]) -> None:
     from worker.celery import app, settings
 
     hostname = f"kiq@{socket.gethostname()}-{settings.device_target.lower()}{settings.device_id}"
-    app.worker_main(["worker", f"--hostname={hostname}", "--loglevel=INFO", *extra_args])
+    argv = ["worker", f"--hostname={hostname}", "--loglevel=INFO", *WORKER_FLAGS]
+    app.worker_main([*argv, *extra_args])

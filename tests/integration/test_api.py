@@ -303,7 +303,8 @@ def test_events_stream_states_progress_and_the_final_status_then_resume_without_
     assert kinds[-1] == "done" and events[-1][2]["state"] == "SUCCESS" and kinds.count("done") == 1
     assert "state" in kinds and events[-1][2]["result"]["images"][0]["uri"].startswith("s3://")
     decoder = [s["progress"]["step"] for _, k, s in events if k == "progress" and s["progress"]["stage"] == "decoder"]
-    assert decoder == list(range(1, 7))
+    # Progress is coalesced (KIQ_PROGRESS_INTERVAL_MS): in order, the first and the last step always there.
+    assert decoder == sorted(set(decoder)) and decoder[0] == 1 and decoder[-1] == 6
     ids = [event_id for event_id, _, _ in events if event_id]
     assert len(ids) == len(set(ids)) and ids == sorted(ids, key=lambda i: tuple(map(int, i.split("-"))))
     # Resume from the middle (what EventSource does after a dropped connection): exactly the rest.

@@ -84,6 +84,13 @@ def test_progress_per_decoder_step_then_success(worker, client):
     assert all(s.progress.total == 12 for s in seen if s.progress and s.progress.stage == "decoder")
 
 
+def test_a_producer_holds_no_subscription_per_job_it_sent(worker, client, redis_client):
+    job_id = client.submit(tiny_job(decoder_steps=2))
+    channel = client.app.backend.get_key_for_task(job_id)
+    assert redis_client.pubsub_numsub(channel) == [(channel, 0)]  # Celery would subscribe the sender
+    assert client.wait(job_id, timeout=120).state == "SUCCESS"
+
+
 def test_same_seed_same_image_and_absent_seed_is_reported(worker, client, s3):
     first, second = (client.wait(client.submit(tiny_job()), timeout=120) for _ in range(2))
     a, _ = read_object(s3, first.result.images[0].uri)
