@@ -13,22 +13,28 @@ backend base class, which only the Celery side loads (by the `kiq.events:EventsB
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from celery.backends.redis import RedisBackend, SentinelBackend
 
-# KEYS: meta key, stream key, event channel. ARGV: meta, ttl (0 = none).
+from kiq.names import TERMINAL_STATES
+
+# KEYS: meta key, stream key, event channel. ARGV: meta, ttl (0 = none), the stream's ttl (0 = none).
 _WRITE = """
-local ttl = tonumber(ARGV[2])
+local ttl, stream_ttl = tonumber(ARGV[2]), tonumber(ARGV[3])
 if ttl > 0 then redis.call('SETEX', KEYS[1], ttl, ARGV[1]) else redis.call('SET', KEYS[1], ARGV[1]) end
 local id = redis.call('XADD', KEYS[2], '*', 'meta', ARGV[1])
-if ttl > 0 then redis.call('EXPIRE', KEYS[2], ttl) end
+if stream_ttl > 0 then redis.call('EXPIRE', KEYS[2], stream_ttl) end
 redis.call('PUBLISH', KEYS[1], ARGV[1])
 redis.call('PUBLISH', KEYS[3], id .. ' ' .. ARGV[1])
 return id
 """
 
 _META_PREFIX = "celery-task-meta-"
+# A finished job's stream is kept this long for late resumes, not the result's days: it is some twenty times
+# the size of the status, and after it expires the events endpoint answers with the final status alone.
+DONE_STREAM_TTL_S = 3600
 
 
 def events_key(job_id: str) -> str:
@@ -59,7 +65,13 @@ class _EventStreams:
             return super()._set(key, value)  # type: ignore[misc]
         job_id = name.removeprefix(_META_PREFIX)
         ttl = int(self.expires or 0)
-        self.client.eval(_WRITE, 3, name, events_key(job_id), events_channel(job_id), value, ttl)
+        final = json.loads(value).get("status") in TERMINAL_STATES
+        stream_ttl = min(ttl or DONE_STREAM_TTL_S, DONE_STREAM_TTL_S) if final else ttl
+        keys = (name, events_key(job_id), events_channel(job_id))
+        script = self.__dict__.get("_write_script")
+        if script is None:  # EVALSHA: Redis keeps the compiled script; EVAL would send and hash it every write
+            script = self.__dict__["_write_script"] = self.client.register_script(_WRITE)
+        script(keys=keys, args=(value, ttl, stream_ttl), client=self.client)
         return None
 
     def on_task_call(self, producer: Any, task_id: str) -> None:

@@ -179,13 +179,14 @@ def create_api(settings: Settings, client: Client | None = None, s3: Any = None)
         await run_in_threadpool(owned, job_id, tenant.owner)
         if last_event_id is not None and not _EVENT_ID.fullmatch(last_event_id):
             raise HTTPException(400, "Last-Event-ID must be an event id from this stream (<ms>-<seq>)")
-        first = None if last_event_id else await run_in_threadpool(first_status, job_id)
+        first = await run_in_threadpool(first_status, job_id)  # None while the job has an event stream
         stream = sse(hub(), job_id, last_event_id, first, app.state.heartbeat_s)
         return StreamingResponse(stream, media_type="text/event-stream",
                                  headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})  # fmt: skip
 
     def first_status(job_id: str) -> JobStatus | None:
-        """The current status when the job has written no event yet (still queued, or older than events)."""
+        """The current status when the job has no event stream: none written yet (queued), or a finished job's
+        expired (kiq.events.DONE_STREAM_TTL_S) — then that final status is the whole stream, also on a resume."""
         return None if client.redis.exists(events_key(job_id)) else client.status(job_id)
 
     async def sse(hub: EventHub, job_id: str, after: str | None, first: JobStatus | None,

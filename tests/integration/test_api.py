@@ -317,6 +317,17 @@ def test_events_stream_states_progress_and_the_final_status_then_resume_without_
     assert api.get(f"/v1/jobs/{job_id}/events", headers={**A, "Last-Event-ID": "x"}).status_code == 400
 
 
+def test_a_finished_jobs_stream_is_kept_an_hour_then_a_resume_gets_the_final_status(api, client):
+    from kiq.events import DONE_STREAM_TTL_S, events_key
+
+    job_id = api.post("/v1/jobs", json=tiny_job(decoder_steps=2), headers=A).json()["id"]
+    events, _ = read_events(api, job_id, A)
+    assert 0 < client.redis.ttl(events_key(job_id)) <= DONE_STREAM_TTL_S < client.settings.result_ttl_s
+    client.redis.delete(events_key(job_id))  # what the hour does
+    resumed, _ = read_events(api, job_id, {**A, "Last-Event-ID": events[-1][0]})
+    assert [(kind, status["state"]) for _, kind, status in resumed] == [("done", "SUCCESS")]
+
+
 def test_events_of_a_job_still_queued_start_with_pending_and_python_client_follows(api, client):
     blocker = api.post("/v1/jobs", json=tiny_job(decoder_steps=12), headers=A).json()["id"]
     queued = api.post("/v1/jobs", json=tiny_job(seed=3), headers=A).json()["id"]
