@@ -17,7 +17,7 @@ live in the consumer's event loop, which a busy solo-pool device does not run wh
 loaded real fleet sends them only between jobs. They are measured with the fleet idle (`idle` row) and
 reported apart.
 
-    PYTHONPATH=. .venv/bin/python bench/fleet_sim.py [--devices 8 64 256 512] [--window-s 30]
+    .venv/bin/python bench/fleet_sim.py [--devices 16 64 128 256] [--window-s 30]   # about 4 minutes here
 
 Step times (`--prior-step-s`, `--decoder-step-s`) default to kiq's own assumption for a 768x768 step on the
 device (KIQ_PRIOR_STEP_S 0.05 s, KIQ_DECODER_STEP_S 0.15 s). Larger values (`--slow K` multiplies both, and
@@ -424,7 +424,7 @@ def print_table(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--devices", type=int, nargs="+", default=[8, 64, 256, 512])
+    parser.add_argument("--devices", type=int, nargs="+", default=[16, 64, 128, 256])  # ~4 min here
     parser.add_argument("--processes", type=int, default=6, help="worker processes (threads = devices / this)")
     parser.add_argument("--clients", type=int, default=2, help="producer + poller processes")
     parser.add_argument("--prior-step-s", type=float, default=0.05)
