@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
-from urllib.parse import unquote, urlsplit
+from urllib.parse import quote, unquote, urlsplit
 
 from kiq.errors import SettingsError
 
@@ -58,7 +58,7 @@ class RedisURL:
             return self.raw
         auth = ""
         if self.username or self.password:
-            auth = f"{self.username}:{self.password}@"
+            auth = f"{quote(self.username, safe='')}:{quote(self.password, safe='')}@"  # kombu and Celery unquote
         return ";".join(f"{self.scheme}://{auth}{host}:{port}/{self.db}" for host, port in self.hosts)
 
 
@@ -131,7 +131,10 @@ def connect_async(url: RedisURL, settings: Settings, max_connections: int = 32) 
     """A redis.asyncio client for `url`; a plain Redis's pool is bounded and blocking (callers wait for a
     connection instead of failing), a Sentinel master's follows failovers."""
     from redis.asyncio import BlockingConnectionPool, Redis
-    from redis.asyncio.sentinel import Sentinel
+    from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
+
+    class BlockingSentinelPool(SentinelConnectionPool, BlockingConnectionPool):
+        """The master's pool, waiting for a free connection like the plain one instead of failing."""
 
     if not url.sentinel:
         pool = BlockingConnectionPool.from_url(url.raw, max_connections=max_connections, timeout=30)
@@ -139,7 +142,8 @@ def connect_async(url: RedisURL, settings: Settings, max_connections: int = 32) 
     sentinel_kwargs = {"password": settings.sentinel_password} if settings.sentinel_password else {}
     sentinels = Sentinel(list(url.hosts), sentinel_kwargs=sentinel_kwargs)
     credentials = {"username": url.username or None, "password": url.password or None}
-    return sentinels.master_for(settings.sentinel_master, db=url.db, max_connections=max_connections, **credentials)
+    return sentinels.master_for(settings.sentinel_master, connection_pool_class=BlockingSentinelPool, db=url.db,
+                                max_connections=max_connections, timeout=30, **credentials)  # fmt: skip
 
 
 def retrying(call: Callable[[], T], within_s: float, what: str) -> T:

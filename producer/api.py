@@ -11,13 +11,13 @@ from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Header, HTTPException, Query, Request
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
 
 from kiq import redisconn
 from kiq.contract import Job, validation_errors
 from kiq.errors import StorageError, UnknownJob
-from kiq.events import events_key
+from kiq.events import event_order, events_key
 from kiq.names import idempotency_key
 from kiq.s3 import input_prefix, presign, put, s3_client
 from kiq.settings import Settings
@@ -172,14 +172,17 @@ def create_api(settings: Settings, client: Client | None = None, s3: Any = None)
 
     @app.get("/v1/jobs/{job_id}/events", response_class=StreamingResponse,
              responses={200: {"content": {"text/event-stream": {}}, "description": EVENTS_DOC},
+                        204: {"description": "resumed after the final event: nothing more will come"},
                         404: {"description": "unknown job, or another key's"}})  # fmt: skip
     async def events(job_id: str, tenant: Caller,
                      last_event_id: Annotated[str | None, Header(alias="Last-Event-ID", max_length=40)] = None,
-                     ) -> StreamingResponse:  # fmt: skip
+                     ) -> Response:  # fmt: skip
         await run_in_threadpool(owned, job_id, tenant.owner)
         if last_event_id is not None and not _EVENT_ID.fullmatch(last_event_id):
             raise HTTPException(400, "Last-Event-ID must be an event id from this stream (<ms>-<seq>)")
         first = await run_in_threadpool(first_status, job_id)  # None while the job has an event stream
+        if last_event_id and await run_in_threadpool(resumed_past_the_end, job_id, last_event_id):
+            return Response(status_code=204)  # SSE's "stop": an EventSource would reconnect after the last event
         stream = sse(hub(), job_id, last_event_id, first, app.state.heartbeat_s)
         return StreamingResponse(stream, media_type="text/event-stream",
                                  headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})  # fmt: skip
@@ -188,6 +191,13 @@ def create_api(settings: Settings, client: Client | None = None, s3: Any = None)
         """The current status when the job has no event stream: none written yet (queued), or a finished job's
         expired (kiq.events.DONE_STREAM_TTL_S) — then that final status is the whole stream, also on a resume."""
         return None if client.redis.exists(events_key(job_id)) else client.status(job_id)
+
+    def resumed_past_the_end(job_id: str, last_event_id: str) -> bool:
+        """The job has ended and the client already has its last event."""
+        newest = client.redis.xrevrange(events_key(job_id), count=1)
+        if newest and event_order(newest[0][0].decode()) > event_order(last_event_id):
+            return False
+        return client.status(job_id).done
 
     async def sse(hub: EventHub, job_id: str, after: str | None, first: JobStatus | None,
                   heartbeat_s: float) -> Any:  # fmt: skip

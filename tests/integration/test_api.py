@@ -315,6 +315,8 @@ def test_events_stream_states_progress_and_the_final_status_then_resume_without_
     again, _ = read_events(api, job_id, A)
     assert [e[0] for e in again if e[0]] == ids
     assert api.get(f"/v1/jobs/{job_id}/events", headers={**A, "Last-Event-ID": "x"}).status_code == 400
+    # An EventSource reconnects after the stream ended: told to stop (204), not held open with heartbeats.
+    assert api.get(f"/v1/jobs/{job_id}/events", headers={**A, "Last-Event-ID": ids[-1]}).status_code == 204
 
 
 def test_a_finished_jobs_stream_is_kept_an_hour_then_a_resume_gets_the_final_status(api, client):

@@ -93,3 +93,19 @@ def test_retrying_rides_out_errors_within_the_window(monkeypatch):
     assert redisconn.retrying(flaky, within_s=30, what="test") == "ok" and len(calls) == 3
     with pytest.raises(ConnectionError):
         redisconn.retrying(lambda: (_ for _ in ()).throw(ConnectionError("down")), within_s=0, what="test")
+
+
+def test_passwords_with_url_characters_reach_kombu_and_celery_intact():
+    settings = Settings(broker_url="sentinel://:p%2Fw%3Bd%40x@h1:26379;sentinel://h2:26380/2")
+    assert settings.broker_server.password == "p/w;d@x"
+    connection = Connection(settings.broker_server.celery_url())
+    assert connection.password == "p/w;d@x" and connection.virtual_host == "2" and len(connection.alt) == 2
+
+
+def test_async_sentinel_client_waits_for_a_connection_instead_of_failing():
+    from redis.asyncio import BlockingConnectionPool
+
+    settings = Settings(broker_url=SENTINELS)
+    client = redisconn.connect_async(settings.results_server, settings, max_connections=4)
+    assert isinstance(client.connection_pool, BlockingConnectionPool)
+    assert client.connection_pool.max_connections == 4
