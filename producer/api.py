@@ -193,9 +193,10 @@ def create_api(settings: Settings, client: Client | None = None, s3: Any = None)
         return None if client.redis.exists(events_key(job_id)) else client.status(job_id)
 
     def resumed_past_the_end(job_id: str, last_event_id: str) -> bool:
-        """The job has ended and the client already has its last event."""
+        """The job has ended and the client already has its last event. With the stream expired that is unknown:
+        the client gets the final status again (its `done` event says to stop)."""
         newest = client.redis.xrevrange(events_key(job_id), count=1)
-        if newest and event_order(newest[0][0].decode()) > event_order(last_event_id):
+        if not newest or event_order(newest[0][0].decode()) > event_order(last_event_id):
             return False
         return client.status(job_id).done
 
