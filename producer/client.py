@@ -147,9 +147,12 @@ class Client:
         state = meta["status"]
         if state == "PENDING" and self.record(job_id) is None:
             raise UnknownJob(f"no job with id {job_id!r} (never submitted, or expired)")
-        status = to_status(job_id, state, meta.get("result"))
-        if state in ("FAILURE", "REVOKED"):  # a sweep that ended early still lists the frames it uploaded
-            raw = self.redis.get(frames_key(job_id))
+        return self._with_frames(to_status(job_id, state, meta.get("result")))
+
+    def _with_frames(self, status: JobStatus) -> JobStatus:
+        """A sweep that ended early (FAILURE, REVOKED) still lists the frames it uploaded."""
+        if status.state in ("FAILURE", "REVOKED"):
+            raw = self.redis.get(frames_key(status.id))
             if raw:
                 status.frames = [ImageRef.model_validate(f) for f in json.loads(raw)]
         return status
@@ -184,7 +187,7 @@ class Client:
 
     def decode_event(self, job_id: str, raw: bytes) -> JobStatus:
         meta = self.app.backend.decode_result(raw)
-        return to_status(job_id, meta["status"], meta.get("result"))
+        return self._with_frames(to_status(job_id, meta["status"], meta.get("result")))
 
     def wait(
         self,

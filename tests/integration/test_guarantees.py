@@ -51,7 +51,9 @@ def test_on_defaults_a_killed_workers_job_resumes_within_two_minutes_and_a_long_
     assert final.state == "SUCCESS", final.error
     assert ran_s > settings.visibility_timeout_s  # it outlived the timeout while alive, yet ...
     assert count_in_logs([b_log, c_log], f"[{job_id}] received") == 1  # ... was handed out once
-    assert count_in_logs([first_log, b_log, c_log], f"[{job_id}] succeeded") == 1
+    succeeded = f"[{job_id}] succeeded"  # Celery logs it just after the task stored its result: wait for it
+    devstack.wait_until(lambda: count_in_logs([b_log, c_log], succeeded) >= 1, 30, "the succeeded log line")
+    assert count_in_logs([first_log, b_log, c_log], succeeded) == 1
     assert objects_of(s3, settings, job_id) == [f"jobs/{job_id}/0.png"]
 
 

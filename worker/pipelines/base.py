@@ -95,7 +95,7 @@ def backend_module(backend: str) -> Any:
         return importlib.import_module(MODULES[backend])
     except ImportError as exc:
         raise SettingsError(
-            f"KIQ_BACKEND={backend} (from KIQ_BACKEND/KIQ_DEVICE_TARGET) needs the {EXTRAS[backend]} extra: "
+            f"KIQ_BACKEND={backend} (from KIQ_BACKEND/KIQ_DEVICE_TARGET) needs the {EXTRAS[backend]!r} extra: "
             f"pip install 'kiq[{EXTRAS[backend]}]' ({exc})"
         ) from exc
 
