@@ -52,6 +52,11 @@ class RedisURL:
     def sentinel(self) -> bool:
         return self.scheme == "sentinel"
 
+    @property
+    def credentials(self) -> dict[str, str | None]:
+        """The master's username and password, as redis-py takes them."""
+        return {"username": self.username or None, "password": self.password or None}
+
     def celery_url(self) -> str:
         """The URL for kombu and Celery: database and credentials repeated in every Sentinel's part."""
         if not self.sentinel:
@@ -108,8 +113,13 @@ def transport_options(settings: Settings, url: RedisURL) -> dict[str, Any]:
         return {}
     options: dict[str, Any] = {"master_name": settings.sentinel_master}
     if settings.sentinel_password:
-        options["sentinel_kwargs"] = {"password": settings.sentinel_password}
+        options["sentinel_kwargs"] = _sentinel_auth(settings)
     return options
+
+
+def _sentinel_auth(settings: Settings) -> dict[str, Any]:
+    """The Sentinels' own connection options: their password, if they have one."""
+    return {"password": settings.sentinel_password} if settings.sentinel_password else {}
 
 
 def connect(url: RedisURL, settings: Settings, **kwargs: Any) -> Any:
@@ -119,12 +129,9 @@ def connect(url: RedisURL, settings: Settings, **kwargs: Any) -> Any:
 
     if not url.sentinel:
         return redis.Redis.from_url(url.raw, **kwargs)
-    credentials = {"username": url.username or None, "password": url.password or None}
-    sentinel_kwargs = {k: v for k, v in kwargs.items() if k.startswith("socket_")}  # redis-py's own rule
-    if settings.sentinel_password:
-        sentinel_kwargs["password"] = settings.sentinel_password
-    sentinels = Sentinel(list(url.hosts), sentinel_kwargs=sentinel_kwargs, **kwargs)
-    return sentinels.master_for(settings.sentinel_master, db=url.db, **credentials)
+    sockets = {k: v for k, v in kwargs.items() if k.startswith("socket_")}  # redis-py's own rule
+    sentinels = Sentinel(list(url.hosts), sentinel_kwargs={**sockets, **_sentinel_auth(settings)}, **kwargs)
+    return sentinels.master_for(settings.sentinel_master, db=url.db, **url.credentials)
 
 
 def connect_async(url: RedisURL, settings: Settings, max_connections: int = 32) -> Any:
@@ -139,11 +146,9 @@ def connect_async(url: RedisURL, settings: Settings, max_connections: int = 32) 
     if not url.sentinel:
         pool = BlockingConnectionPool.from_url(url.raw, max_connections=max_connections, timeout=30)
         return Redis(connection_pool=pool)
-    sentinel_kwargs = {"password": settings.sentinel_password} if settings.sentinel_password else {}
-    sentinels = Sentinel(list(url.hosts), sentinel_kwargs=sentinel_kwargs)
-    credentials = {"username": url.username or None, "password": url.password or None}
+    sentinels = Sentinel(list(url.hosts), sentinel_kwargs=_sentinel_auth(settings))
     return sentinels.master_for(settings.sentinel_master, connection_pool_class=BlockingSentinelPool, db=url.db,
-                                max_connections=max_connections, timeout=30, **credentials)  # fmt: skip
+                                max_connections=max_connections, timeout=30, **url.credentials)  # fmt: skip
 
 
 def retrying(call: Callable[[], T], within_s: float, what: str) -> T:
