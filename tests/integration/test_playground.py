@@ -111,3 +111,63 @@ def test_playground_submit_with_text_and_upload_and_watch_it_finish(base_url, br
     time.sleep(0.3)
     assert browser.execute_script("return document.documentElement.scrollWidth") <= 390  # no sideways scrolling
     browser.save_screenshot(str(shots / "playground-phone.png"))
+
+
+def test_playground_sweep_shows_frames_as_they_land_then_the_animation(base_url, browser, logs):
+    wait = WebDriverWait(browser, 120, poll_frequency=0.05)
+    browser.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})  # the first test ends at phone width
+    browser.get(base_url + "/")
+    if browser.execute_script("return sessionStorage.getItem('kiq-api-key')") is None:  # run alone
+        wait.until(lambda d: d.find_element(By.ID, "key-dialog").get_attribute("open") is not None)
+        browser.find_element(By.ID, "key").send_keys(KEY, Keys.ENTER)
+    browser.find_element(By.CSS_SELECTOR, "#inputs .text").send_keys("a cat")
+    browser.find_element(By.ID, "add-text").click()
+    browser.find_elements(By.CSS_SELECTOR, "#inputs .text")[1].send_keys("a dog")
+
+    to_sliders = browser.find_elements(By.CSS_SELECTOR, "#inputs .to-slider")
+    assert not any(s.is_displayed() for s in to_sliders)  # the "to" weights belong to a sweep
+    assert browser.find_element(By.ID, "frames").get_attribute("disabled") is not None
+    browser.find_element(By.ID, "sweep").click()
+    assert all(s.is_displayed() for s in to_sliders)
+    assert browser.find_element(By.ID, "num_images").get_attribute("disabled") is not None
+    to_sliders[0].send_keys(*[Keys.ARROW_LEFT] * 20)  # the cat fades out: 1.00 -> 0.00
+    assert [s.text for s in browser.find_elements(By.CSS_SELECTOR, "#inputs .to-share")] == ["0.00 · 0%", "1.00 · 100%"]
+
+    for field, value in (("width", "64"), ("height", "64"), ("animation", "gif"), ("easing", "linear")):
+        Select(browser.find_element(By.ID, field)).select_by_value(value)
+    for field, value in (("prior_steps", "2"), ("decoder_steps", "3"), ("seed", "7"), ("frames", "3"), ("fps", "5")):
+        box = browser.find_element(By.ID, field)
+        box.clear()
+        box.send_keys(value)
+    # Record, at every change of the result area, the state line and how many frames it shows.
+    browser.execute_script("""
+        window.views = [];
+        new MutationObserver(() => window.views.push([document.getElementById('state').textContent,
+            document.querySelectorAll('#images img[alt^="frame"]').length]))
+          .observe(document.getElementById('run'), {childList: true, characterData: true, subtree: true});
+    """)
+    browser.find_element(By.ID, "submit").click()
+    animation = wait.until(lambda d: next(iter(d.find_elements(By.CSS_SELECTOR, "#images img[alt=animation]")), None))
+    wait.until(lambda d: d.execute_script("return arguments[0].complete && arguments[0].naturalWidth", animation))
+    assert browser.execute_script("return [arguments[0].naturalWidth, arguments[0].naturalHeight]", animation) == [
+        64,
+        64,
+    ]
+    frames = browser.find_elements(By.CSS_SELECTOR, "#images img[alt^=frame]")
+    assert [f.get_attribute("alt") for f in frames] == ["frame 0", "frame 1", "frame 2"]
+    wait.until(lambda d: all(d.execute_script("return arguments[0].complete && arguments[0].naturalWidth", f)
+                             for f in frames))  # fmt: skip
+    views = browser.execute_script("return window.views")
+    landing = [n for state, n in views if state.startswith("PROGRESS") and n]
+    assert landing and landing == sorted(landing), views  # frames were shown before the job ended, in order
+    assert browser.find_element(By.ID, "state").text.startswith("SUCCESS · seed 7")
+    assert not browser.find_element(By.ID, "submit-error").text and not browser.find_element(By.ID, "job-error").text
+
+    job_id = browser.find_element(By.ID, "job-id").text
+    status = httpx.get(f"{base_url}/v1/jobs/{job_id}", headers={"Authorization": f"Bearer {KEY}"}).json()
+    result = status["result"]
+    assert result["frame_weights"] == [[1.0, 1.0], [0.5, 1.0], [0.0, 1.0]]  # from the sliders
+    assert result["animation"]["format"] == "gif" and len(result["images"]) == 3
+    shots = Path(os.environ.get("KIQ_SCREENSHOT_DIR") or logs)
+    shots.mkdir(parents=True, exist_ok=True)
+    browser.save_screenshot(str(shots / "playground-sweep.png"))
