@@ -170,4 +170,5 @@ def test_playground_sweep_shows_frames_as_they_land_then_the_animation(base_url,
     assert result["animation"]["format"] == "gif" and len(result["images"]) == 3
     shots = Path(os.environ.get("KIQ_SCREENSHOT_DIR") or logs)
     shots.mkdir(parents=True, exist_ok=True)
+    browser.execute_script("document.getElementById('run').scrollIntoView()")  # the frames and the GIF
     browser.save_screenshot(str(shots / "playground-sweep.png"))
