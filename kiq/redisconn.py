@@ -112,8 +112,8 @@ def transport_options(settings: Settings, url: RedisURL) -> dict[str, Any]:
     if not url.sentinel:
         return {}
     options: dict[str, Any] = {"master_name": settings.sentinel_master}
-    if settings.sentinel_password:
-        options["sentinel_kwargs"] = _sentinel_auth(settings)
+    if auth := _sentinel_auth(settings):
+        options["sentinel_kwargs"] = auth
     return options
 
 

@@ -181,7 +181,7 @@ def create_api(settings: Settings, client: Client | None = None, s3: Any = None)
         if last_event_id is not None and not _EVENT_ID.fullmatch(last_event_id):
             raise HTTPException(400, "Last-Event-ID must be an event id from this stream (<ms>-<seq>)")
         first = await run_in_threadpool(first_status, job_id)  # None while the job has an event stream
-        if last_event_id and await run_in_threadpool(resumed_past_the_end, job_id, last_event_id):
+        if last_event_id and first is None and await run_in_threadpool(resumed_past_the_end, job_id, last_event_id):
             return Response(status_code=204)  # SSE's "stop": an EventSource would reconnect after the last event
         stream = sse(hub(), job_id, last_event_id, first, app.state.heartbeat_s)
         return StreamingResponse(stream, media_type="text/event-stream",

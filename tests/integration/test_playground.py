@@ -149,10 +149,8 @@ def test_playground_sweep_shows_frames_as_they_land_then_the_animation(base_url,
     browser.find_element(By.ID, "submit").click()
     animation = wait.until(lambda d: next(iter(d.find_elements(By.CSS_SELECTOR, "#images img[alt=animation]")), None))
     wait.until(lambda d: d.execute_script("return arguments[0].complete && arguments[0].naturalWidth", animation))
-    assert browser.execute_script("return [arguments[0].naturalWidth, arguments[0].naturalHeight]", animation) == [
-        64,
-        64,
-    ]
+    size = browser.execute_script("return [arguments[0].naturalWidth, arguments[0].naturalHeight]", animation)
+    assert size == [64, 64]
     frames = browser.find_elements(By.CSS_SELECTOR, "#images img[alt^=frame]")
     assert [f.get_attribute("alt") for f in frames] == ["frame 0", "frame 1", "frame 2"]
     wait.until(lambda d: all(d.execute_script("return arguments[0].complete && arguments[0].naturalWidth", f)
