@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from kiq import redisconn
-from kiq.names import GENERATE_TASK
+from kiq.names import GENERATE_TASK, unacked_keys
 from kiq.settings import Settings
 
 PRIORITY_STEPS = (0, 3, 6, 9)
@@ -17,6 +17,7 @@ def broker_transport_options(settings: Settings) -> dict[str, Any]:
     return {
         **redisconn.transport_options(settings, settings.broker_server),
         "visibility_timeout": settings.visibility_timeout_s,
+        **unacked_keys(settings.visibility_timeout_s),
         "unacked_restore_interval": max(1, min(10, int(settings.visibility_timeout_s / 10))),
         "unacked_restore_throttle": 1,
         # Priorities on Redis: one list per step (kiq, kiq:3, kiq:6, kiq:9); kombu serves 0 first.

@@ -1,10 +1,11 @@
 """Leases on the messages a worker holds, so that a short visibility timeout is safe for long jobs.
 
-With the Redis broker an unacknowledged message sits in kombu's `unacked_index` sorted set, scored by the
-time it was handed out; any consumer's periodic sweep puts it back on its queue once that score is older than
-the visibility timeout. kiq keeps the timeout short (`KIQ_VISIBILITY_TIMEOUT_S`, 60 s) and a thread in each
-worker process re-scores every message that process holds — running, reserved (prefetched, batch mates) or
-waiting for an ETA — every sixth of the timeout, for as long as the process lives. This is the lease pattern of
+With the Redis broker an unacknowledged message sits in kombu's unacked index, a sorted set scored by the time
+it was handed out; any consumer's periodic sweep puts it back on its queue once that score is older than the
+sweeper's visibility timeout, which is why each timeout gets an index of its own (`kiq.names.unacked_keys`).
+kiq keeps the timeout short (`KIQ_VISIBILITY_TIMEOUT_S`, 60 s) and a thread in each worker process re-scores
+every message that process holds — running, reserved (prefetched, batch mates) or waiting for an ETA — every
+sixth of the timeout, for as long as the process lives. This is the lease pattern of
 SQS's ChangeMessageVisibility: a live job is never handed out twice however long it runs, and the job of a
 worker that died comes back within one timeout plus one sweep.
 """
@@ -18,6 +19,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from kiq import redisconn
+from kiq.names import unacked_keys
 from kiq.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -64,16 +66,13 @@ class LeaseKeeper:
                 log.warning("could not renew message leases: %s", exc)
 
 
-DEFAULT_INDEX_KEY = "unacked_index"  # kombu's Redis transport, without a global key prefix
-
-
-def held_by_consumer(consumer: Any) -> list[tuple[str, str]]:
+def held_by_consumer(consumer: Any, default_index_key: str) -> list[tuple[str, str]]:
     """(unacked index key, delivery tag) of every message this worker holds: the task channel's unacknowledged
     deliveries (ETA messages included), and the requests it runs or has reserved — those outlive a broker
     reconnect, which gives the consumer a fresh channel that no longer lists them."""
     task_consumer = getattr(consumer, "task_consumer", None)
     channel = getattr(task_consumer, "channel", None)
-    index_key = DEFAULT_INDEX_KEY
+    index_key = default_index_key  # the one our transport options name (kiq.names.unacked_keys)
     tags: set[str] = set()
     if channel is not None:
         index_key = getattr(channel, "global_keyprefix", "") + channel.unacked_index_key
@@ -120,8 +119,9 @@ def install(app: Any, redis_factory: Callable[[], Any], visibility_timeout_s: fl
 
         def start(self, c: Any) -> None:
             if self.keeper is None:
-                interval = renew_interval_s(visibility_timeout_s)
-                self.keeper = LeaseKeeper(redis_factory(), lambda: held_by_consumer(c), interval)
+                interval, index_key = renew_interval_s(visibility_timeout_s), unacked_keys(visibility_timeout_s)
+                held = lambda: held_by_consumer(c, index_key["unacked_index_key"])  # noqa: E731
+                self.keeper = LeaseKeeper(redis_factory(), held, interval)
                 self.keeper.start()
                 log.info("renewing message leases every %.1f s", interval)
 

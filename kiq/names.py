@@ -40,3 +40,16 @@ def idempotency_key(owner: str, key: str) -> str:
 def frames_key(job_id: str) -> str:
     """A sweep's frames uploaded so far (JSON list of ImageRef), so a cancelled or failed sweep still lists them."""
     return f"kiq:frames:{job_id}"
+
+
+def unacked_keys(visibility_timeout_s: float) -> dict[str, str]:
+    """kombu's unacked hash, its index and the sweep's mutex (transport options), one set per visibility timeout.
+
+    Each consumer hands back every message in the index older than its own timeout, so a worker with a 6 s
+    timeout sharing the index would take the live jobs of 60 s workers, whose leases are renewed every 10 s."""
+    tag = f"{visibility_timeout_s:g}s"
+    return {
+        "unacked_key": f"kiq:unacked:{tag}",
+        "unacked_index_key": f"kiq:unacked_index:{tag}",
+        "unacked_mutex_key": f"kiq:unacked_mutex:{tag}",
+    }

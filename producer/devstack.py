@@ -41,6 +41,12 @@ class Stack:
             stop(proc)
         self.processes.clear()
 
+    def __enter__(self) -> Stack:
+        return self
+
+    def __exit__(self, *_: object) -> None:  # also when a start fails: nothing half-started outlives its fixture
+        self.close()
+
 
 def stop(proc: subprocess.Popen[bytes], grace_s: float = 15.0) -> None:
     if proc.poll() is None:

@@ -32,9 +32,8 @@ def logs(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def stack():
-    stack = devstack.Stack()
-    yield stack
-    stack.close()
+    with devstack.Stack() as stack:
+        yield stack
 
 
 @pytest.fixture(scope="session")
@@ -93,12 +92,11 @@ def redis_client(settings):
 @pytest.fixture
 def spawn_worker(env, logs):
     """Start extra workers with their own settings (queue, Redis, S3 endpoint…); stopped after the test."""
-    extra = devstack.Stack()
+    with devstack.Stack() as extra:
 
-    def spawn(name: str, **overrides: str):
-        worker_env = {**env, **overrides}
-        log = logs / f"{name}-{uuid.uuid4().hex[:6]}.log"
-        return devstack.start_worker(extra, worker_env, log), log
+        def spawn(name: str, **overrides: str):
+            worker_env = {**env, **overrides}
+            log = logs / f"{name}-{uuid.uuid4().hex[:6]}.log"
+            return devstack.start_worker(extra, worker_env, log), log
 
-    yield spawn
-    extra.close()
+        yield spawn

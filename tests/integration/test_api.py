@@ -47,11 +47,9 @@ def start_api(stack, api_env, log):
 
 @pytest.fixture(scope="module")
 def api(api_env, logs, worker):
-    stack = devstack.Stack()
-    with start_api(stack, api_env, logs / "api.log") as http:
+    with devstack.Stack() as stack, start_api(stack, api_env, logs / "api.log") as http:
         stack.spawn([*devstack.kiq_command(), "webhook-worker"], logs / "webhooks.log", api_env)
         yield http
-    stack.close()
 
 
 def wait_state(api, job_id, headers, states=("SUCCESS", "FAILURE", "REVOKED"), timeout=120):
@@ -243,12 +241,12 @@ def outage_api(api_env, logs):
     env = {**api_env, "KIQ_API_PORT": str(devstack.free_port()), "KIQ_S3_ENDPOINT_URL": s3_proxy.url,
            "KIQ_RESULT_BACKEND": api_env["KIQ_BROKER_URL"],  # idempotency keys and records: the real Redis
            "KIQ_BROKER_URL": f"redis://127.0.0.1:{redis_proxy.port}{broker.path}"}  # fmt: skip
-    stack = devstack.Stack()
-    with start_api(stack, env, logs / f"api-outage-{uuid.uuid4().hex[:6]}.log") as http:
-        yield http, s3_proxy, redis_proxy
-    stack.close()
-    s3_proxy.stop()
-    redis_proxy.stop()
+    try:
+        with devstack.Stack() as stack, start_api(stack, env, logs / f"api-outage-{uuid.uuid4().hex[:6]}.log") as http:
+            yield http, s3_proxy, redis_proxy
+    finally:
+        s3_proxy.stop()
+        redis_proxy.stop()
 
 
 def test_a_submit_that_failed_on_s3_or_redis_is_created_by_the_idempotent_retry(outage_api, api):

@@ -70,12 +70,13 @@ def test_sigkill_mid_denoising_then_restart_completes_exactly_once(env, spawn_wo
 @pytest.fixture
 def webhooks(env, logs):
     """A `kiq webhook-worker` process and a receiver; yields (receiver, secret)."""
-    secret, receiver, stack = f"secret-{uuid.uuid4().hex}", Receiver(), devstack.Stack()
+    secret, receiver = f"secret-{uuid.uuid4().hex}", Receiver()
     log = logs / f"webhooks-{uuid.uuid4().hex[:6]}.log"
-    proc = stack.spawn([*devstack.kiq_command(), "webhook-worker"], log, {**env, "KIQ_WEBHOOK_SECRET": secret})
-    devstack.wait_until(lambda: log.exists() and " ready." in log.read_text(errors="replace"), 60, "webhooks", proc)
-    yield receiver, secret
-    stack.close()
+    with devstack.Stack() as stack:
+        proc = stack.spawn([*devstack.kiq_command(), "webhook-worker"], log, {**env, "KIQ_WEBHOOK_SECRET": secret})
+        devstack.wait_until(lambda: log.exists() and " ready." in log.read_text(errors="replace"), 60, "webhooks",
+                            proc)  # fmt: skip
+        yield receiver, secret
     receiver.close()
 
 
@@ -114,10 +115,12 @@ def own_redis(tmp_path):
         procs.append(subprocess.Popen(argv, stdout=subprocess.DEVNULL))
         devstack.wait_until(lambda: devstack.redis_ping(url), 20, "redis-server", procs[-1])
 
-    start()
-    yield url, procs, start
-    for proc in procs:
-        devstack.stop(proc)
+    try:
+        start()
+        yield url, procs, start
+    finally:
+        for proc in procs:
+            devstack.stop(proc)
 
 
 def test_redis_restart_with_jobs_queued_and_running(env, spawn_worker, own_redis, s3, settings):

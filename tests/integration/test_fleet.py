@@ -35,9 +35,11 @@ def fleet(env, logs):
                                 env=fleet_env, stdout=out, stderr=subprocess.STDOUT)  # fmt: skip
     queue = overrides["KIQ_QUEUE"]
     mine = lambda: [w for w in client.fleet() if w["queues"] == queue]  # noqa: E731
-    devstack.wait_until(lambda: len(mine()) == DEVICES, 240, "supervised workers", proc, log)
-    yield proc, client, log, metrics_port, fleet_env, mine
-    devstack.stop(proc, grace_s=60)
+    try:  # a supervisor left running would keep its two workers for the rest of the run
+        devstack.wait_until(lambda: len(mine()) == DEVICES, 240, "supervised workers", proc, log)
+        yield proc, client, log, metrics_port, fleet_env, mine
+    finally:
+        devstack.stop(proc, grace_s=60)
 
 
 def test_two_device_workers_share_the_queue_and_each_job_runs_once(fleet, s3, settings):

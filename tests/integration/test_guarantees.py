@@ -11,7 +11,14 @@ import numpy as np
 from producer import devstack
 from tests.helpers import calling_server, image_bytes
 from tests.integration.jobs import read_object, tiny_job
-from tests.integration.test_faults import client_for, count_in_logs, objects_of, own_queue, wait_for_step
+from tests.integration.test_faults import (
+    FAST_REDELIVERY,
+    client_for,
+    count_in_logs,
+    objects_of,
+    own_queue,
+    wait_for_step,
+)
 
 
 def received(log, job_id):
@@ -55,6 +62,25 @@ def test_on_defaults_a_killed_workers_job_resumes_within_two_minutes_and_a_long_
     devstack.wait_until(lambda: count_in_logs([b_log, c_log], succeeded) >= 1, 30, "the succeeded log line")
     assert count_in_logs([first_log, b_log, c_log], succeeded) == 1
     assert objects_of(s3, settings, job_id) == [f"jobs/{job_id}/0.png"]
+
+
+def test_a_worker_with_a_shorter_visibility_timeout_never_takes_a_default_workers_live_job(
+    env, client, worker, spawn_worker, settings, logs, redis_client
+):
+    # kombu's unacked index is one per Redis database, and every consumer sweeps it by its own timeout: a 6 s
+    # worker on another queue would hand back a job whose lease a default worker renews only every 10 s.
+    _, short_log = spawn_worker("short-timeout", **own_queue(**FAST_REDELIVERY))
+    job_id = client.submit(tiny_job(decoder_steps=steps_lasting(client, 30), seed=9))
+    wait_for_step(client, job_id, step=1, timeout=120)
+    queued = [settings.queue] + [f"{settings.queue}:{p}" for p in (3, 6, 9)]
+    while not client.status(job_id).done:  # a job handed back waits here: the session worker is busy with it
+        assert sum(redis_client.llen(q) for q in queued) == 0, "the live job was handed back to its queue"
+        time.sleep(0.5)
+    final = client.status(job_id)
+    assert final.state == "SUCCESS", final.error
+    assert final.result.timings["decoder"] > 20  # two of the default worker's renewals, many short sweeps
+    time.sleep(2)  # a copy handed back would be received right after the first run ends
+    assert count_in_logs([logs / "worker.log", short_log], f"[{job_id}] received") == 1
 
 
 def test_a_job_that_crashes_its_decoder_batch_is_found_out_alone_and_its_mates_succeed(env, spawn_worker, s3,

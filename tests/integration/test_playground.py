@@ -33,13 +33,13 @@ pytestmark = pytest.mark.skipif(
 @pytest.fixture(scope="module")
 def base_url(env, worker, logs):
     port = devstack.free_port()
-    stack = devstack.Stack()
-    proc = stack.spawn([*devstack.kiq_command(), "api", "--port", str(port)], logs / "api-playground.log",
-                       {**env, "KIQ_API_KEYS": KEY})  # fmt: skip
-    base = f"http://127.0.0.1:{port}"
-    devstack.wait_until(lambda: devstack.http_up(base + "/healthz"), 60, "kiq api", proc, logs / "api-playground.log")
-    yield base
-    stack.close()
+    with devstack.Stack() as stack:
+        proc = stack.spawn([*devstack.kiq_command(), "api", "--port", str(port)], logs / "api-playground.log",
+                           {**env, "KIQ_API_KEYS": KEY})  # fmt: skip
+        base = f"http://127.0.0.1:{port}"
+        devstack.wait_until(lambda: devstack.http_up(base + "/healthz"), 60, "kiq api", proc,
+                            logs / "api-playground.log")  # fmt: skip
+        yield base
 
 
 @pytest.fixture(scope="module")

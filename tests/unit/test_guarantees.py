@@ -6,6 +6,7 @@ from types import SimpleNamespace
 import pytest
 
 from kiq import s3
+from kiq.celeryconf import broker_transport_options
 from kiq.contract import parse_job
 from kiq.errors import SettingsError
 from kiq.leases import LeaseKeeper, held_by_consumer, renew_interval_s
@@ -95,8 +96,8 @@ def test_held_messages_come_from_the_consumers_unacked_deliveries(monkeypatch):
     channel = SimpleNamespace(unacked_index_key="unacked_index", global_keyprefix="", _qos=qos)
     consumer = SimpleNamespace(task_consumer=SimpleNamespace(channel=channel))
     monkeypatch.setattr("kiq.leases._requests", lambda: [])
-    assert held_by_consumer(consumer) == [("unacked_index", "tag-a"), ("unacked_index", "tag-b")]
-    assert held_by_consumer(object()) == []
+    assert held_by_consumer(consumer, "ours") == [("unacked_index", "tag-a"), ("unacked_index", "tag-b")]
+    assert held_by_consumer(object(), "ours") == []
 
 
 def test_s3_fence_by_bucket_and_prefix_and_no_path_tricks():
@@ -183,7 +184,16 @@ def test_running_requests_keep_their_leases_after_a_reconnect_gave_the_consumer_
     running = SimpleNamespace(message=SimpleNamespace(delivery_tag="tag-running"))
     monkeypatch.setattr("kiq.leases._requests", lambda: [running])
     consumer = SimpleNamespace(task_consumer=SimpleNamespace(channel=fresh))
-    assert held_by_consumer(consumer) == [("unacked_index", "tag-running")]
+    assert held_by_consumer(consumer, "ours") == [("unacked_index", "tag-running")]
+    consumer = SimpleNamespace(task_consumer=None)  # mid-reconnect: no channel at all
+    assert held_by_consumer(consumer, "kiq:unacked_index:60s") == [("kiq:unacked_index:60s", "tag-running")]
+
+
+def test_each_visibility_timeout_has_its_own_unacked_index_so_short_sweeps_skip_long_leases():
+    default, short = (broker_transport_options(Settings(visibility_timeout_s=t)) for t in (60, 6))
+    keys = ("unacked_key", "unacked_index_key", "unacked_mutex_key")
+    assert [default[k] for k in keys] == ["kiq:unacked:60s", "kiq:unacked_index:60s", "kiq:unacked_mutex:60s"]
+    assert all(short[k] != default[k] for k in keys)
 
 
 def test_the_s3_scheme_in_any_case_meets_the_tenant_fence():
