@@ -162,7 +162,7 @@ class Client:
         """The job's state writes in order, from after `last_event_id` (from the start if None), until its final
         status; blocks on the job's event stream (XREAD), so no polling. Raises UnknownJob, or WaitTimeout once
         `timeout` seconds pass without the final status. A job whose stream is gone (expired, or written before
-        events existed) yields its current status once, with an empty id."""
+        events existed, or expiring while we follow it) yields its current status once, with an empty id."""
         if self.record(job_id) is None and self.app.backend.get_task_meta(job_id)["status"] == "PENDING":
             raise UnknownJob(f"no job with id {job_id!r} (never submitted, or expired)")
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -177,7 +177,13 @@ class Client:
             if left is not None and left <= 0:
                 raise WaitTimeout(f"job {job_id} did not end within {timeout} s")
             block = block_s if left is None else min(block_s, left)
-            for _, entries in self.redis.xread({key: after}, block=max(1, int(block * 1000))) or []:
+            read = self.redis.xread({key: after}, block=max(1, int(block * 1000)))
+            if not read and not self.redis.exists(key):  # expired while we waited: no event will come
+                current = self.status(job_id)
+                if current.done:
+                    yield JobEvent(id="", status=current)
+                    return
+            for _, entries in read or []:
                 for raw_id, fields in entries:
                     after = raw_id.decode()
                     event = JobEvent(id=after, status=self.decode_event(job_id, fields[b"meta"]))

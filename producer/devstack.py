@@ -78,7 +78,8 @@ def wait_until(
         if proc is not None and proc.poll() is not None:
             raise StackError(f"{what} exited with code {proc.returncode}{_tail(log)}")
         time.sleep(0.2)
-    raise StackError(f"{what} not ready after {timeout_s:.0f} s{_tail(log)}")
+    since = time.strftime("%H:%M:%S", time.localtime(time.time() - timeout_s))  # to read the log's times against
+    raise StackError(f"{what} not ready after {timeout_s:.0f} s (waiting since {since}){_tail(log)}")
 
 
 def _tail(log: Path | None, lines: int = 30) -> str:

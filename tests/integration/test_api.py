@@ -326,6 +326,8 @@ def test_a_finished_jobs_stream_is_kept_an_hour_then_a_resume_gets_the_final_sta
     client.redis.delete(events_key(job_id))  # what the hour does
     resumed, _ = read_events(api, job_id, {**A, "Last-Event-ID": events[-1][0]})
     assert [(kind, status["state"]) for _, kind, status in resumed] == [("done", "SUCCESS")]
+    followed = list(client.events(job_id, last_event_id=events[-1][0], timeout=30, block_s=0.2))
+    assert [(e.id, e.status.state) for e in followed] == [("", "SUCCESS")]  # the Python client too, at once
 
 
 def test_events_of_a_job_still_queued_start_with_pending_and_python_client_follows(api, client):

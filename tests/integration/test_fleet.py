@@ -36,7 +36,10 @@ def fleet(env, logs):
     queue = overrides["KIQ_QUEUE"]
     mine = lambda: [w for w in client.fleet() if w["queues"] == queue]  # noqa: E731
     try:  # a supervisor left running would keep its two workers for the rest of the run
-        devstack.wait_until(lambda: len(mine()) == DEVICES, 240, "supervised workers", proc, log)
+        try:
+            devstack.wait_until(lambda: len(mine()) == DEVICES, 240, "supervised workers", proc, log)
+        except devstack.StackError as exc:  # what the heartbeats said, beside the log's "ready"
+            raise devstack.StackError(f"{exc}\nheartbeats now: {client.fleet()}") from None
         yield proc, client, log, metrics_port, fleet_env, mine
     finally:
         devstack.stop(proc, grace_s=60)

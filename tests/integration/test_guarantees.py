@@ -36,7 +36,7 @@ def test_on_defaults_a_killed_workers_job_resumes_within_two_minutes_and_a_long_
 ):
     assert not any(name in env for name in ("KIQ_VISIBILITY_TIMEOUT_S", "KIQ_TIME_LIMIT_MIN_S", "KIQ_MAX_DELIVERIES"))
     assert settings.visibility_timeout_s == 60
-    steps = steps_lasting(client, 150)  # well past the 60 s visibility timeout, on slow and fast days
+    steps = steps_lasting(client, 100)  # well past the 60 s visibility timeout (measured here, so on any day)
     queue = own_queue()  # the queue is the only setting this test changes
     client = client_for(env, queue)
     first, first_log = spawn_worker("lease-killed", **queue)
@@ -70,7 +70,7 @@ def test_a_worker_with_a_shorter_visibility_timeout_never_takes_a_default_worker
     # kombu's unacked index is one per Redis database, and every consumer sweeps it by its own timeout: a 6 s
     # worker on another queue would hand back a job whose lease a default worker renews only every 10 s.
     _, short_log = spawn_worker("short-timeout", **own_queue(**FAST_REDELIVERY))
-    job_id = client.submit(tiny_job(decoder_steps=steps_lasting(client, 30), seed=9))
+    job_id = client.submit(tiny_job(decoder_steps=steps_lasting(client, 20), seed=9))
     wait_for_step(client, job_id, step=1, timeout=120)
     queued = [settings.queue] + [f"{settings.queue}:{p}" for p in (3, 6, 9)]
     while not client.status(job_id).done:  # a job handed back waits here: the session worker is busy with it
@@ -78,7 +78,7 @@ def test_a_worker_with_a_shorter_visibility_timeout_never_takes_a_default_worker
         time.sleep(0.5)
     final = client.status(job_id)
     assert final.state == "SUCCESS", final.error
-    assert final.result.timings["decoder"] > 20  # two of the default worker's renewals, many short sweeps
+    assert final.result.timings["decoder"] > 12  # past a renewal of the default worker, with sweeps every 1 s
     time.sleep(2)  # a copy handed back would be received right after the first run ends
     assert count_in_logs([logs / "worker.log", short_log], f"[{job_id}] received") == 1
 
