@@ -21,7 +21,7 @@ from kiq.webhooks import InvalidSignature, verify
 from producer import devstack
 from producer.api import create_api
 from tests.helpers import Receiver, image_bytes
-from tests.integration.jobs import tiny_job
+from tests.integration.jobs import image_input, tiny_job
 from tests.proxy import Proxy
 
 KEY_A, KEY_B, SECRET = "key-a-0123456789", "key-b-9876543210", "webhook-secret-for-tests"
@@ -118,6 +118,31 @@ def test_webhook_is_signed_retried_after_a_500_and_sent_for_cancels(api):
     devstack.wait_until(lambda: any(json.loads(b)["id"] == queued for _, b in receiver.calls), 60, "cancel webhook")
     assert [json.loads(b)["state"] for _, b in receiver.calls if json.loads(b)["id"] == queued] == ["REVOKED"]
     api.delete(f"/v1/jobs/{blocker}", headers=A)
+
+
+def test_a_sweep_through_the_api_redirects_to_its_animation_and_its_webhook_lists_every_frame(api):
+    receiver = Receiver()
+    sweep = tiny_job({"text": "a cat", "weight": 1.0}, image_input(0.0), prior_steps=2,
+                     decoder_steps=2, sweep={"to": [0.0, 1.0], "frames": 3}, animation={"format": "gif", "fps": 4},
+                     webhook_url=receiver.url)  # fmt: skip
+    job_id = api.post("/v1/jobs", json=sweep, headers=A).json()["id"]
+    assert api.get(f"/v1/jobs/{job_id}/animation", headers=A).status_code in (404, 409)  # not done: no redirect yet
+    done = wait_state(api, job_id, A)
+    assert done["state"] == "SUCCESS" and len(done["result"]["images"]) == 3
+    redirect = api.get(f"/v1/jobs/{job_id}/animation", headers=A)
+    assert redirect.status_code == 307
+    gif = Image.open(io.BytesIO(httpx.get(redirect.headers["location"]).content))
+    assert (gif.format, gif.n_frames, gif.size) == ("GIF", 3, (64, 64))
+    assert api.get(f"/v1/jobs/{job_id}/animation", headers={"Authorization": f"Bearer {KEY_B}"}).status_code == 404
+    plain = api.post("/v1/jobs", json=tiny_job(), headers=A).json()["id"]
+    wait_state(api, plain, A)
+    assert "has no animation" in api.get(f"/v1/jobs/{plain}/animation", headers=A).json()["detail"]
+    devstack.wait_until(lambda: receiver.calls, 60, "the sweep's webhook")
+    verify(SECRET, *receiver.calls[0])
+    result = json.loads(receiver.calls[0][1])["result"]
+    assert [f["uri"] for f in result["images"]] == [f["uri"] for f in done["result"]["images"]]
+    assert result["animation"]["format"] == "gif" and result["frame_weights"] == [[1.0, 0.0], [0.5, 0.5], [0.0, 1.0]]
+    receiver.close()
 
 
 def test_auth_and_tenancy(api):
