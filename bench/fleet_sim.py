@@ -372,7 +372,7 @@ FAMILIES = {  # Redis commands by the kiq/Celery path that issues them in this s
         "del",
     ),
     "fleet heartbeats (HSET)": ("hset",),
-    "leases and unacked index (ZADD, ZREM, ZREVRANGEBYSCORE, HSET unacked)": ("zadd", "zrem", "zrevrangebyscore"),
+    "leases and unacked index (ZADD, ZREM, ZRANGE BYSCORE, HSET unacked)": ("zadd", "zrem", "zrange"),
     "events and result publishes (PUBLISH)": ("publish",),
     "broker (LPUSH, BRPOP, SET, pipelines)": ("lpush", "brpop", "set"),
 }

@@ -119,8 +119,9 @@ def install(app: Any, redis_factory: Callable[[], Any], visibility_timeout_s: fl
 
         def start(self, c: Any) -> None:
             if self.keeper is None:
-                interval, index_key = renew_interval_s(visibility_timeout_s), unacked_keys(visibility_timeout_s)
-                held = lambda: held_by_consumer(c, index_key["unacked_index_key"])  # noqa: E731
+                interval = renew_interval_s(visibility_timeout_s)
+                index_key = unacked_keys(visibility_timeout_s)["unacked_index_key"]
+                held = lambda: held_by_consumer(c, index_key)  # noqa: E731
                 self.keeper = LeaseKeeper(redis_factory(), held, interval)
                 self.keeper.start()
                 log.info("renewing message leases every %.1f s", interval)

@@ -162,7 +162,8 @@ class Client:
         """The job's state writes in order, from after `last_event_id` (from the start if None), until its final
         status; blocks on the job's event stream (XREAD), so no polling. Raises UnknownJob, or WaitTimeout once
         `timeout` seconds pass without the final status. A job whose stream is gone (expired, or written before
-        events existed, or expiring while we follow it) yields its current status once, with an empty id."""
+        events existed, or expiring while we follow it) yields its current status once, with an empty id; a
+        resume after the final event yields nothing."""
         if self.record(job_id) is None and self.app.backend.get_task_meta(job_id)["status"] == "PENDING":
             raise UnknownJob(f"no job with id {job_id!r} (never submitted, or expired)")
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -172,17 +173,18 @@ class Client:
             yield JobEvent(id="", status=current)
             if current.done:
                 return
+        elif after != "0-0" and self.status(job_id).done:  # a resume: maybe past the end, or the stream expired
+            yield from self._rest(job_id, key, after)
+            return
         while True:
             left = None if deadline is None else deadline - time.monotonic()
             if left is not None and left <= 0:
                 raise WaitTimeout(f"job {job_id} did not end within {timeout} s")
             block = block_s if left is None else min(block_s, left)
             read = self.redis.xread({key: after}, block=max(1, int(block * 1000)))
-            if not read and not self.redis.exists(key):  # expired while we waited: no event will come
-                current = self.status(job_id)
-                if current.done:
-                    yield JobEvent(id="", status=current)
-                    return
+            if not read and self.status(job_id).done:  # no final event will come: it is past, or expired
+                yield from self._rest(job_id, key, after)
+                return
             for _, entries in read or []:
                 for raw_id, fields in entries:
                     after = raw_id.decode()
@@ -190,6 +192,16 @@ class Client:
                     yield event
                     if event.status.done:
                         return
+
+    def _rest(self, job_id: str, key: str, after: str) -> Iterator[JobEvent]:
+        """A finished job's events after `after` (none if the caller saw its final one; the final status alone,
+        with an empty id, if its stream has expired). The final status and its event are one write, so a
+        stream that exists holds the final event."""
+        if not self.redis.exists(key):
+            yield JobEvent(id="", status=self.status(job_id))
+            return
+        for raw_id, fields in self.redis.xrange(key, min=f"({after}", max="+"):
+            yield JobEvent(id=raw_id.decode(), status=self.decode_event(job_id, fields[b"meta"]))
 
     def decode_event(self, job_id: str, raw: bytes) -> JobStatus:
         meta = self.app.backend.decode_result(raw)

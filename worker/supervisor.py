@@ -2,7 +2,8 @@
 
 A child that keeps dying (KIQ_RESTART_MAX times within KIQ_RESTART_WINDOW_S) is reported and left down.
 SIGTERM or SIGINT: every child gets SIGTERM (Celery's warm shutdown: the running job finishes), then
-SIGKILL after KIQ_SHUTDOWN_GRACE_S; a killed child's job is redelivered. Imports no model framework.
+SIGKILL after KIQ_SHUTDOWN_GRACE_S; a killed child's job is redelivered. If the supervisor itself dies, the
+kernel SIGTERMs its children (Linux). Imports no model framework.
 """
 
 from __future__ import annotations
@@ -48,6 +49,32 @@ def child_env(base: Mapping[str, str], settings: Settings, device: int) -> dict[
     if settings.metrics_port:
         env["KIQ_METRICS_PORT"] = str(settings.metrics_port + device)
     return env
+
+
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def dying_with_parent() -> Callable[[], None] | None:
+    """A child setup that makes the kernel SIGTERM the child when its supervisor dies, even by SIGKILL: orphaned
+    workers would otherwise hold their devices, and a restarted supervisor would start a second worker on each.
+    Linux only (None elsewhere). libc is looked up here, before the fork: the child only calls it."""
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+    return lambda: prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def child_setup(settings: Settings, device: int) -> Callable[[], None] | None:
+    """What runs in the child between fork and exec: tie it to the supervisor, then pin it (CPU)."""
+    steps = [step for step in (dying_with_parent(), cpu_pinning(settings, device)) if step is not None]
+
+    def setup() -> None:
+        for step in steps:
+            step()
+
+    return setup if steps else None
 
 
 def cpu_pinning(settings: Settings, device: int) -> Callable[[], None] | None:
@@ -98,7 +125,7 @@ class Supervisor:
         env = child_env(self.env, self.settings, child.device)
         child.proc = subprocess.Popen(
             [sys.executable, "-m", "producer.cli", "worker", *self.argv], env=env,
-            preexec_fn=cpu_pinning(self.settings, child.device),
+            preexec_fn=child_setup(self.settings, child.device),
         )  # fmt: skip
         log.info("device %d: worker started, pid %d", child.device, child.proc.pid)
 

@@ -1,5 +1,6 @@
 """One supervisor, two CPU device workers: concurrency, metrics, `kiq fleet`, a SIGKILLed child, SIGTERM drain."""
 
+import contextlib
 import json
 import os
 import signal
@@ -39,7 +40,10 @@ def fleet(env, logs):
         try:
             devstack.wait_until(lambda: len(mine()) == DEVICES, 240, "supervised workers", proc, log)
         except devstack.StackError as exc:  # what the heartbeats said, beside the log's "ready"
-            raise devstack.StackError(f"{exc}\nheartbeats now: {client.fleet()}") from None
+            beats = "unreadable"
+            with contextlib.suppress(Exception):
+                beats = str(client.fleet())
+            raise devstack.StackError(f"{exc}\nheartbeats now: {beats}") from None
         yield proc, client, log, metrics_port, fleet_env, mine
     finally:
         devstack.stop(proc, grace_s=60)

@@ -4,6 +4,7 @@ import json
 from types import SimpleNamespace
 
 import pytest
+from kombu.transport.redis import Channel as RedisChannel
 
 from kiq import s3
 from kiq.celeryconf import broker_transport_options
@@ -194,6 +195,7 @@ def test_each_visibility_timeout_has_its_own_unacked_index_so_short_sweeps_skip_
     keys = ("unacked_key", "unacked_index_key", "unacked_mutex_key")
     assert [default[k] for k in keys] == ["kiq:unacked:60s", "kiq:unacked_index:60s", "kiq:unacked_mutex:60s"]
     assert all(short[k] != default[k] for k in keys)
+    assert set(keys) <= set(RedisChannel.from_transport_options)  # names kombu reads, not silently ignored
 
 
 def test_the_s3_scheme_in_any_case_meets_the_tenant_fence():

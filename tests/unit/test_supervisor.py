@@ -1,3 +1,9 @@
+import os
+import signal
+import subprocess
+import sys
+import time
+
 import pytest
 
 from kiq.contract import parse_job
@@ -76,3 +82,35 @@ def test_fleet_table():
                 "started_at": "1000", "queues": "kiq"}]  # fmt: skip
     table = render_fleet(workers, now=1000 + 3725)
     assert "kiq@h-cpu0  cpu:0   idle" in table and "1h02m" in table and table.endswith("1 worker(s)")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_a_child_dies_with_its_supervisor_even_when_the_supervisor_is_sigkilled(tmp_path):
+    pid_file = tmp_path / "child.pid"
+    parent = subprocess.Popen([sys.executable, "-c", (  # a stand-in supervisor: starts a child as kiq's does
+        "import subprocess, sys, time; from worker.supervisor import dying_with_parent\n"
+        "child = subprocess.Popen(['sleep', '60'], preexec_fn=dying_with_parent())\n"
+        f"open({str(pid_file)!r}, 'w').write(str(child.pid)); time.sleep(60)")])  # fmt: skip
+    deadline = time.monotonic() + 20
+    while not (pid_file.exists() and pid_file.read_text()):
+        assert time.monotonic() < deadline and parent.poll() is None, "the stand-in supervisor never started"
+        time.sleep(0.05)
+    child = int(pid_file.read_text())
+    os.kill(parent.pid, signal.SIGKILL)
+    parent.wait()
+    deadline = time.monotonic() + 10
+    while _alive(child):
+        assert time.monotonic() < deadline, "the child outlived its SIGKILLed supervisor"
+        time.sleep(0.05)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:
+        with open(f"/proc/{pid}/stat") as stat:  # a zombie (dead, not yet reaped by init) counts as gone
+            return stat.read().split(")")[-1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
