@@ -126,7 +126,6 @@ def worker_process(index: int, threads: int, env: dict[str, str], prior_s: float
     from celery.signals import task_prerun, worker_init, worker_shutdown
 
     from kiq import leases
-    from kiq.names import unacked_keys
     from kiq.settings import Settings
     from worker.app import create_app
     from worker.fleet import Heartbeat
@@ -158,9 +157,8 @@ def worker_process(index: int, threads: int, env: dict[str, str], prior_s: float
 
         def start(self, c: Any) -> None:
             interval = leases.renew_interval_s(settings.visibility_timeout_s)
-            index_key = unacked_keys(settings.visibility_timeout_s)["unacked_index_key"]
             for n in range(1, threads):
-                share = lambda n=n: leases.held_by_consumer(c, index_key)[n::threads]  # noqa: E731
+                share = lambda n=n: leases.held_by_consumer(c, settings.visibility_timeout_s)[n::threads]  # noqa: E731
                 keeper = leases.LeaseKeeper(leases.broker_redis(settings), share, interval)
                 time.sleep(random.random() * interval / threads)  # real devices do not renew in step
                 keeper.start()

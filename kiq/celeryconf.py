@@ -11,6 +11,11 @@ from kiq.settings import Settings
 PRIORITY_STEPS = (0, 3, 6, 9)
 
 
+def priority_lists(queue: str) -> list[str]:
+    """kombu's Redis list for each priority step of `queue`, in PRIORITY_STEPS order (with the ':' sep below)."""
+    return [f"{queue}:{step}" if step else queue for step in PRIORITY_STEPS]
+
+
 def broker_transport_options(settings: Settings) -> dict[str, Any]:
     # kombu sweeps for unacked jobs of dead workers every interval x throttle seconds (default 100 s):
     # sweep every tenth of the visibility timeout, at most every 10 s, one cheap ZRANGE each time.

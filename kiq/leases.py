@@ -66,13 +66,13 @@ class LeaseKeeper:
                 log.warning("could not renew message leases: %s", exc)
 
 
-def held_by_consumer(consumer: Any, default_index_key: str) -> list[tuple[str, str]]:
+def held_by_consumer(consumer: Any, visibility_timeout_s: float) -> list[tuple[str, str]]:
     """(unacked index key, delivery tag) of every message this worker holds: the task channel's unacknowledged
     deliveries (ETA messages included), and the requests it runs or has reserved — those outlive a broker
     reconnect, which gives the consumer a fresh channel that no longer lists them."""
     task_consumer = getattr(consumer, "task_consumer", None)
     channel = getattr(task_consumer, "channel", None)
-    index_key = default_index_key  # the one our transport options name (kiq.names.unacked_keys)
+    index_key = unacked_keys(visibility_timeout_s)["unacked_index_key"]  # what our transport options name
     tags: set[str] = set()
     if channel is not None:
         index_key = getattr(channel, "global_keyprefix", "") + channel.unacked_index_key
@@ -120,8 +120,7 @@ def install(app: Any, redis_factory: Callable[[], Any], visibility_timeout_s: fl
         def start(self, c: Any) -> None:
             if self.keeper is None:
                 interval = renew_interval_s(visibility_timeout_s)
-                index_key = unacked_keys(visibility_timeout_s)["unacked_index_key"]
-                held = lambda: held_by_consumer(c, index_key)  # noqa: E731
+                held = lambda: held_by_consumer(c, visibility_timeout_s)  # noqa: E731
                 self.keeper = LeaseKeeper(redis_factory(), held, interval)
                 self.keeper.start()
                 log.info("renewing message leases every %.1f s", interval)

@@ -15,7 +15,7 @@ from celery import Celery
 from celery.result import AsyncResult
 
 from kiq import redisconn, s3
-from kiq.celeryconf import PRIORITY_STEPS, common_config
+from kiq.celeryconf import PRIORITY_STEPS, common_config, priority_lists
 from kiq.contract import MAX_PRIORITY, Job, parse_job
 from kiq.errors import TransientError, UnknownJob, WaitTimeout
 from kiq.events import events_key
@@ -173,8 +173,8 @@ class Client:
             yield JobEvent(id="", status=current)
             if current.done:
                 return
-        elif after != "0-0" and self.status(job_id).done:  # a resume: maybe past the end, or the stream expired
-            yield from self._rest(job_id, key, after)
+        elif after != "0-0" and (current := self.status(job_id)).done:  # a resume: past the end, or expired
+            yield from self._rest(current, key, after)
             return
         while True:
             left = None if deadline is None else deadline - time.monotonic()
@@ -182,8 +182,8 @@ class Client:
                 raise WaitTimeout(f"job {job_id} did not end within {timeout} s")
             block = block_s if left is None else min(block_s, left)
             read = self.redis.xread({key: after}, block=max(1, int(block * 1000)))
-            if not read and self.status(job_id).done:  # no final event will come: it is past, or expired
-                yield from self._rest(job_id, key, after)
+            if not read and (current := self.status(job_id)).done:  # no final event will come: past, or expired
+                yield from self._rest(current, key, after)
                 return
             for _, entries in read or []:
                 for raw_id, fields in entries:
@@ -193,15 +193,15 @@ class Client:
                     if event.status.done:
                         return
 
-    def _rest(self, job_id: str, key: str, after: str) -> Iterator[JobEvent]:
+    def _rest(self, final: JobStatus, key: str, after: str) -> Iterator[JobEvent]:
         """A finished job's events after `after` (none if the caller saw its final one; the final status alone,
         with an empty id, if its stream has expired). The final status and its event are one write, so a
         stream that exists holds the final event."""
         if not self.redis.exists(key):
-            yield JobEvent(id="", status=self.status(job_id))
+            yield JobEvent(id="", status=final)
             return
         for raw_id, fields in self.redis.xrange(key, min=f"({after}", max="+"):
-            yield JobEvent(id=raw_id.decode(), status=self.decode_event(job_id, fields[b"meta"]))
+            yield JobEvent(id=raw_id.decode(), status=self.decode_event(final.id, fields[b"meta"]))
 
     def decode_event(self, job_id: str, raw: bytes) -> JobStatus:
         meta = self.app.backend.decode_result(raw)
@@ -255,8 +255,8 @@ class Client:
         (which may be another Redis than the results')."""
         with self.app.connection_for_read() as conn, conn.default_channel.client.pipeline() as pipe:
             for queue in queues:
-                for step in PRIORITY_STEPS:
-                    pipe.llen(f"{queue}:{step}" if step else queue)
+                for name in priority_lists(queue):
+                    pipe.llen(name)
             lengths = iter(pipe.execute())
         return {queue: {PRIORITY_CLASSES[step]: next(lengths) for step in PRIORITY_STEPS} for queue in queues}
 

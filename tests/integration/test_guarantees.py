@@ -8,6 +8,7 @@ import uuid
 
 import numpy as np
 
+from kiq.celeryconf import priority_lists
 from producer import devstack
 from tests.helpers import calling_server, image_bytes
 from tests.integration.jobs import read_object, tiny_job
@@ -80,7 +81,7 @@ def test_a_worker_with_a_shorter_visibility_timeout_never_takes_a_default_worker
     _, short_log = spawn_worker("short-timeout", **own_queue(**FAST_REDELIVERY))
     job_id = client.submit(tiny_job(decoder_steps=steps_lasting(client, 20), seed=9))
     wait_for_step(client, job_id, step=1, timeout=120)
-    queued = [settings.queue] + [f"{settings.queue}:{p}" for p in (3, 6, 9)]
+    queued = priority_lists(settings.queue)
     while not client.status(job_id).done:  # a job handed back waits here: the session worker is busy with it
         waiting = [m for q in queued for m in redis_client.lrange(q, 0, -1)]
         assert not any(job_id.encode() in m for m in waiting), "the live job was handed back to its queue"

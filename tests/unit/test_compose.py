@@ -4,7 +4,7 @@ from pathlib import Path
 
 import yaml
 
-from kiq.celeryconf import PRIORITY_STEPS
+from kiq.celeryconf import priority_lists
 from kiq.settings import setting_names
 
 COMPOSE = yaml.safe_load(Path("docker-compose.yml").read_text())
@@ -112,7 +112,7 @@ def test_kubernetes_pod_per_npu_scaled_by_keda_on_the_queue():
     scaled = kinds["ScaledObject"]["spec"]
     assert scaled["scaleTargetRef"]["name"] == kinds["Deployment"]["metadata"]["name"]
     queue = kinds["ConfigMap"]["data"]["KIQ_QUEUE"]
-    lists = [queue] + [f"{queue}:{step}" for step in PRIORITY_STEPS[1:]]  # kombu's list per priority class
+    lists = priority_lists(queue)  # kombu's list per priority class
     assert [t["metadata"]["listName"] for t in scaled["triggers"]] == lists
     assert {t["type"] for t in scaled["triggers"]} == {"redis"}
 
@@ -137,7 +137,7 @@ def test_kubernetes_pod_per_gpu_beside_the_ascend_pool():
     scaled = kinds["ScaledObject"]["spec"]
     assert scaled["scaleTargetRef"]["name"] == kinds["Deployment"]["metadata"]["name"]
     queue = config["KIQ_QUEUE"]
-    lists = [queue] + [f"{queue}:{step}" for step in PRIORITY_STEPS[1:]]
+    lists = priority_lists(queue)
     assert [t["metadata"]["listName"] for t in scaled["triggers"]] == lists
 
 

@@ -97,8 +97,8 @@ def test_held_messages_come_from_the_consumers_unacked_deliveries(monkeypatch):
     channel = SimpleNamespace(unacked_index_key="unacked_index", global_keyprefix="", _qos=qos)
     consumer = SimpleNamespace(task_consumer=SimpleNamespace(channel=channel))
     monkeypatch.setattr("kiq.leases._requests", lambda: [])
-    assert held_by_consumer(consumer, "ours") == [("unacked_index", "tag-a"), ("unacked_index", "tag-b")]
-    assert held_by_consumer(object(), "ours") == []
+    assert held_by_consumer(consumer, 60) == [("unacked_index", "tag-a"), ("unacked_index", "tag-b")]
+    assert held_by_consumer(object(), 60) == []
 
 
 def test_s3_fence_by_bucket_and_prefix_and_no_path_tricks():
@@ -185,9 +185,9 @@ def test_running_requests_keep_their_leases_after_a_reconnect_gave_the_consumer_
     running = SimpleNamespace(message=SimpleNamespace(delivery_tag="tag-running"))
     monkeypatch.setattr("kiq.leases._requests", lambda: [running])
     consumer = SimpleNamespace(task_consumer=SimpleNamespace(channel=fresh))
-    assert held_by_consumer(consumer, "ours") == [("unacked_index", "tag-running")]
+    assert held_by_consumer(consumer, 60) == [("unacked_index", "tag-running")]
     consumer = SimpleNamespace(task_consumer=None)  # mid-reconnect: no channel at all
-    assert held_by_consumer(consumer, "kiq:unacked_index:60s") == [("kiq:unacked_index:60s", "tag-running")]
+    assert held_by_consumer(consumer, 60) == [("kiq:unacked_index:60s", "tag-running")]
 
 
 def test_each_visibility_timeout_has_its_own_unacked_index_so_short_sweeps_skip_long_leases():
