@@ -16,6 +16,11 @@ def priority_lists(queue: str) -> list[str]:
     return [f"{queue}:{step}" if step else queue for step in PRIORITY_STEPS]
 
 
+def restore_interval_s(visibility_timeout_s: float) -> int:
+    """How often a worker sweeps an unacked index: a tenth of its timeout, at least every 10 s, at most every 1 s."""
+    return max(1, min(10, int(visibility_timeout_s / 10)))
+
+
 def broker_transport_options(settings: Settings) -> dict[str, Any]:
     # kombu sweeps for unacked jobs of dead workers every interval x throttle seconds (default 100 s):
     # sweep every tenth of the visibility timeout, at most every 10 s, one cheap ZRANGE each time.
@@ -23,7 +28,7 @@ def broker_transport_options(settings: Settings) -> dict[str, Any]:
         **redisconn.transport_options(settings, settings.broker_server),
         "visibility_timeout": settings.visibility_timeout_s,
         **unacked_keys(settings.visibility_timeout_s),
-        "unacked_restore_interval": max(1, min(10, int(settings.visibility_timeout_s / 10))),
+        "unacked_restore_interval": restore_interval_s(settings.visibility_timeout_s),
         "unacked_restore_throttle": 1,
         # Priorities on Redis: one list per step (kiq, kiq:3, kiq:6, kiq:9); kombu serves 0 first.
         # A job's priority p (9 most urgent) is sent as 9 - p: classes 7-9, 4-6, 1-3 and 0.

@@ -8,6 +8,9 @@ every message that process holds — running, reserved (prefetched, batch mates)
 sixth of the timeout, for as long as the process lives. This is the lease pattern of
 SQS's ChangeMessageVisibility: a live job is never handed out twice however long it runs, and the job of a
 worker that died comes back within one timeout plus one sweep.
+
+kombu sweeps only its own index, so each worker also sweeps the indexes of the other timeouts in use
+(`OtherIndexes`), each by its own timeout: a dead worker's jobs come back whatever timeout the live ones have.
 """
 
 from __future__ import annotations
@@ -19,7 +22,8 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from kiq import redisconn
-from kiq.names import unacked_keys
+from kiq.celeryconf import restore_interval_s
+from kiq.names import VISIBILITY_TIMEOUTS_KEY, unacked_keys
 from kiq.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -64,6 +68,93 @@ class LeaseKeeper:
                 self.renew()
             except Exception as exc:  # noqa: BLE001 - a Redis blip: keep trying, the lease has slack for it
                 log.warning("could not renew message leases: %s", exc)
+
+
+class OtherIndexes:
+    """Hands back the jobs of dead workers whose visibility timeout is not ours, as a worker of theirs would.
+
+    Every worker adds its timeout to a set in the broker's Redis; this sweeps each other timeout's index by that
+    timeout, through kombu's own restore (its mutex, its transaction, its priority lists). Live workers renew
+    their leases every sixth of their timeout, so their jobs are never taken: the sweep is exactly theirs."""
+
+    def __init__(self, connect: Callable[[], Any], visibility_timeout_s: float, interval_s: float) -> None:
+        self.connect, self.own, self.interval_s = connect, float(visibility_timeout_s), interval_s
+        self._stop = threading.Event()
+        self._connection: Any = None
+        self.restored = 0
+
+    def start(self) -> None:
+        self._stop.clear()
+        threading.Thread(target=self._loop, name="kiq-other-indexes", daemon=True).start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._drop()
+
+    def sweep(self) -> int:
+        """Register our timeout, then sweep every other one's index once; returns how many jobs it handed back."""
+        channel = self._channel()
+        channel.client.sadd(VISIBILITY_TIMEOUTS_KEY, repr(self.own))
+        restored = 0
+        for timeout_s in _timeouts(channel.client.smembers(VISIBILITY_TIMEOUTS_KEY)):
+            if timeout_s != self.own:
+                restored += _restore_visible(channel, timeout_s)
+        if restored:
+            log.warning("handed back %d job(s) of dead workers with another visibility timeout", restored)
+        self.restored += restored
+        return restored
+
+    def _channel(self) -> Any:
+        if self._connection is None:
+            self._connection = self.connect()
+        return self._connection.default_channel
+
+    def _drop(self) -> None:
+        connection, self._connection = self._connection, None
+        if connection is not None:
+            try:
+                connection.release()
+            except Exception:  # noqa: BLE001 - already broken: nothing to give back
+                pass
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            try:
+                self.sweep()
+            except Exception as exc:  # noqa: BLE001 - a Redis blip: reconnect at the next sweep
+                log.warning("could not sweep the other visibility timeouts' indexes: %s", exc)
+                self._drop()
+
+
+def _timeouts(members: Iterable[Any]) -> list[float]:
+    found = set()
+    for member in members:
+        try:
+            timeout_s = float(member)
+        except (TypeError, ValueError):
+            continue
+        if timeout_s > 0 and timeout_s == timeout_s and timeout_s != float("inf"):  # no NaN, no inf
+            found.add(timeout_s)
+    return sorted(found)
+
+
+def _restore_visible(channel: Any, visibility_timeout_s: float) -> int:
+    """kombu's sweep of one index (`QoS.restore_visible`), pointed at another timeout's keys."""
+    from kombu.transport.redis import QoS
+
+    class IndexQoS(QoS):
+        restored = 0
+
+        def restore_by_tag(self, tag: Any, client: Any = None, leftmost: bool = False) -> None:
+            super().restore_by_tag(tag, client, leftmost)
+            self.restored += 1
+
+    qos = IndexQoS(channel)
+    for name, key in unacked_keys(visibility_timeout_s).items():
+        setattr(qos, name, key)
+    qos.visibility_timeout = visibility_timeout_s
+    qos.restore_visible(num=channel.unacked_restore_limit, interval=1)
+    return qos.restored
 
 
 def held_by_consumer(consumer: Any, visibility_timeout_s: float) -> list[tuple[str, str]]:
@@ -116,6 +207,7 @@ def install(app: Any, redis_factory: Callable[[], Any], visibility_timeout_s: fl
         def __init__(self, c: Any, **kwargs: Any) -> None:
             super().__init__(c, **kwargs)
             self.keeper: LeaseKeeper | None = None
+            self.others: OtherIndexes | None = None
 
         def start(self, c: Any) -> None:
             if self.keeper is None:
@@ -124,9 +216,14 @@ def install(app: Any, redis_factory: Callable[[], Any], visibility_timeout_s: fl
                 self.keeper = LeaseKeeper(redis_factory(), held, interval)
                 self.keeper.start()
                 log.info("renewing message leases every %.1f s", interval)
+            if self.others is None:
+                self.others = OtherIndexes(app.connection_for_write, visibility_timeout_s,
+                                           restore_interval_s(visibility_timeout_s))  # fmt: skip
+                self.others.start()
 
         def shutdown(self, c: Any) -> None:
-            if self.keeper is not None:
-                self.keeper.stop()
+            for part in (self.keeper, self.others):
+                if part is not None:
+                    part.stop()
 
     app.steps["consumer"].add(Leases)

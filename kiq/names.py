@@ -42,6 +42,9 @@ def frames_key(job_id: str) -> str:
     return f"kiq:frames:{job_id}"
 
 
+VISIBILITY_TIMEOUTS_KEY = "kiq:visibility_timeouts"  # every timeout a worker has used (repr of a float, seconds)
+
+
 def unacked_keys(visibility_timeout_s: float) -> dict[str, str]:
     """kombu's unacked hash, its index and the sweep's mutex (transport options), one set per visibility timeout.
 

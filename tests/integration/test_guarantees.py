@@ -7,8 +7,12 @@ import time
 import uuid
 
 import numpy as np
+from kombu import Connection
 
-from kiq.celeryconf import priority_lists
+from kiq.celeryconf import broker_transport_options, priority_lists
+from kiq.leases import OtherIndexes
+from kiq.names import unacked_keys
+from kiq.settings import Settings
 from producer import devstack
 from tests.helpers import calling_server, image_bytes
 from tests.integration.jobs import read_object, tiny_job
@@ -91,6 +95,65 @@ def test_a_worker_with_a_shorter_visibility_timeout_never_takes_a_default_worker
     assert final.result.timings["decoder"] > 12  # past a renewal of the default worker, with sweeps every 1 s
     time.sleep(2)  # a copy handed back would be received right after the first run ends
     assert count_in_logs([logs / "worker.log", short_log], f"[{job_id}] received") == 1
+
+
+def test_a_killed_workers_job_comes_back_through_a_default_worker_when_none_of_its_timeout_is_left(
+    env, spawn_worker, settings, s3, logs
+):
+    # kombu sweeps only its own timeout's index: without kiq's sweep of the others, a fleet that moved to another
+    # timeout (or lost its last 6 s worker) would keep this job unacked forever.
+    short = own_queue(**FAST_REDELIVERY)
+    client = client_for(env, short)
+    killed, _ = spawn_worker("other-timeout-killed", **short)
+    job_id = client.submit(tiny_job(decoder_steps=10, num_images=2))
+    wait_for_step(client, job_id, step=1, timeout=120)
+    os.kill(killed.pid, signal.SIGKILL)
+    killed.wait()
+    killed_at = time.monotonic()
+    _, rescuer_log = spawn_worker("other-timeout-rescuer", KIQ_QUEUE=short["KIQ_QUEUE"])  # defaults: 60 s
+    devstack.wait_until(lambda: received(rescuer_log, job_id), 120, "the job back through the default worker")
+    back_s = time.monotonic() - killed_at
+    final = client.wait(job_id, timeout=120)
+    assert final.state == "SUCCESS", final.error
+    assert count_in_logs([rescuer_log], f"[{job_id}] received") == 1
+    assert objects_of(s3, settings, job_id) == [f"jobs/{job_id}/{n}.png" for n in range(2)]
+    assert back_s <= 6 + 10 + 30, back_s  # its timeout, one sweep of the default worker, and the worker's start
+    (logs / "other-timeout-recovery.txt").write_text(f"back after {back_s:.1f} s\n")
+
+
+def test_the_sweep_of_another_timeouts_index_takes_only_leases_older_than_that_timeout(env, settings, redis_client):
+    """Against kombu's own bookkeeping on the real Redis: a lapsed 6 s lease is handed back, a fresh one is not."""
+    queue = f"kiq-sweep-{uuid.uuid4().hex[:6]}"
+
+    def connect(timeout_s: float) -> Connection:
+        timed = Settings.from_env({**env, "KIQ_VISIBILITY_TIMEOUT_S": f"{timeout_s:g}"})
+        return Connection(settings.broker_url, transport_options=broker_transport_options(timed))
+
+    keys = unacked_keys(6)
+    with connect(6) as short:
+        inbox = short.SimpleQueue(queue)
+        inbox.put({"n": 1})
+        inbox.put({"n": 2})
+        lapsed, fresh = inbox.get(timeout=5), inbox.get(timeout=5)  # both unacked, in the 6 s index
+        assert redis_client.zcard(keys["unacked_index_key"]) >= 2
+        redis_client.zadd(keys["unacked_index_key"], {lapsed.delivery_tag: time.time() - 7}, xx=True)
+        short_sweeper = OtherIndexes(lambda: connect(6), 6, 1)
+        short_sweeper.sweep()  # registers 6 s, as a 6 s worker does; the default index holds nothing lapsed
+        default_sweeper = OtherIndexes(lambda: connect(60), 60, 1)
+        try:
+            assert default_sweeper.sweep() == 1
+            assert default_sweeper.sweep() == 0  # handed back once
+        finally:
+            default_sweeper.stop()
+            short_sweeper.stop()
+        assert sum(redis_client.llen(name) for name in priority_lists(queue)) == 1  # back on its queue
+        assert redis_client.zscore(keys["unacked_index_key"], fresh.delivery_tag) is not None
+        assert redis_client.zscore(keys["unacked_index_key"], lapsed.delivery_tag) is None
+        again = inbox.get(timeout=5)
+        assert again.payload == {"n": 1} and again.delivery_info.get("redelivered")
+        for message in (again, fresh):
+            message.ack()
+        inbox.close()
 
 
 def test_a_job_that_crashes_its_decoder_batch_is_found_out_alone_and_its_mates_succeed(env, spawn_worker, s3,

@@ -10,7 +10,7 @@ from kiq import s3
 from kiq.celeryconf import broker_transport_options
 from kiq.contract import parse_job
 from kiq.errors import SettingsError
-from kiq.leases import LeaseKeeper, held_by_consumer, renew_interval_s
+from kiq.leases import LeaseKeeper, _timeouts, held_by_consumer, renew_interval_s
 from kiq.settings import Settings
 from kiq.webhooks import InvalidSignature, delivery_id, queue_webhook, sign, verify
 from producer.api import IdempotencyClaim, Rejected
@@ -205,3 +205,7 @@ def test_the_s3_scheme_in_any_case_meets_the_tenant_fence():
     theirs = f"S3://kiq/inputs/{b.owner}/j/0"
     assert a.problems(job(inputs=[{"image": theirs, "weight": 1.0}]), settings)[0]["type"] == "forbidden"
     assert s3.within(f"S3://kiq/inputs/{a.owner}/j/0", [("kiq", f"inputs/{a.owner}/")])
+
+
+def test_other_timeouts_are_read_from_the_registry_and_garbage_there_is_skipped():
+    assert _timeouts([b"60.0", b"6.0", "6", b"nan", b"inf", b"-1", b"0", b"soon", None]) == [6.0, 60.0]
