@@ -11,6 +11,8 @@ worker that died comes back within one timeout plus one sweep.
 
 kombu sweeps only its own index, so each worker also sweeps the indexes of the other timeouts in use
 (`OtherIndexes`), each by its own timeout: a dead worker's jobs come back whatever timeout the live ones have.
+Like kombu's own sweep, this compares each host's clock with the scores other hosts wrote: keep clocks in sync
+(NTP) to well under five sixths of the shortest timeout.
 """
 
 from __future__ import annotations
@@ -20,6 +22,10 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
+
+from kombu.transport.redis import QoS as RedisQoS
+from kombu.utils.encoding import bytes_to_str
+from kombu.utils.json import loads
 
 from kiq import redisconn
 from kiq.celeryconf import restore_interval_s
@@ -73,32 +79,47 @@ class LeaseKeeper:
 class OtherIndexes:
     """Hands back the jobs of dead workers whose visibility timeout is not ours, as a worker of theirs would.
 
-    Every worker adds its timeout to a set in the broker's Redis; this sweeps each other timeout's index by that
-    timeout, through kombu's own restore (its mutex, its transaction, its priority lists). Live workers renew
-    their leases every sixth of their timeout, so their jobs are never taken: the sweep is exactly theirs."""
+    Every worker notes its timeout in a sorted set in the broker's Redis (scored by when it was last seen) and
+    sweeps each other timeout's index by that timeout, through kombu's own restore (its mutex, its transaction,
+    its priority lists). Live workers renew their leases every sixth of their timeout, so their jobs are never
+    taken: the sweep is exactly theirs. A timeout unseen for a day whose index is gone is dropped from the set."""
 
     def __init__(self, connect: Callable[[], Any], visibility_timeout_s: float, interval_s: float) -> None:
         self.connect, self.own, self.interval_s = connect, float(visibility_timeout_s), interval_s
         self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
         self._connection: Any = None
+        self._sweeps: dict[float, _IndexQoS] = {}
         self.restored = 0
 
     def start(self) -> None:
+        """Sweeps at once (so our timeout is on record before our first job), then every `interval_s`."""
         self._stop.clear()
-        threading.Thread(target=self._loop, name="kiq-other-indexes", daemon=True).start()
+        self._thread = threading.Thread(target=self._loop, name="kiq-other-indexes", daemon=True)
+        self._thread.start()
 
     def stop(self) -> None:
         self._stop.set()
-        self._drop()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        else:
+            self._drop()
 
     def sweep(self) -> int:
-        """Register our timeout, then sweep every other one's index once; returns how many jobs it handed back."""
+        """Note our timeout, then sweep every other one's index once; returns how many jobs it handed back."""
         channel = self._channel()
-        channel.client.sadd(VISIBILITY_TIMEOUTS_KEY, repr(self.own))
+        client, now = channel.client, time.time()
+        client.zadd(VISIBILITY_TIMEOUTS_KEY, {repr(self.own): now})
         restored = 0
-        for timeout_s in _timeouts(channel.client.smembers(VISIBILITY_TIMEOUTS_KEY)):
-            if timeout_s != self.own:
-                restored += _restore_visible(channel, timeout_s)
+        for member, seen in client.zrange(VISIBILITY_TIMEOUTS_KEY, 0, -1, withscores=True):
+            timeout_s = parse_timeout(member)
+            if timeout_s == self.own:
+                continue
+            if timeout_s is None or (now - seen > FORGET_TIMEOUT_AFTER_S
+                                     and not client.exists(unacked_keys(timeout_s)["unacked_index_key"])):  # fmt: skip
+                client.zrem(VISIBILITY_TIMEOUTS_KEY, member)
+                continue
+            restored += self._sweep_of(channel, timeout_s).sweep()
         if restored:
             log.warning("handed back %d job(s) of dead workers with another visibility timeout", restored)
         self.restored += restored
@@ -109,8 +130,13 @@ class OtherIndexes:
             self._connection = self.connect()
         return self._connection.default_channel
 
+    def _sweep_of(self, channel: Any, timeout_s: float) -> _IndexQoS:
+        if timeout_s not in self._sweeps:
+            self._sweeps[timeout_s] = _IndexQoS(channel, timeout_s)
+        return self._sweeps[timeout_s]
+
     def _drop(self) -> None:
-        connection, self._connection = self._connection, None
+        connection, self._connection, self._sweeps = self._connection, None, {}
         if connection is not None:
             try:
                 connection.release()
@@ -118,43 +144,61 @@ class OtherIndexes:
                 pass
 
     def _loop(self) -> None:
-        while not self._stop.wait(self.interval_s):
-            try:
-                self.sweep()
-            except Exception as exc:  # noqa: BLE001 - a Redis blip: reconnect at the next sweep
-                log.warning("could not sweep the other visibility timeouts' indexes: %s", exc)
-                self._drop()
-
-
-def _timeouts(members: Iterable[Any]) -> list[float]:
-    found = set()
-    for member in members:
         try:
-            timeout_s = float(member)
-        except (TypeError, ValueError):
-            continue
-        if timeout_s > 0 and timeout_s == timeout_s and timeout_s != float("inf"):  # no NaN, no inf
-            found.add(timeout_s)
-    return sorted(found)
+            while True:
+                try:
+                    self.sweep()
+                except Exception as exc:  # noqa: BLE001 - a Redis blip: reconnect at the next sweep
+                    log.warning("could not sweep the other visibility timeouts' indexes: %s", exc)
+                    self._drop()
+                if self._stop.wait(self.interval_s):
+                    return
+        finally:
+            self._drop()  # this thread owns the connection
 
 
-def _restore_visible(channel: Any, visibility_timeout_s: float) -> int:
-    """kombu's sweep of one index (`QoS.restore_visible`), pointed at another timeout's keys."""
-    from kombu.transport.redis import QoS
+FORGET_TIMEOUT_AFTER_S = 86400
 
-    class IndexQoS(QoS):
-        restored = 0
 
-        def restore_by_tag(self, tag: Any, client: Any = None, leftmost: bool = False) -> None:
-            super().restore_by_tag(tag, client, leftmost)
-            self.restored += 1
+def parse_timeout(member: Any) -> float | None:
+    """A timeout from the set (`repr` of a float, so it maps back to the keys its workers built), or None."""
+    try:
+        timeout_s = float(member)
+    except (TypeError, ValueError):
+        return None
+    return timeout_s if 0 < timeout_s < float("inf") else None  # NaN compares false: refused too
 
-    qos = IndexQoS(channel)
-    for name, key in unacked_keys(visibility_timeout_s).items():
-        setattr(qos, name, key)
-    qos.visibility_timeout = visibility_timeout_s
-    qos.restore_visible(num=channel.unacked_restore_limit, interval=1)
-    return qos.restored
+
+class _IndexQoS(RedisQoS):
+    """kombu's sweep of an unacked index (`restore_visible`), pointed at another visibility timeout's keys."""
+
+    def __init__(self, channel: Any, visibility_timeout_s: float) -> None:
+        super().__init__(channel)
+        self._on_collect.cancel()  # nothing is delivered through it: nothing of its own to restore at exit
+        for name, key in unacked_keys(visibility_timeout_s).items():
+            setattr(self, name, key)
+        self.visibility_timeout = visibility_timeout_s
+        self.handed_back = 0
+
+    def sweep(self) -> int:
+        self.handed_back = 0
+        self.restore_visible(num=self.channel.unacked_restore_limit, interval=1)
+        return self.handed_back
+
+    def restore_by_tag(self, tag: Any, client: Any = None, leftmost: bool = False) -> None:
+        """kombu 5.7's, counting only the tags it finds in the unacked hash (an acked one is merely unindexed)."""
+
+        def restore(pipe: Any) -> bool:
+            payload = pipe.hget(self.unacked_key, tag)
+            pipe.multi()
+            self._remove_from_indices(tag, pipe)
+            if payload:
+                message, exchange, routing_key = loads(bytes_to_str(payload))
+                self.channel._do_restore_message(message, exchange, routing_key, pipe, leftmost)
+            return bool(payload)
+
+        with self.channel.conn_or_acquire(client) as client:
+            self.handed_back += client.transaction(restore, self.unacked_key, value_from_callable=True)
 
 
 def held_by_consumer(consumer: Any, visibility_timeout_s: float) -> list[tuple[str, str]]:

@@ -42,7 +42,8 @@ def frames_key(job_id: str) -> str:
     return f"kiq:frames:{job_id}"
 
 
-VISIBILITY_TIMEOUTS_KEY = "kiq:visibility_timeouts"  # every timeout a worker has used (repr of a float, seconds)
+# The visibility timeouts workers use (a sorted set: the repr of a float, in seconds, scored by when last seen).
+VISIBILITY_TIMEOUTS_KEY = "kiq:visibility_timeouts"
 
 
 def unacked_keys(visibility_timeout_s: float) -> dict[str, str]:

@@ -81,7 +81,8 @@ def http_server(routes: dict[str, Reply | tuple[int, str, bytes]], host: str = A
 
 
 class Receiver:
-    """A webhook endpoint on the allowlisted loopback address: answers 500 to the first `failures` posts."""
+    """A webhook endpoint on the allowlisted loopback address: answers 500 to the first `failures` posts.
+    A context manager, so that a failing test still stops its server."""
 
     def __init__(self, failures: int = 0):
         self.calls, self.failures_left = [], failures
@@ -107,6 +108,12 @@ class Receiver:
     def close(self):
         self.server.shutdown()
         self.server.server_close()
+
+    def __enter__(self) -> Receiver:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
 
 
 @contextmanager

@@ -98,51 +98,51 @@ def test_cancel_before_start_and_during_denoising(api):
 
 
 def test_webhook_is_signed_retried_after_a_500_and_sent_for_cancels(api):
-    receiver = Receiver(failures=1)
-    job_id = api.post("/v1/jobs", json=tiny_job(webhook_url=receiver.url), headers=A).json()["id"]
-    assert wait_state(api, job_id, A)["state"] == "SUCCESS"
-    devstack.wait_until(lambda: len(receiver.calls) >= 2, 60, "webhook retry")
-    (first_headers, _), (headers, body) = receiver.calls[:2]
-    verify(SECRET, headers, body)  # HMAC over timestamp, delivery id and body, within the replay window
-    with pytest.raises(InvalidSignature, match="outside the 300 s tolerance"):
-        verify(SECRET, headers, body, now=time.time() + 400)  # a replay later is refused
-    with pytest.raises(InvalidSignature, match="does not match"):
-        verify(SECRET, {**headers, "X-Kiq-Delivery": str(uuid.uuid4())}, body)  # ...and as another delivery
-    assert headers["X-Kiq-Job-Id"] == job_id and headers["X-Kiq-Delivery"] == first_headers["X-Kiq-Delivery"]
-    payload = json.loads(body)
-    assert (payload["id"], payload["state"]) == (job_id, "SUCCESS") and payload["result"]["images"]
+    with Receiver(failures=1) as receiver:
+        job_id = api.post("/v1/jobs", json=tiny_job(webhook_url=receiver.url), headers=A).json()["id"]
+        assert wait_state(api, job_id, A)["state"] == "SUCCESS"
+        devstack.wait_until(lambda: len(receiver.calls) >= 2, 60, "webhook retry")
+        (first_headers, _), (headers, body) = receiver.calls[:2]
+        verify(SECRET, headers, body)  # HMAC over timestamp, delivery id and body, within the replay window
+        with pytest.raises(InvalidSignature, match="outside the 300 s tolerance"):
+            verify(SECRET, headers, body, now=time.time() + 400)  # a replay later is refused
+        with pytest.raises(InvalidSignature, match="does not match"):
+            verify(SECRET, {**headers, "X-Kiq-Delivery": str(uuid.uuid4())}, body)  # ...and as another delivery
+        assert headers["X-Kiq-Job-Id"] == job_id and headers["X-Kiq-Delivery"] == first_headers["X-Kiq-Delivery"]
+        payload = json.loads(body)
+        assert (payload["id"], payload["state"]) == (job_id, "SUCCESS") and payload["result"]["images"]
 
-    blocker = api.post("/v1/jobs", json=tiny_job(decoder_steps=30), headers=A).json()["id"]
-    queued = api.post("/v1/jobs", json=tiny_job(webhook_url=receiver.url), headers=A).json()["id"]
-    api.delete(f"/v1/jobs/{queued}", headers=A)
-    devstack.wait_until(lambda: any(json.loads(b)["id"] == queued for _, b in receiver.calls), 60, "cancel webhook")
-    assert [json.loads(b)["state"] for _, b in receiver.calls if json.loads(b)["id"] == queued] == ["REVOKED"]
-    api.delete(f"/v1/jobs/{blocker}", headers=A)
+        blocker = api.post("/v1/jobs", json=tiny_job(decoder_steps=30), headers=A).json()["id"]
+        queued = api.post("/v1/jobs", json=tiny_job(webhook_url=receiver.url), headers=A).json()["id"]
+        api.delete(f"/v1/jobs/{queued}", headers=A)
+        devstack.wait_until(lambda: any(json.loads(b)["id"] == queued for _, b in receiver.calls), 60, "cancel webhook")
+        assert [json.loads(b)["state"] for _, b in receiver.calls if json.loads(b)["id"] == queued] == ["REVOKED"]
+        api.delete(f"/v1/jobs/{blocker}", headers=A)
 
 
 def test_a_sweep_through_the_api_redirects_to_its_animation_and_its_webhook_lists_every_frame(api):
-    receiver = Receiver()
-    sweep = tiny_job({"text": "a cat", "weight": 1.0}, image_input(0.0), prior_steps=2,
-                     decoder_steps=2, sweep={"to": [0.0, 1.0], "frames": 3}, animation={"format": "gif", "fps": 4},
-                     webhook_url=receiver.url)  # fmt: skip
-    job_id = api.post("/v1/jobs", json=sweep, headers=A).json()["id"]
-    assert api.get(f"/v1/jobs/{job_id}/animation", headers=A).status_code == 409  # not done: no redirect yet
-    done = wait_state(api, job_id, A)
-    assert done["state"] == "SUCCESS" and len(done["result"]["images"]) == 3
-    redirect = api.get(f"/v1/jobs/{job_id}/animation", headers=A)
-    assert redirect.status_code == 307
-    gif = Image.open(io.BytesIO(httpx.get(redirect.headers["location"]).content))
-    assert (gif.format, gif.n_frames, gif.size) == ("GIF", 3, (64, 64))
-    assert api.get(f"/v1/jobs/{job_id}/animation", headers={"Authorization": f"Bearer {KEY_B}"}).status_code == 404
-    plain = api.post("/v1/jobs", json=tiny_job(), headers=A).json()["id"]
-    wait_state(api, plain, A)
-    assert "has no animation" in api.get(f"/v1/jobs/{plain}/animation", headers=A).json()["detail"]
-    devstack.wait_until(lambda: receiver.calls, 60, "the sweep's webhook")
-    verify(SECRET, *receiver.calls[0])
-    result = json.loads(receiver.calls[0][1])["result"]
-    assert [f["uri"] for f in result["images"]] == [f["uri"] for f in done["result"]["images"]]
-    assert result["animation"]["format"] == "gif" and result["frame_weights"] == [[1.0, 0.0], [0.5, 0.5], [0.0, 1.0]]
-    receiver.close()
+    with Receiver() as receiver:
+        sweep = tiny_job({"text": "a cat", "weight": 1.0}, image_input(0.0), prior_steps=2,
+                         decoder_steps=2, sweep={"to": [0.0, 1.0], "frames": 3}, animation={"format": "gif", "fps": 4},
+                         webhook_url=receiver.url)  # fmt: skip
+        job_id = api.post("/v1/jobs", json=sweep, headers=A).json()["id"]
+        assert api.get(f"/v1/jobs/{job_id}/animation", headers=A).status_code == 409  # not done: no redirect yet
+        done = wait_state(api, job_id, A)
+        assert done["state"] == "SUCCESS" and len(done["result"]["images"]) == 3
+        redirect = api.get(f"/v1/jobs/{job_id}/animation", headers=A)
+        assert redirect.status_code == 307
+        gif = Image.open(io.BytesIO(httpx.get(redirect.headers["location"]).content))
+        assert (gif.format, gif.n_frames, gif.size) == ("GIF", 3, (64, 64))
+        assert api.get(f"/v1/jobs/{job_id}/animation", headers={"Authorization": f"Bearer {KEY_B}"}).status_code == 404
+        plain = api.post("/v1/jobs", json=tiny_job(), headers=A).json()["id"]
+        wait_state(api, plain, A)
+        assert "has no animation" in api.get(f"/v1/jobs/{plain}/animation", headers=A).json()["detail"]
+        devstack.wait_until(lambda: receiver.calls, 60, "the sweep's webhook")
+        verify(SECRET, *receiver.calls[0])
+        result = json.loads(receiver.calls[0][1])["result"]
+        assert [f["uri"] for f in result["images"]] == [f["uri"] for f in done["result"]["images"]]
+        assert result["animation"]["format"] == "gif"
+        assert result["frame_weights"] == [[1.0, 0.0], [0.5, 0.5], [0.0, 1.0]]
 
 
 def test_auth_and_tenancy(api):

@@ -70,14 +70,13 @@ def test_sigkill_mid_denoising_then_restart_completes_exactly_once(env, spawn_wo
 @pytest.fixture
 def webhooks(env, logs):
     """A `kiq webhook-worker` process and a receiver; yields (receiver, secret)."""
-    secret, receiver = f"secret-{uuid.uuid4().hex}", Receiver()
+    secret = f"secret-{uuid.uuid4().hex}"
     log = logs / f"webhooks-{uuid.uuid4().hex[:6]}.log"
-    with devstack.Stack() as stack:
+    with Receiver() as receiver, devstack.Stack() as stack:
         proc = stack.spawn([*devstack.kiq_command(), "webhook-worker"], log, {**env, "KIQ_WEBHOOK_SECRET": secret})
         devstack.wait_until(lambda: log.exists() and " ready." in log.read_text(errors="replace"), 60, "webhooks",
                             proc)  # fmt: skip
         yield receiver, secret
-    receiver.close()
 
 
 def test_job_that_keeps_killing_its_worker_fails_as_poison_and_says_so_once(env, spawn_worker, s3, settings,

@@ -10,7 +10,7 @@ from kiq import s3
 from kiq.celeryconf import broker_transport_options
 from kiq.contract import parse_job
 from kiq.errors import SettingsError
-from kiq.leases import LeaseKeeper, _timeouts, held_by_consumer, renew_interval_s
+from kiq.leases import LeaseKeeper, held_by_consumer, parse_timeout, renew_interval_s
 from kiq.settings import Settings
 from kiq.webhooks import InvalidSignature, delivery_id, queue_webhook, sign, verify
 from producer.api import IdempotencyClaim, Rejected
@@ -207,5 +207,6 @@ def test_the_s3_scheme_in_any_case_meets_the_tenant_fence():
     assert s3.within(f"S3://kiq/inputs/{a.owner}/j/0", [("kiq", f"inputs/{a.owner}/")])
 
 
-def test_other_timeouts_are_read_from_the_registry_and_garbage_there_is_skipped():
-    assert _timeouts([b"60.0", b"6.0", "6", b"nan", b"inf", b"-1", b"0", b"soon", None]) == [6.0, 60.0]
+def test_timeouts_are_read_back_from_their_repr_and_garbage_is_refused():
+    assert [parse_timeout(m) for m in (b"60.0", b"6.0", "6", repr(1234567.5).encode())] == [60, 6, 6, 1234567.5]
+    assert [parse_timeout(m) for m in (b"nan", b"inf", b"-1", b"0", b"soon", None)] == [None] * 6
