@@ -21,6 +21,12 @@ def restore_interval_s(visibility_timeout_s: float) -> int:
     return max(1, min(10, int(visibility_timeout_s / 10)))
 
 
+def unacked_mutex_expire_s(visibility_timeout_s: float) -> int:
+    """How long a sweeper that died mid-sweep blocks an index's sweeps: three sweep intervals, not kombu's 300 s.
+    A lock that lapses during a long sweep is harmless: each restore is a transaction on the unacked hash."""
+    return max(5, 3 * restore_interval_s(visibility_timeout_s))
+
+
 def broker_transport_options(settings: Settings) -> dict[str, Any]:
     # kombu sweeps for unacked jobs of dead workers every interval x throttle seconds (default 100 s):
     # sweep every tenth of the visibility timeout, at most every 10 s, one cheap ZRANGE each time.
@@ -30,6 +36,7 @@ def broker_transport_options(settings: Settings) -> dict[str, Any]:
         **unacked_keys(settings.visibility_timeout_s),
         "unacked_restore_interval": restore_interval_s(settings.visibility_timeout_s),
         "unacked_restore_throttle": 1,
+        "unacked_mutex_expire": unacked_mutex_expire_s(settings.visibility_timeout_s),
         # Priorities on Redis: one list per step (kiq, kiq:3, kiq:6, kiq:9); kombu serves 0 first.
         # A job's priority p (9 most urgent) is sent as 9 - p: classes 7-9, 4-6, 1-3 and 0.
         "priority_steps": list(PRIORITY_STEPS),

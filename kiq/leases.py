@@ -28,7 +28,7 @@ from kombu.utils.encoding import bytes_to_str
 from kombu.utils.json import loads
 
 from kiq import redisconn
-from kiq.celeryconf import restore_interval_s
+from kiq.celeryconf import restore_interval_s, unacked_mutex_expire_s
 from kiq.names import VISIBILITY_TIMEOUTS_KEY, unacked_keys
 from kiq.settings import Settings
 
@@ -89,7 +89,7 @@ class OtherIndexes:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._connection: Any = None
-        self._sweeps: dict[float, _IndexQoS] = {}
+        self._sweeps: dict[str, _IndexQoS] = {}  # by index key, dropped with the connection
         self.restored = 0
 
     def start(self) -> None:
@@ -100,26 +100,36 @@ class OtherIndexes:
 
     def stop(self) -> None:
         self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-        else:
+        if self._thread is None:
             self._drop()
+            return
+        self._thread.join(timeout=5)
+        if self._thread.is_alive():  # a sweep stuck on Redis: its socket timeout ends it; a daemon thread anyway
+            log.warning("the sweep of other visibility timeouts' indexes did not stop within 5 s")
+
+    def note(self, client: Any) -> None:
+        """Put our timeout on record (scored now): from then on other workers sweep our index if we die."""
+        client.zadd(VISIBILITY_TIMEOUTS_KEY, {repr(self.own): time.time()})
 
     def sweep(self) -> int:
         """Note our timeout, then sweep every other one's index once; returns how many jobs it handed back."""
         channel = self._channel()
-        client, now = channel.client, time.time()
-        client.zadd(VISIBILITY_TIMEOUTS_KEY, {repr(self.own): now})
-        restored = 0
-        for member, seen in client.zrange(VISIBILITY_TIMEOUTS_KEY, 0, -1, withscores=True):
+        client = channel.client
+        self.note(client)
+        swept, restored = {unacked_keys(self.own)["unacked_index_key"]}, 0
+        for member, _ in client.zrange(VISIBILITY_TIMEOUTS_KEY, 0, -1, withscores=True):
             timeout_s = parse_timeout(member)
-            if timeout_s == self.own:
-                continue
-            if timeout_s is None or (now - seen > FORGET_TIMEOUT_AFTER_S
-                                     and not client.exists(unacked_keys(timeout_s)["unacked_index_key"])):  # fmt: skip
+            if timeout_s is None:
                 client.zrem(VISIBILITY_TIMEOUTS_KEY, member)
                 continue
-            restored += self._sweep_of(channel, timeout_s).sweep()
+            index = unacked_keys(timeout_s)["unacked_index_key"]
+            if index in swept:  # ours, or a near-equal timeout sharing its keys
+                continue
+            swept.add(index)
+            cutoff = time.time() - FORGET_TIMEOUT_AFTER_S
+            if client.register_script(_FORGET)(keys=[VISIBILITY_TIMEOUTS_KEY, index], args=[member, cutoff]):
+                continue
+            restored += self._sweep_of(channel, index, timeout_s).sweep()
         if restored:
             log.warning("handed back %d job(s) of dead workers with another visibility timeout", restored)
         self.restored += restored
@@ -130,10 +140,10 @@ class OtherIndexes:
             self._connection = self.connect()
         return self._connection.default_channel
 
-    def _sweep_of(self, channel: Any, timeout_s: float) -> _IndexQoS:
-        if timeout_s not in self._sweeps:
-            self._sweeps[timeout_s] = _IndexQoS(channel, timeout_s)
-        return self._sweeps[timeout_s]
+    def _sweep_of(self, channel: Any, index: str, timeout_s: float) -> _IndexQoS:
+        if index not in self._sweeps:
+            self._sweeps[index] = _IndexQoS(channel, timeout_s)
+        return self._sweeps[index]
 
     def _drop(self) -> None:
         connection, self._connection, self._sweeps = self._connection, None, {}
@@ -146,18 +156,29 @@ class OtherIndexes:
     def _loop(self) -> None:
         try:
             while True:
+                wait_s = self.interval_s
                 try:
                     self.sweep()
-                except Exception as exc:  # noqa: BLE001 - a Redis blip: reconnect at the next sweep
+                except Exception as exc:  # noqa: BLE001 - a Redis blip: reconnect and retry soon
                     log.warning("could not sweep the other visibility timeouts' indexes: %s", exc)
                     self._drop()
-                if self._stop.wait(self.interval_s):
+                    wait_s = min(1.0, self.interval_s)
+                if self._stop.wait(wait_s):
                     return
         finally:
             self._drop()  # this thread owns the connection
 
 
 FORGET_TIMEOUT_AFTER_S = 86400
+# KEYS: the timeouts' set, one timeout's index. ARGV: its member, the cutoff. Atomic, so that a worker noting that
+# timeout meanwhile is never forgotten: a timeout goes only when unseen since the cutoff and its index is gone.
+_FORGET = """
+local seen = redis.call('ZSCORE', KEYS[1], ARGV[1])
+if seen and tonumber(seen) < tonumber(ARGV[2]) and redis.call('EXISTS', KEYS[2]) == 0 then
+  return redis.call('ZREM', KEYS[1], ARGV[1])
+end
+return 0
+"""
 
 
 def parse_timeout(member: Any) -> float | None:
@@ -178,6 +199,7 @@ class _IndexQoS(RedisQoS):
         for name, key in unacked_keys(visibility_timeout_s).items():
             setattr(self, name, key)
         self.visibility_timeout = visibility_timeout_s
+        self.unacked_mutex_expire = unacked_mutex_expire_s(visibility_timeout_s)  # as that timeout's workers
         self.handed_back = 0
 
     def sweep(self) -> int:
@@ -199,6 +221,9 @@ class _IndexQoS(RedisQoS):
 
         with self.channel.conn_or_acquire(client) as client:
             self.handed_back += client.transaction(restore, self.unacked_key, value_from_callable=True)
+
+
+SWEEP_SOCKETS = {"socket_timeout": 10, "socket_connect_timeout": 5}
 
 
 def held_by_consumer(consumer: Any, visibility_timeout_s: float) -> list[tuple[str, str]]:
@@ -261,8 +286,13 @@ def install(app: Any, redis_factory: Callable[[], Any], visibility_timeout_s: fl
                 self.keeper.start()
                 log.info("renewing message leases every %.1f s", interval)
             if self.others is None:
-                self.others = OtherIndexes(app.connection_for_write, visibility_timeout_s,
-                                           restore_interval_s(visibility_timeout_s))  # fmt: skip
+                # Its own connection, used by its thread alone; a socket timeout so a half-open Redis ends a sweep.
+                connect = lambda: app.connection_for_write(transport_options=SWEEP_SOCKETS)  # noqa: E731
+                self.others = OtherIndexes(connect, visibility_timeout_s, restore_interval_s(visibility_timeout_s))
+                try:
+                    self.others.note(self.keeper.redis)  # on record before the first job; the sweeps renew it
+                except Exception as exc:  # noqa: BLE001 - Redis down at start: the sweep thread retries every second
+                    log.warning("could not note this worker's visibility timeout yet: %s", exc)
                 self.others.start()
 
         def shutdown(self, c: Any) -> None:
