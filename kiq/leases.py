@@ -90,10 +90,10 @@ class OtherIndexes:
         self._thread: threading.Thread | None = None
         self._connection: Any = None
         self._sweeps: dict[str, _IndexQoS] = {}  # by index key, dropped with the connection
-        self.restored = 0
+        self._forget: Any = None  # the _FORGET script, registered on the connection's client
 
     def start(self) -> None:
-        """Sweeps at once (so our timeout is on record before our first job), then every `interval_s`."""
+        """Sweeps at once (a fresh worker hands back what is waiting), then every `interval_s`."""
         self._stop.clear()
         self._thread = threading.Thread(target=self._loop, name="kiq-other-indexes", daemon=True)
         self._thread.start()
@@ -127,17 +127,17 @@ class OtherIndexes:
                 continue
             swept.add(index)
             cutoff = time.time() - FORGET_TIMEOUT_AFTER_S
-            if client.register_script(_FORGET)(keys=[VISIBILITY_TIMEOUTS_KEY, index], args=[member, cutoff]):
+            if self._forget(keys=[VISIBILITY_TIMEOUTS_KEY, index], args=[member, cutoff]):
                 continue
             restored += self._sweep_of(channel, index, timeout_s).sweep()
         if restored:
             log.warning("handed back %d job(s) of dead workers with another visibility timeout", restored)
-        self.restored += restored
         return restored
 
     def _channel(self) -> Any:
         if self._connection is None:
             self._connection = self.connect()
+            self._forget = self._connection.default_channel.client.register_script(_FORGET)
         return self._connection.default_channel
 
     def _sweep_of(self, channel: Any, index: str, timeout_s: float) -> _IndexQoS:
@@ -146,7 +146,7 @@ class OtherIndexes:
         return self._sweeps[index]
 
     def _drop(self) -> None:
-        connection, self._connection, self._sweeps = self._connection, None, {}
+        connection, self._connection, self._sweeps, self._forget = self._connection, None, {}, None
         if connection is not None:
             try:
                 connection.release()

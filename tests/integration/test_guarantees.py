@@ -27,6 +27,11 @@ from tests.integration.test_faults import (
 )
 
 
+def on_queue(redis_client, queue, job_id):
+    """Whether the job waits in any of the queue's priority lists."""
+    return any(job_id.encode() in m for name in priority_lists(queue) for m in redis_client.lrange(name, 0, -1))
+
+
 def received(log, job_id):
     return log.exists() and f"[{job_id}] received" in log.read_text(errors="replace")
 
@@ -86,10 +91,8 @@ def test_a_worker_with_a_shorter_visibility_timeout_never_takes_a_default_worker
     _, short_log = spawn_worker("short-timeout", **own_queue(**FAST_REDELIVERY))
     job_id = client.submit(tiny_job(decoder_steps=steps_lasting(client, 20), seed=9))
     wait_for_step(client, job_id, step=1, timeout=120)
-    queued = priority_lists(settings.queue)
     while not client.status(job_id).done:  # a job handed back waits here: the session worker is busy with it
-        waiting = [m for q in queued for m in redis_client.lrange(q, 0, -1)]
-        assert not any(job_id.encode() in m for m in waiting), "the live job was handed back to its queue"
+        assert not on_queue(redis_client, settings.queue, job_id), "the live job was handed back to its queue"
         time.sleep(0.5)
     final = client.status(job_id)
     assert final.state == "SUCCESS", final.error
@@ -112,9 +115,7 @@ def test_a_killed_workers_job_comes_back_through_a_default_worker_when_none_of_i
     os.kill(killed.pid, signal.SIGKILL)
     killed.wait()
     killed_at = time.monotonic()
-    queued = priority_lists(short["KIQ_QUEUE"])
-    back_on_queue = lambda: any(job_id.encode() in m for q in queued for m in redis_client.lrange(q, 0, -1))  # noqa: E731
-    devstack.wait_until(back_on_queue, 120, "the job back on its queue")
+    devstack.wait_until(lambda: on_queue(redis_client, short["KIQ_QUEUE"], job_id), 120, "the job back on its queue")
     back_s = time.monotonic() - killed_at
     _, rescuer_log = spawn_worker("other-timeout-rescuer", KIQ_QUEUE=short["KIQ_QUEUE"])  # defaults: 60 s
     final = client.wait(job_id, timeout=120)
