@@ -99,7 +99,8 @@ class Client:
     def check_feasible(self, job: Job) -> float:
         """The job's expected seconds on the fastest live worker of its queue, by the speeds the workers publish
         (the reference speed if none is live); raises JobTooLong if no such worker could finish it within its cap."""
-        workers = [live_worker(w.get("hostname", "?"), w, self.settings) for w in self.fleet()]
+        beats = redisconn.retrying(self.fleet, self.settings.redis_retry_s, "submit")  # rides out a blip, as submit
+        workers = [live_worker(w.get("hostname", "?"), w, self.settings) for w in beats]
         return check_feasible(job, route(job, self.settings), workers, self.settings)
 
     def _replicate(self, job_id: str) -> None:

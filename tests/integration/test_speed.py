@@ -15,6 +15,7 @@ from kiq.errors import JobTooLong
 from kiq.limits import Speed, decoder_units, expected_seconds, time_limits
 from kiq.names import idempotency_key, job_record_key
 from kiq.s3 import input_prefix
+from kiq.settings import Settings
 from producer.api import create_api
 from tests.integration.jobs import image_input, tiny_job
 from tests.integration.test_faults import client_for, own_queue
@@ -35,11 +36,16 @@ def beats_of(client, queue):
 def test_a_worker_slower_than_the_reference_speed_runs_a_legitimate_job_to_success(env, spawn_worker):
     # Issue 20: on defaults a CPU worker ran a 256x256 80-step job 304 s against the reference speed's 300 s floor,
     # and it failed JobTimeout. Scaled down: the reference speed says milliseconds, so its limit is the 0.5 s floor.
-    overrides = own_queue(KIQ_PRIOR_STEP_S="0.00001", KIQ_DECODER_STEP_S="0.00001", KIQ_TIME_LIMIT_MIN_S="0.5")
+    # A factor of 10 (not 4): headroom for a CI machine whose load changes between the warm-up probe and the job.
+    overrides = own_queue(KIQ_PRIOR_STEP_S="0.00001", KIQ_DECODER_STEP_S="0.00001", KIQ_TIME_LIMIT_MIN_S="0.5",
+                          KIQ_TIME_LIMIT_FACTOR="10")  # fmt: skip
     client = client_for(env, overrides)
     spawn_worker("own-speed", **overrides)
     job = tiny_job(decoder_steps=8)
     assert time_limits(parse_job(job), client.settings).soft_s == 0.5
+    [probed] = beats_of(client, overrides["KIQ_QUEUE"])
+    assert (probed["speed_source"], probed["speed_jobs"]) == ("probe", "0")  # measured at warm-up, before any job
+    assert float(probed["decoder_step_s"]) > 10 * Settings().decoder_step_s  # a CPU: far slower than the default
     final = client.wait(client.submit(job), timeout=120)
     assert final.state == "SUCCESS", final.error
     timings = final.result.timings
@@ -48,8 +54,7 @@ def test_a_worker_slower_than_the_reference_speed_runs_a_legitimate_job_to_succe
     [beat] = beats_of(client, overrides["KIQ_QUEUE"])
     measured = float(beat["decoder_step_s"])
     observed = timings["decoder"] / decoder_units(parse_job(job))  # this job's own seconds per 768x768 step
-    assert measured > 100 * client.settings.decoder_step_s  # not the reference: this CPU is far slower
-    assert observed / 5 < measured < observed * 5, (measured, observed)
+    assert observed / 10 < measured < observed * 10, (measured, observed)  # the probe's value moved toward the job's
     assert float(beat["prior_step_s"]) > 0
     assert (beat["speed_source"], beat["speed_jobs"]) == ("jobs", "1")  # the probe's value, then this job's
     assert float(beat["limit_max_s"]) == client.settings.time_limit_max_s
