@@ -80,7 +80,7 @@ class Settings:
     # warm-up probe, a submit while no live worker of the job's queue publishes one.
     prior_step_s: float = 0.05  # expected seconds per prior step (one text)
     decoder_step_s: float = 0.15  # expected seconds per decoder step, per 768x768 image
-    speed_probe_s: float = 10.0  # a worker's warm-up speed probe grows its decoder size within this; 0: no probe
+    speed_probe_s: float = 10.0  # warm-up speed probe: 64x64 always, larger sizes while they fit this; 0: none
     time_limit_factor: float = 4.0
     time_limit_min_s: float = 300.0
     time_limit_max_s: float = 3 * 3600.0
