@@ -286,6 +286,8 @@ class Client:
     def _summary(self, job_id: str, raw: bytes | None, submitted_at: float) -> JobSummary:
         meta = self.app.backend.decode_result(raw) if raw else {"status": "PENDING"}
         current = to_status(job_id, meta["status"], meta.get("result"))
+        if current.progress is not None:  # a sweep's count of frames, not the last write's new ones
+            current.progress = current.progress.model_copy(update={"new_frames": None})
         return JobSummary(**current.model_dump(), submitted_at=submitted_at)
 
     def queue_depths(self, queues: list[str]) -> dict[str, dict[str, int]]:
