@@ -5,7 +5,8 @@ decoder takes, progress at most every 500 ms as KIQ_PROGRESS_INTERVAL_MS) throug
 (worker/records.py → the events writer in kiq/events.py), with S3-presigned URLs like real frames', and no
 models: the steps advance a simulated clock. While the job is still running (every frame written), it prints
 the stream's entries and bytes (MEMORY USAGE), then one new reader's cost from the start of the stream up to
-its newest entry: `Client.events` (bytes Redis sent it, its CPU) and an SSE stream from a `kiq api` process
+its newest entry: `Client.events` (bytes Redis sent it, its CPU; also resuming after the oldest entry kept,
+the longest backlog a reader can be sent) and an SSE stream from a `kiq api` process
 (bytes received, the API process's CPU). Then the final status, and the stream's bytes again.
 
     PYTHONPATH=. .venv/bin/python bench/sweep_events.py [--frames 120] [--steps 100] [--session-token]
@@ -60,6 +61,8 @@ def main() -> None:
         report: dict = {"frames": args.frames, "steps_per_frame": args.steps, "writes_s": round(time.monotonic() - t0)}
         report["running"] = stream_figures(client, job_id)
         report["new_reader_python_client"] = failing_or(lambda: python_reader(client, job_id, url))
+        oldest = client.redis.xrange(events_key(job_id), count=1)[0][0].decode()  # the longest backlog kept
+        report["resuming_reader_python_client"] = failing_or(lambda: python_reader(client, job_id, url, oldest))
         report["new_reader_sse"] = failing_or(lambda: sse_reader(port, job_id, client, api.pid))
         records.store(job_id, JobResult(images=frames, seed=1, device="bench", timings={}))
         report["finished"] = stream_figures(client, job_id)
@@ -108,13 +111,14 @@ def stream_figures(client: Client, job_id: str) -> dict:
     }
 
 
-def python_reader(client: Client, job_id: str, url: str) -> dict:
-    """`Client.events` from the start until the stream's newest entry: Redis's bytes out and this process's CPU."""
+def python_reader(client: Client, job_id: str, url: str, after: str | None = None) -> dict:
+    """`Client.events` from the start (or after `after`) until the stream's newest entry: Redis's bytes out and
+    this process's CPU."""
     counter = redis.Redis.from_url(url)
     newest = client.redis.xrevrange(events_key(job_id), count=1)[0][0].decode()
     before, cpu = int(counter.info("stats")["total_net_output_bytes"]), time.process_time()
     events = 0
-    for event in client.events(job_id, timeout=600):
+    for event in client.events(job_id, last_event_id=after, timeout=600):
         events += 1
         if event.id == newest:
             break
@@ -125,6 +129,7 @@ def python_reader(client: Client, job_id: str, url: str) -> dict:
 def sse_reader(port: int, job_id: str, client: Client, pid: int) -> dict:
     """An SSE stream from the start until the newest entry's event: bytes received, the API process's CPU."""
     newest = client.redis.xrevrange(events_key(job_id), count=1)[0][0].decode()
+    httpx.get(f"http://127.0.0.1:{port}/v1/jobs/{job_id}", timeout=60).raise_for_status()  # the API's first request
     received, events, cpu, start = 0, 0, cpu_seconds(pid), time.monotonic()
     with httpx.stream("GET", f"http://127.0.0.1:{port}/v1/jobs/{job_id}/events", timeout=600) as response:
         at_newest = False
