@@ -176,7 +176,7 @@ def create_api(settings: Settings, client: Client | None = None, s3: Any = None)
                         204: {"description": "resumed after the final event: nothing more will come"},
                         404: {"description": "unknown job, or another key's"}})  # fmt: skip
     async def events(job_id: str, tenant: Caller,
-                     last_event_id: Annotated[str | None, Header(alias="Last-Event-ID", max_length=40)] = None,
+                     last_event_id: Annotated[str | None, Header(alias="Last-Event-ID")] = None,
                      ) -> Response:  # fmt: skip
         await run_in_threadpool(owned, job_id, tenant.owner)
         try:

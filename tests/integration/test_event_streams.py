@@ -19,6 +19,7 @@ import pytest
 import redis.asyncio
 import uvicorn
 
+from kiq.errors import InvalidEventId
 from kiq.events import events_channel, events_key
 from kiq.names import job_record_key
 from kiq.settings import Settings
@@ -200,11 +201,11 @@ def http(app):
 def test_a_last_event_id_redis_refuses_is_a_typed_400_before_the_stream(http, client):
     job_id = new_job(client)
     client.app.backend.store_result(job_id, {"hostname": "h"}, "STARTED")
-    for bad in ("99999999999999999999-0", "1-99999999999999999999", "18446744073709551616-0"):
+    for bad in ("99999999999999999999-0", "1-99999999999999999999", "18446744073709551616-0", "1-" + "9" * 60):
         response = http.get(f"/v1/jobs/{job_id}/events", headers={"Last-Event-ID": bad})
         assert response.status_code == 400, (bad, response.status_code, response.text[:200])
         assert "Last-Event-ID" in response.json()["detail"]
-    with pytest.raises(ValueError, match="event id"):  # the Python client: the same check, a typed error
+    with pytest.raises(InvalidEventId, match="Last-Event-ID"):  # the Python client: the same check
         next(client.events(job_id, last_event_id="99999999999999999999-0"))
     client.app.backend.mark_as_done(job_id, {"images": [], "seed": 1, "device": "cpu", "timings": {}})
 
