@@ -1,5 +1,6 @@
 """The event-stream merge of producer/events.py: backlog, then live events newer than the last, heartbeats,
-and a re-read after the hub reconnected (a fake hub; the real one is in tests/integration/test_api.py)."""
+and a re-read after the hub reconnected (a fake hub; the real one is in
+tests/integration/test_api.py and test_event_streams.py)."""
 
 import asyncio
 
