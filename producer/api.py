@@ -1,5 +1,5 @@
 """`kiq api`: the HTTP face of kiq (FastAPI). Stateless: it talks only to Redis and S3, so any number of
-replicas can sit behind a load balancer. See the README's "HTTP API" section for curl examples."""
+replicas can sit behind a load balancer. See docs/api/index.md for curl examples."""
 
 import hashlib
 import json
