@@ -26,7 +26,7 @@ def load_generator():
 
 def test_mkdocs_build_strict_passes(tmp_path):
     if importlib.util.find_spec("mkdocs") is None or importlib.util.find_spec("material") is None:
-        pytest.skip("MKDOCS NOT INSTALLED: the docs site was not built; install the docs extra: pip install -e '.[docs]'")
+        pytest.skip("MKDOCS NOT INSTALLED: the docs site was not built (pip install -e '.[docs]')")
     site = tmp_path / "site"
     run = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(site)],
                          cwd=ROOT, capture_output=True, text=True, timeout=300)  # fmt: skip
@@ -90,8 +90,8 @@ def test_the_settings_table_has_a_row_and_the_default_of_every_setting():
 def test_nothing_in_the_repository_points_outside_it():
     if shutil.which("git") is None or not (ROOT / ".git").exists():
         pytest.skip("not a git checkout")
-    found = subprocess.run(["git", "grep", "-n", "-F", "../shared", "--", ".", ":!tests/unit/test_docs.py"],
-                           cwd=ROOT, capture_output=True, text=True).stdout  # fmt: skip
+    needle = "/".join(["..", "shared"])  # built, so that this file does not match itself
+    found = subprocess.run(["git", "grep", "-n", "-F", needle], cwd=ROOT, capture_output=True, text=True).stdout
     assert found == ""
 
 
