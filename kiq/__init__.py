@@ -5,27 +5,36 @@ Both the producer and the worker import this package; it imports no model framew
 
 from kiq.contract import Job, JobInput, parse_job
 from kiq.errors import (
+    BlockedAddress,
     FetchError,
+    FetchUnavailable,
     ImageTooLarge,
     InputError,
     JobError,
     JobInvalid,
+    JobTimeout,
     KiqError,
     NotAnImage,
     ObjectNotFound,
     PipelineError,
+    PoisonJob,
     ReferenceNotAllowed,
     SettingsError,
     StorageError,
+    StorageUnavailable,
+    TransientError,
     UnknownJob,
     WaitTimeout,
 )
 from kiq.settings import Settings
 from kiq.status import ErrorInfo, ImageRef, JobResult, JobStatus, Progress
+from kiq.version import __version__
 
 __all__ = [
+    "BlockedAddress",
     "ErrorInfo",
     "FetchError",
+    "FetchUnavailable",
     "ImageRef",
     "ImageTooLarge",
     "InputError",
@@ -35,16 +44,21 @@ __all__ = [
     "JobInvalid",
     "JobResult",
     "JobStatus",
+    "JobTimeout",
     "KiqError",
     "NotAnImage",
     "ObjectNotFound",
     "PipelineError",
+    "PoisonJob",
     "Progress",
     "ReferenceNotAllowed",
     "Settings",
     "SettingsError",
     "StorageError",
+    "StorageUnavailable",
+    "TransientError",
     "UnknownJob",
     "WaitTimeout",
+    "__version__",
     "parse_job",
 ]

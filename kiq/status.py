@@ -47,7 +47,7 @@ class JobResult(BaseModel):
     device: str
     timings: dict[str, float]
     animation: ImageRef | None = None  # a sweep's animation, when the job asked for one
-    frame_weights: list[list[float]] | None = None  # a sweep's effective input weights per frame (see README)
+    frame_weights: list[list[float]] | None = None  # a sweep's effective input weights per frame (docs/guide/sweeps.md)
 
 
 class ErrorInfo(BaseModel):

@@ -1,5 +1,5 @@
 """`kiq api`: the HTTP face of kiq (FastAPI). Stateless: it talks only to Redis and S3, so any number of
-replicas can sit behind a load balancer. See the README's "HTTP API" section for curl examples."""
+replicas can sit behind a load balancer. See docs/api/index.md for curl examples."""
 
 import hashlib
 import json
@@ -23,6 +23,7 @@ from kiq.names import idempotency_key
 from kiq.s3 import input_prefix, presign, put, s3_client
 from kiq.settings import Settings
 from kiq.status import JobList, JobStatus, State
+from kiq.version import __version__
 from producer.bodylimit import BodyLimit
 from producer.client import Client
 from producer.events import EventHub, job_events
@@ -66,7 +67,7 @@ def create_api(settings: Settings, client: Client | None = None, s3: Any = None)
     tenants = Tenants.from_settings(settings)
     if tenants.open:
         log.warning("KIQ_API_KEYS and KIQ_API_TENANTS are empty: the API is open to anyone who can reach it")
-    app = FastAPI(title="kiq", version="0.1.0", summary="Kandinsky 2.2 interpolation queue")
+    app = FastAPI(title="kiq", version=__version__, summary="Kandinsky 2.2 interpolation queue")
     app.state.tenants = tenants
     app.state.heartbeat_s = HEARTBEAT_S
     hubs: list[EventHub] = []  # made on first use, inside the server's event loop
