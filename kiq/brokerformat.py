@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from kiq.celeryconf import KOMBU_SEP, OLD_SEP, PRIORITY_STEPS, priority_lists
+from kiq.celeryconf import KOMBU_SEP, OLD_SEP, PRIORITY_STEPS, priority_lists, restore_interval_s
 from kiq.redisconn import REDIS_ERRORS
 
 log = logging.getLogger(__name__)
@@ -90,15 +90,21 @@ def migrate(redis: Any, queues: Iterable[str] = ()) -> Migrated:
         done.bindings_rewritten += int(rewritten)
         done.bindings_dropped += int(dropped)
         bound.update(_queue_of(member) for member in redis.smembers(key))
-    move = redis.register_script(_MOVE_LIST)
-    for queue in sorted(q for q in bound if q):
-        old, new = priority_lists(queue, OLD_SEP), priority_lists(queue, KOMBU_SEP)
-        for step, old_list, new_list in zip(PRIORITY_STEPS, old, new, strict=True):
-            if step:  # step 0 is the queue's own name in both
-                done.messages_moved += _move_all(move, old_list, new_list)
+    done.messages_moved = move_lists(redis, bound)
     if done:
         log.warning("moved kiq's old broker names to kombu's defaults: %s", done)
     return done
+
+
+def move_lists(redis: Any, queues: Iterable[str]) -> int:
+    """Move the messages of each queue's old priority lists onto its lists; returns how many moved."""
+    move, moved = redis.register_script(_MOVE_LIST), 0
+    for queue in sorted(q for q in set(queues) if q):
+        old, new = priority_lists(queue, OLD_SEP), priority_lists(queue, KOMBU_SEP)
+        for step, old_list, new_list in zip(PRIORITY_STEPS, old, new, strict=True):
+            if step:  # step 0 is the queue's own name in both
+                moved += _move_all(move, old_list, new_list)
+    return moved
 
 
 def _binding_keys(redis: Any) -> list[bytes]:
@@ -121,23 +127,51 @@ def _move_all(move: Any, old_list: str, new_list: str) -> int:
             return total
 
 
-def install(app: Any, redis_factory: Callable[[], Any], queues: Iterable[str]) -> None:
-    """Add a consumer bootstep that migrates on every broker (re)connection, before the consumer's loop runs:
-    a worker that starts while Redis is down migrates once it is up, and one that reconnects checks again."""
+def install(app: Any, redis_factory: Callable[[], Any], queues: Iterable[str], visibility_timeout_s: float) -> None:
+    """Add a consumer bootstep that migrates on every broker (re)connection, before the consumer's loop runs
+    (a worker that starts while Redis is down migrates once it is up), then, as often as the unacked sweep, moves
+    what an old release's producer or worker, still running in a rolling upgrade, put on its queues' old lists."""
     from celery import bootsteps
 
-    consumed = list(queues)
+    consumed, interval_s = list(queues), restore_interval_s(visibility_timeout_s)
 
     class BrokerFormat(bootsteps.StartStopStep):
         requires = ("celery.worker.consumer.connection:Connection",)
 
+        def __init__(self, c: Any, **kwargs: Any) -> None:
+            super().__init__(c, **kwargs)
+            self.redis: Any = None
+            self.tref: Any = None
+
         def start(self, c: Any) -> None:
-            client = redis_factory()
+            self._run(lambda redis: migrate(redis, consumed))
+            self._cancel()  # a reconnect clears the event loop's timers: register again each time
+            self.tref = c.timer.call_repeatedly(interval_s, self._run, (self._recheck,))
+
+        def _recheck(self, redis: Any) -> None:
+            if moved := move_lists(redis, consumed):
+                log.warning("moved %d message(s) from the old priority lists of %s", moved, consumed)
+
+        def _run(self, step: Callable[[Any], Any]) -> None:
             try:
-                migrate(client, consumed)
-            except REDIS_ERRORS as exc:  # Redis went away again: the next connection retries
+                if self.redis is None:
+                    self.redis = redis_factory()
+                step(self.redis)
+            except REDIS_ERRORS as exc:  # Redis went away: the next connection or recheck tries again
                 log.warning("could not check the broker for kiq's old names: %s", exc)
-            finally:
-                client.close()
+
+        def stop(self, c: Any) -> None:
+            self._cancel()
+
+        def _cancel(self) -> None:
+            if self.tref is not None:
+                self.tref.cancel()
+                self.tref = None
+
+        def shutdown(self, c: Any) -> None:
+            self._cancel()
+            if self.redis is not None:
+                self.redis.close()
+                self.redis = None
 
     app.steps["consumer"].add(BrokerFormat)

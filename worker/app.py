@@ -39,7 +39,9 @@ def create_app(settings: Settings, runner: Runner | None = None) -> Celery:
     tasks.register(app, runner, settings, observers)
     # Short visibility timeout, renewed leases: a dead worker's jobs come back in about a minute, a live one's never.
     leases.install(app, lambda: leases.broker_redis(settings), settings.visibility_timeout_s)
-    brokerformat.install(app, lambda: leases.broker_redis(settings), settings.consumed_queues)
+    brokerformat.install(
+        app, lambda: leases.broker_redis(settings), settings.consumed_queues, settings.visibility_timeout_s
+    )
 
     def start(sender: Any = None, **_: Any) -> None:
         if getattr(sender, "app", None) is not app:

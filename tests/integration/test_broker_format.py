@@ -88,7 +88,7 @@ def test_a_long_old_list_moves_in_batches_onto_a_nonempty_new_one(env, redis_cli
     assert not redis_client.exists(old_list)
 
 
-def test_a_new_worker_runs_the_jobs_an_old_release_queued(env, spawn_worker, redis_client):
+def test_a_new_worker_runs_the_jobs_an_old_release_queued_and_queues(env, spawn_worker, redis_client):
     queue = f"kiq-upgrade-{uuid.uuid4().hex[:8]}"
     settings = queue_settings(env, queue)
     old_client = Client(settings, app=old_kiq_app(settings))  # submit writes records, as the old release did
@@ -99,5 +99,9 @@ def test_a_new_worker_runs_the_jobs_an_old_release_queued(env, spawn_worker, red
     for job_id in ids:
         assert client.wait(job_id, timeout=180).state == "SUCCESS"
     assert not redis_client.exists(*priority_lists(queue, OLD_SEP)[1:])
+    # An old producer still running in a rolling upgrade: its job is moved by the worker's periodic recheck.
+    late = old_client.submit(tiny_job(priority=5))
+    assert redis_client.exists(priority_lists(queue, OLD_SEP)[1])
+    assert client.wait(late, timeout=120).state == "SUCCESS"
     devstack.wait_until(lambda: client.queue_depths([queue])[queue] == {"7-9": 0, "4-6": 0, "1-3": 0, "0": 0}, 5,
                         "empty queue")  # fmt: skip

@@ -68,7 +68,8 @@ def test_a_foreign_job_is_unknown_to_status_until_a_worker_starts_it(plain, clie
     queue = f"kiq-nobody-{uuid.uuid4().hex[:8]}"  # no worker: it stays queued
     job_id = str(uuid.uuid4())
     plain.send_task("kiq.generate", args=[tiny_job()], task_id=job_id, queue=queue, priority=5)
-    assert lists_holding(redis_client, job_id) == [priority_lists(queue)[1].encode()]  # 9 - 5 = 4: step 3
+    assert lists_holding(redis_client, job_id) == [priority_lists(queue)[1].encode()]  # sent 5: step 3
+    assert client.queue_depths([queue])[queue] == {"7-9": 0, "4-6": 1, "1-3": 0, "0": 0}  # kiq priority 9 - 5
     with pytest.raises(UnknownJob):
         client.status(job_id)
 
@@ -101,7 +102,6 @@ def flower_get(port: int, path: str):
 
 
 def test_flower_as_compose_starts_it_lists_and_inspects_the_worker(worker, client, settings, logs, stack):
-    pytest.importorskip("flower")
     name = worker_name(client, settings)
     port = devstack.free_port()
     # docker-compose.yml's command, on this Redis: `celery --broker=… flower`, no kiq option anywhere.
