@@ -2,10 +2,12 @@
 
 Two things were named with the old separator: the priority lists of each queue (`kiq:3`, `kiq:6`, `kiq:9`) and
 the members of kombu's binding tables (`_kombu.binding.<exchange>` sets, `routing_key:pattern:queue`). A worker
-now reads `kiq\\x06\\x163` …, and parsing one old member in a table raises ValueError on every publish to that
-exchange. So each worker, before it consumes: rewrites old members in place and moves the messages of old lists
-onto the new ones, oldest served first, ahead of newer messages. Each script is atomic and every step is
-idempotent, so workers starting together, or one dying midway, lose and duplicate nothing.
+now reads `kiq\\x06\\x163` …, and one old member in a table makes every publish that names that exchange (control
+replies: `celery inspect`, Flower) raise ValueError. So each worker, on each broker connection before it consumes,
+rewrites old members in place and moves the messages of old lists onto the new ones, oldest served first, ahead
+of newer messages; then it rechecks its queues' old lists as often as the unacked sweep (old producers in a
+rolling upgrade). Each script is atomic and every step idempotent: workers starting together, or one dying
+midway, lose and duplicate nothing.
 """
 
 from __future__ import annotations

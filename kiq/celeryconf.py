@@ -17,7 +17,7 @@ OLD_SEP = ":"
 
 
 def priority_lists(queue: str, sep: str = KOMBU_SEP) -> list[str]:
-    """kombu's Redis list for each priority step of `queue`, in PRIORITY_STEPS order: `kiq`, `kiq\x06\x163` …"""
+    """kombu's Redis list for each priority step of `queue`, in PRIORITY_STEPS order: `kiq`, `kiq\\x06\\x163` …"""
     return [f"{queue}{sep}{step}" if step else queue for step in PRIORITY_STEPS]
 
 
