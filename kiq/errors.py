@@ -7,6 +7,7 @@ status JSON's `error.type`.
     │   └── JobTooLong         no live worker of its queue could finish it within KIQ_TIME_LIMIT_MAX_S (at submit)
     ├── UnknownJob             no job with that id was ever submitted (or its record expired)
     ├── WaitTimeout            `wait` gave up before the job ended
+    ├── InvalidEventId         a resume id (Last-Event-ID) that is not a stream id Redis accepts
     └── JobError               a job ended in FAILURE
         ├── InputError         an image reference cannot be used
         │   ├── FetchError     the URL could not be read (4xx, DNS failure, too many redirects)
@@ -56,6 +57,10 @@ class UnknownJob(KiqError, LookupError):
 
 
 class WaitTimeout(KiqError, TimeoutError):
+    pass
+
+
+class InvalidEventId(KiqError, ValueError):
     pass
 
 

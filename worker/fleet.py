@@ -15,6 +15,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from kiq.names import FLEET_INDEX, fleet_key
+from kiq.version import __version__
 
 log = logging.getLogger(__name__)
 INTERVAL_S = 5
@@ -28,7 +29,7 @@ class Heartbeat:
         self.redis, self.key = redis, fleet_key(f"{hostname}:{os.getpid()}")
         self.fields: dict[str, str | int | float] = {
             "hostname": hostname, "device": device, "queues": ",".join(queues), "started_at": time.time(),
-            "pid": os.getpid(),
+            "pid": os.getpid(), "version": __version__,
             "current_job": "", "done": 0, "failed": 0,
         }  # fmt: skip
         self.extra = extra  # read at every beat: fields that change on their own (the measured speed)
