@@ -16,7 +16,7 @@ from pydantic import BaseModel, ValidationError
 
 from kiq import redisconn
 from kiq.contract import Job, validation_errors
-from kiq.errors import InvalidEventId, StorageError, UnknownJob
+from kiq.errors import InvalidEventId, JobTooLong, StorageError, UnknownJob
 from kiq.event_reads import parse_event_id
 from kiq.events import events_key
 from kiq.names import idempotency_key
@@ -107,6 +107,7 @@ def create_api(settings: Settings, client: Client | None = None, s3: Any = None)
             replay = claim.acquire(job_id) if claim else None
             if replay is not None:
                 return Submitted(id=replay, status_url=f"/v1/jobs/{replay}")
+            client.check_feasible(job)  # before the uploads: a job no worker could finish stores nothing
             for key, data, content_type in uploads:
                 put(s3, settings.s3_bucket, key, data, content_type)
             client.submit(job, tenant.owner, job_id)
@@ -115,6 +116,8 @@ def create_api(settings: Settings, client: Client | None = None, s3: Any = None)
         except Exception as exc:
             if claim is not None:
                 claim.release()
+            if isinstance(exc, JobTooLong):
+                raise Rejected(422, [too_long(exc)]) from None
             if isinstance(exc, _UNAVAILABLE):
                 log.warning("submit failed, nothing enqueued: %s: %s", type(exc).__name__, exc)
                 raise Rejected(503, f"storage or queue unavailable ({type(exc).__name__}); nothing was enqueued: "
@@ -127,7 +130,9 @@ def create_api(settings: Settings, client: Client | None = None, s3: Any = None)
     @app.post("/v1/jobs", status_code=202, response_model=Submitted, openapi_extra=SUBMIT_BODY,
               responses={403: {"description": "a queue, priority or s3:// object this key may not use"},
                          409: {"description": "Idempotency-Key reused with another body, or still in flight"},
-                         413: {"description": "body too large"}, 422: {"description": "invalid job"},
+                         413: {"description": "body too large"},
+                         422: {"description": "invalid job, or one no live worker of its queue could finish within "
+                                              "the time-limit cap (type JobTooLong)"},
                          503: {"description": "Redis or S3 unavailable: nothing enqueued, retry"}})  # fmt: skip
     async def submit(request: Request, tenant: Caller,
                      idempotency: Annotated[str | None, Header(alias="Idempotency-Key", max_length=255)] = None,
@@ -332,6 +337,12 @@ def rewrite_uploads(data: Any, files: dict[str, tuple[bytes, str]], prefix: str,
             item["image"] = f"s3://{bucket}/{key}"
             uploads.append((key, *files[name]))
     return uploads
+
+
+def too_long(exc: JobTooLong) -> dict[str, Any]:
+    """A refused job's 422 detail: the validation errors' shape, with the estimate that refused it."""
+    return {"loc": ["body"], "msg": str(exc), "type": "JobTooLong", "expected_s": round(exc.expected_s, 1),
+            "limit_s": exc.limit_s, "queue": exc.queue, "live_workers": exc.workers}  # fmt: skip
 
 
 def parse_json(raw: bytes) -> Any:

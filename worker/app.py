@@ -15,6 +15,7 @@ from kiq.errors import SettingsError
 from kiq.settings import Settings
 from worker import metrics, tasks
 from worker.fleet import Heartbeat
+from worker.limits import SpeedMeter
 from worker.runner import Runner
 
 
@@ -35,7 +36,7 @@ def create_app(settings: Settings, runner: Runner | None = None) -> Celery:
         task_send_sent_event=True,
     )
     runner = runner or Runner(settings)
-    observers = tasks.Observers()
+    observers = tasks.Observers(speed=SpeedMeter(settings))
     tasks.register(app, runner, settings, observers)
     # Short visibility timeout, renewed leases: a dead worker's jobs come back in about a minute, a live one's never.
     leases.install(app, lambda: leases.broker_redis(settings), settings.visibility_timeout_s)
@@ -48,9 +49,11 @@ def create_app(settings: Settings, runner: Runner | None = None) -> Celery:
             return
         _setup_or_exit(runner)
         metrics.MODEL_LOAD.set(runner.load_seconds)
+        assert runner.pipelines is not None
+        observers.speed.probe(runner.pipelines)  # before the first beat: submits read the speed from it
         metrics.serve(settings.metrics_port)
         observers.heartbeat = Heartbeat(
-            app.backend.client, sender.hostname, runner.device.name, settings.consumed_queues
+            app.backend.client, sender.hostname, runner.device.name, settings.consumed_queues, observers.speed.fields
         )
         observers.heartbeat.start()
 
