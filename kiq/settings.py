@@ -228,4 +228,5 @@ def _check_backend(backend: str, target: str) -> None:
 def _check_url(name: str, url: str, schemes: tuple[str, ...]) -> None:
     parts = urlsplit(url)
     if parts.scheme not in schemes or not parts.hostname:
-        raise SettingsError(f"{env_name(name)} must be a {'/'.join(schemes)} URL with a host, got {url!r}")
+        shown = redisconn.redact(url)
+        raise SettingsError(f"{env_name(name)} must be a {'/'.join(schemes)} URL with a host, got {shown!r}")
