@@ -354,12 +354,13 @@ class IdempotencyClaim:
 
     def __init__(self, redis: Any, settings: Settings, owner: str, key: str, digest: str) -> None:
         self.redis, self.ttl_s, self.digest = redis, settings.idempotency_ttl_s, digest
+        self.pending_ms = int(settings.idempotency_pending_s * 1000)
         self.key = idempotency_key(owner, hashlib.sha256(key.encode()).hexdigest())
         self.job_id, self.value = "", ""
 
     def acquire(self, job_id: str) -> str | None:
         self.job_id, self.value = job_id, json.dumps({"digest": self.digest, "id": job_id, "state": "pending"})
-        if self.redis.set(self.key, self.value, nx=True, ex=self.PENDING_TTL_S):
+        if self.redis.set(self.key, self.value, nx=True, px=self.pending_ms):
             return None
         raw = self.redis.get(self.key)
         existing = json.loads(raw) if raw else {"digest": self.digest, "state": "pending"}
