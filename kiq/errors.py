@@ -6,6 +6,7 @@ status JSON's `error.type`.
     ├── JobInvalid             the job breaks the contract (raised at submit; in the worker for raw messages)
     ├── UnknownJob             no job with that id was ever submitted (or its record expired)
     ├── WaitTimeout            `wait` gave up before the job ended
+    ├── SubmitAbandoned        a submit gave up before enqueueing anything (its Idempotency-Key's claim lapsed)
     └── JobError               a job ended in FAILURE
         ├── InputError         an image reference cannot be used
         │   ├── FetchError     the URL could not be read (4xx, DNS failure, too many redirects)
@@ -45,6 +46,10 @@ class UnknownJob(KiqError, LookupError):
 
 
 class WaitTimeout(KiqError, TimeoutError):
+    pass
+
+
+class SubmitAbandoned(KiqError):
     pass
 
 
