@@ -301,7 +301,8 @@ def lease_sockets(visibility_timeout_s: float) -> dict[str, Any]:
     from redis.backoff import NoBackoff
     from redis.retry import Retry
 
-    timeout_s = max(0.5, min(5.0, renew_interval_s(visibility_timeout_s) / 3))  # a connect plus a reply: < 1
+    # A new connection (connect, then one reply) fails within two thirds of an interval.
+    timeout_s = max(0.5, min(5.0, renew_interval_s(visibility_timeout_s) / 3))
     return {"socket_timeout": timeout_s, "socket_connect_timeout": timeout_s, "socket_keepalive": True,
             "socket_keepalive_options": _keepalive(timeout_s), "retry": Retry(NoBackoff(), 0),
             "client_name": LEASE_CLIENT_NAME}  # fmt: skip
