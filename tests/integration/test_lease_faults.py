@@ -74,7 +74,7 @@ def test_a_worker_whose_leases_cannot_be_renewed_stops_taking_jobs_says_why_and_
         client = Client(Settings.from_env({**env, "KIQ_QUEUE": queue}))  # straight to Redis
         worker, log = spawn_worker("lease-fault", **overrides)
         proxy.silence()
-        held = client.submit(tiny_job(decoder_steps=40))  # runs while its lease cannot be renewed
+        held = client.submit(tiny_job(decoder_steps=12))  # runs while its lease cannot be renewed
 
         def text():
             return log.read_text(errors="replace")
