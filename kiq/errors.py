@@ -6,6 +6,7 @@ status JSON's `error.type`.
     ├── JobInvalid             the job breaks the contract (raised at submit; in the worker for raw messages)
     ├── UnknownJob             no job with that id was ever submitted (or its record expired)
     ├── WaitTimeout            `wait` gave up before the job ended
+    ├── InvalidEventId         a resume id (Last-Event-ID) that is not a stream id Redis accepts
     ├── SubmitAbandoned        a submit gave up before enqueueing anything (its Idempotency-Key's claim lapsed)
     └── JobError               a job ended in FAILURE
         ├── InputError         an image reference cannot be used
@@ -46,6 +47,10 @@ class UnknownJob(KiqError, LookupError):
 
 
 class WaitTimeout(KiqError, TimeoutError):
+    pass
+
+
+class InvalidEventId(KiqError, ValueError):
     pass
 
 

@@ -9,7 +9,7 @@ from celery import Celery
 from celery.signals import worker_init, worker_shutdown
 from kombu import Exchange, Queue
 
-from kiq import leases
+from kiq import brokerformat, leases
 from kiq.celeryconf import common_config
 from kiq.errors import SettingsError
 from kiq.settings import Settings
@@ -39,6 +39,9 @@ def create_app(settings: Settings, runner: Runner | None = None) -> Celery:
     tasks.register(app, runner, settings, observers)
     # Short visibility timeout, renewed leases: a dead worker's jobs come back in about a minute, a live one's never.
     leases.install(app, lambda: leases.broker_redis(settings), settings.visibility_timeout_s)
+    brokerformat.install(
+        app, lambda: leases.broker_redis(settings), settings.consumed_queues, settings.visibility_timeout_s
+    )
 
     def start(sender: Any = None, **_: Any) -> None:
         if getattr(sender, "app", None) is not app:

@@ -14,6 +14,7 @@ import time
 from typing import Any
 
 from kiq.names import fleet_key
+from kiq.version import __version__
 
 log = logging.getLogger(__name__)
 INTERVAL_S = 5
@@ -25,7 +26,7 @@ class Heartbeat:
         self.redis, self.key = redis, fleet_key(f"{hostname}:{os.getpid()}")
         self.fields: dict[str, str | int | float] = {
             "hostname": hostname, "device": device, "queues": ",".join(queues), "started_at": time.time(),
-            "pid": os.getpid(),
+            "pid": os.getpid(), "version": __version__,
             "current_job": "", "done": 0, "failed": 0,
         }  # fmt: skip
         self._stop = threading.Event()

@@ -116,3 +116,15 @@ def test_celery_queue_selection_kiq_pauses_intake_with():
     assert [q.name for q in app.amqp.TaskConsumer(None, auto_declare=False).queues] == ["b"]
     queues.select_add(paused)
     assert set(queues.consume_from) == {"a", "b"}
+
+
+def test_kombu_redis_names_kiq_builds_itself():
+    """kiq.celeryconf.priority_lists and kiq.brokerformat name kombu's priority lists and binding tables."""
+    from kiq.brokerformat import BINDING_PATTERNS
+    from kiq.celeryconf import KOMBU_SEP, priority_lists
+
+    assert kombu_redis.Channel.sep == KOMBU_SEP
+    assert kombu_redis.Channel.keyprefix_queue == "_kombu.binding.%s"
+    assert BINDING_PATTERNS[0] == kombu_redis.Channel.keyprefix_queue % "*"
+    assert 'f"{queue}{self.sep}{pri}"' in inspect.getsource(kombu_redis.Channel._q_for_pri)
+    assert priority_lists("kiq") == ["kiq", f"kiq{KOMBU_SEP}3", f"kiq{KOMBU_SEP}6", f"kiq{KOMBU_SEP}9"]
