@@ -30,23 +30,18 @@ class SilencingProxy(Proxy):
     def unsilence(self) -> None:
         self.silent = False
 
-    def _accept(self, listener: socket.socket) -> None:
-        while True:
-            try:
-                client, _ = listener.accept()
-            except OSError:
-                return
-            try:
-                upstream = socket.create_connection(self.target, timeout=5)
-                upstream.settimeout(None)  # an idle connection is no fault: never cut it
-            except OSError:
-                _close(client)
-                continue
-            with self._lock:
-                self._conns += [client, upstream]
-            link = _Link(self.markers)
-            threading.Thread(target=self._pipe, args=(client, upstream, link, True), daemon=True).start()
-            threading.Thread(target=self._pipe, args=(upstream, client, link, False), daemon=True).start()
+    def _forward(self, client: socket.socket) -> None:
+        try:
+            upstream = socket.create_connection(self.target, timeout=5)
+        except OSError:
+            _close(client)
+            return
+        upstream.settimeout(None)  # an idle connection is no fault: never cut it
+        with self._lock:
+            self._conns += [client, upstream]
+        link = _Link(self.markers)
+        threading.Thread(target=self._pipe, args=(client, upstream, link, True), daemon=True).start()
+        threading.Thread(target=self._pipe, args=(upstream, client, link, False), daemon=True).start()
 
     def _pipe(self, src: socket.socket, dst: socket.socket, link: _Link, from_client: bool) -> None:
         try:
