@@ -8,6 +8,7 @@ status JSON's `error.type`.
     ├── UnknownJob             no job with that id was ever submitted (or its record expired)
     ├── WaitTimeout            `wait` gave up before the job ended
     ├── InvalidEventId         a resume id (Last-Event-ID) that is not a stream id Redis accepts
+    ├── SubmitAbandoned        a submit gave up before enqueueing anything (its Idempotency-Key's claim lapsed)
     └── JobError               a job ended in FAILURE
         ├── InputError         an image reference cannot be used
         │   ├── FetchError     the URL could not be read (4xx, DNS failure, too many redirects)
@@ -62,6 +63,10 @@ class WaitTimeout(KiqError, TimeoutError):
 
 class InvalidEventId(KiqError, ValueError):
     pass
+
+
+class SubmitAbandoned(KiqError):
+    """The submit outlived its Idempotency-Key's pending mark: nothing was enqueued; retry with the same key."""
 
 
 class JobError(KiqError):

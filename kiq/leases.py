@@ -18,6 +18,7 @@ Like kombu's own sweep, this compares each host's clock with the scores other ho
 from __future__ import annotations
 
 import logging
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -29,6 +30,7 @@ from kombu.utils.json import loads
 
 from kiq import redisconn
 from kiq.celeryconf import restore_interval_s, unacked_mutex_expire_s
+from kiq.intake import Intake
 from kiq.names import VISIBILITY_TIMEOUTS_KEY, unacked_keys
 from kiq.settings import Settings
 
@@ -43,14 +45,21 @@ def renew_interval_s(visibility_timeout_s: float) -> float:
 class LeaseKeeper:
     """Re-scores held delivery tags in the unacked index; `ZADD XX` never revives a message acked meanwhile."""
 
-    def __init__(self, redis: Any, held: Callable[[], Iterable[tuple[str, str]]], interval_s: float) -> None:
+    def __init__(self, redis: Any, held: Callable[[], Iterable[tuple[str, str]]], interval_s: float,
+                 unsafe_after_s: float = float("inf"), on_unsafe: Callable[[float, Exception], None] | None = None,
+                 on_safe: Callable[[], None] | None = None) -> None:  # fmt: skip
         self.redis, self.held, self.interval_s = redis, held, interval_s
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.renewals = 0
+        # Failure accounting: past `unsafe_after_s` without a successful renewal `on_unsafe` is called (once), and
+        # `on_safe` at the next success.
+        self.unsafe_after_s, self.on_unsafe, self.on_safe = unsafe_after_s, on_unsafe, on_safe
+        self.last_renewed, self.unsafe = time.monotonic(), False
 
     def start(self) -> None:
         self._stop.clear()
+        self.last_renewed = time.monotonic()
         self._thread = threading.Thread(target=self._loop, name="kiq-leases", daemon=True)
         self._thread.start()
 
@@ -65,6 +74,8 @@ class LeaseKeeper:
         now, renewed = time.time(), 0
         for index_key, tags in by_index.items():
             renewed += int(self.redis.zadd(index_key, dict.fromkeys(tags, now), xx=True, ch=True) or 0)
+        if not by_index:
+            self.redis.ping()  # nothing held: still prove the leases' connection works, before taking a job
         self.renewals += 1
         return renewed
 
@@ -74,6 +85,23 @@ class LeaseKeeper:
                 self.renew()
             except Exception as exc:  # noqa: BLE001 - a Redis blip: keep trying, the lease has slack for it
                 log.warning("could not renew message leases: %s", exc)
+                self._failed(exc)
+            else:
+                self._renewed()
+
+    def _failed(self, exc: Exception) -> None:
+        late_s = time.monotonic() - self.last_renewed
+        if not self.unsafe and late_s > self.unsafe_after_s:
+            self.unsafe = True
+            if self.on_unsafe is not None:
+                self.on_unsafe(late_s, exc)
+
+    def _renewed(self) -> None:
+        self.last_renewed = time.monotonic()
+        if self.unsafe:
+            self.unsafe = False
+            if self.on_safe is not None:
+                self.on_safe()
 
 
 class OtherIndexes:
@@ -263,7 +291,33 @@ def _copy(items: Any) -> list[Any]:
 
 def broker_redis(settings: Settings) -> Any:
     """Leases live in the broker's Redis, which need not be the result backend's (with Sentinel: its master)."""
-    return redisconn.connect(settings.broker_server, settings)
+    return redisconn.connect(settings.broker_server, settings, **lease_sockets(settings.visibility_timeout_s))
+
+
+def lease_sockets(visibility_timeout_s: float) -> dict[str, Any]:
+    """The leases' client options: a renewal on a half-open connection (host loss, partition) fails within a
+    renewal interval instead of blocking in TCP retransmits (~15 min; redis-py < 8 has no socket timeout), and
+    is not retried inside redis-py (the loop's next round is the retry). Named, to be found in CLIENT LIST."""
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+
+    # A new connection (connect, then one reply) fails within two thirds of an interval.
+    timeout_s = max(0.5, min(5.0, renew_interval_s(visibility_timeout_s) / 3))
+    return {"socket_timeout": timeout_s, "socket_connect_timeout": timeout_s, "socket_keepalive": True,
+            "socket_keepalive_options": _keepalive(timeout_s), "retry": Retry(NoBackoff(), 0),
+            "client_name": LEASE_CLIENT_NAME}  # fmt: skip
+
+
+LEASE_CLIENT_NAME = "kiq-leases"
+
+
+def _keepalive(timeout_s: float) -> dict[int, int]:
+    """Probe an idle connection after a few seconds (Linux's options; others keep the system's)."""
+    names = ("TCP_KEEPIDLE", "TCP_KEEPINTVL", "TCP_KEEPCNT")
+    if not all(hasattr(socket, name) for name in names):
+        return {}
+    seconds = max(1, int(timeout_s))
+    return {socket.TCP_KEEPIDLE: seconds, socket.TCP_KEEPINTVL: seconds, socket.TCP_KEEPCNT: 3}
 
 
 def install(app: Any, redis_factory: Callable[[], Any], visibility_timeout_s: float) -> None:
@@ -282,7 +336,8 @@ def install(app: Any, redis_factory: Callable[[], Any], visibility_timeout_s: fl
             if self.keeper is None:
                 interval = renew_interval_s(visibility_timeout_s)
                 held = lambda: held_by_consumer(c, visibility_timeout_s)  # noqa: E731
-                self.keeper = LeaseKeeper(redis_factory(), held, interval)
+                self.keeper = LeaseKeeper(redis_factory(), held, interval, visibility_timeout_s / 2,
+                                          *_stop_taking_jobs(Intake(c), visibility_timeout_s))  # fmt: skip
                 self.keeper.start()
                 log.info("renewing message leases every %.1f s", interval)
             if self.others is None:
@@ -301,3 +356,22 @@ def install(app: Any, redis_factory: Callable[[], Any], visibility_timeout_s: fl
                     part.stop()
 
     app.steps["consumer"].add(Leases)
+
+
+def _stop_taking_jobs(intake: Intake, visibility_timeout_s: float) -> tuple[Callable[..., None], Callable[[], None]]:
+    """Past half the visibility timeout without a renewal (before the leases could lapse) the worker stops
+    taking jobs, loudly: each job it took could be handed to another worker while it runs. It resumes once a
+    renewal succeeds (a Redis outage, a partition), rather than exiting: a supervisor's restarts would fail the
+    same way and cost the running job."""
+
+    def unsafe(late_s: float, exc: Exception) -> None:
+        log.error("message leases not renewed for %.1f s (%s: %s): this worker stops taking jobs until a renewal "
+                  "succeeds; past the %g s visibility timeout the jobs it holds are handed to other workers",
+                  late_s, type(exc).__name__, exc, visibility_timeout_s)  # fmt: skip
+        intake.pause()
+
+    def safe() -> None:
+        log.warning("message leases renewed again: this worker is taking jobs again")
+        intake.resume()
+
+    return unsafe, safe

@@ -63,12 +63,14 @@ class Client:
         """The Redis connection of the result backend (job records, cancel flags, heartbeats)."""
         return self.app.backend.client
 
-    def submit(self, job: Job | Mapping[str, Any], owner: str = "", job_id: str | None = None) -> str:
+    def submit(self, job: Job | Mapping[str, Any], owner: str = "", job_id: str | None = None,
+               before_publish: Callable[[], None] | None = None) -> str:  # fmt: skip
         """Validate, store inline images, record and enqueue the job; return its id.
 
         All or nothing: invalid jobs raise JobInvalid and touch nothing, as do jobs no live worker of the queue could
         finish within the time-limit cap (JobTooLong); if S3 or Redis fails, the error (StorageError, a Redis or
-        kombu error) propagates and no job record is left behind."""
+        kombu error) propagates and no job record is left behind. `before_publish` is the last moment to give up
+        with nothing enqueued: whatever it raises propagates the same way."""
         parsed = job if isinstance(job, Job) else parse_job(job)
         self.check_feasible(parsed)
         job_id = job_id or str(uuid.uuid4())
@@ -87,6 +89,8 @@ class Client:
 
         redisconn.retrying(write, self.settings.redis_retry_s, "submit")
         try:
+            if before_publish is not None:
+                before_publish()
             self.app.send_task(
                 GENERATE_TASK, args=[parsed.model_dump(mode="json")], task_id=job_id,
                 queue=route(parsed, self.settings), priority=MAX_PRIORITY - parsed.priority,

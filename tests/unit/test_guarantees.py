@@ -50,7 +50,7 @@ class FakeRedis:
     def __init__(self):
         self.data = {}
 
-    def set(self, key, value, nx=False, ex=None):
+    def set(self, key, value, nx=False, ex=None, px=None):
         if nx and key in self.data:
             return None
         self.data[key] = value
