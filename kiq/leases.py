@@ -251,8 +251,8 @@ def held_tags(consumer: Any) -> set[str]:
     """Delivery tags of the requests this worker runs, has reserved or schedules for an ETA: what a channel that
     closes on a reconnect must not hand back (kiq/transport.py)."""
     timer = getattr(consumer, "timer", None)
-    scheduled = [arg for entry in _copy(getattr(timer, "queue", ())) for arg in getattr(entry, "args", None) or ()]
-    return _tags([*_requests(), *scheduled])
+    entries = [getattr(item, "entry", item) for item in _copy(getattr(timer, "queue", ()))]  # (eta, priority, entry)
+    return _tags([*_requests(), *(arg for entry in entries for arg in getattr(entry, "args", None) or ())])
 
 
 def _tags(requests: Iterable[Any]) -> set[str]:

@@ -4,11 +4,13 @@ kombu or Celery upgrade changed them: read the new code and port kiq/transport.p
 
 import hashlib
 import inspect
+import time
 from types import SimpleNamespace
 
 import celery.app.amqp
 import kombu
 from celery import Celery
+from kombu.asynchronous.timer import Timer
 from kombu.transport import redis
 from kombu.transport.virtual import base
 
@@ -74,7 +76,8 @@ def test_a_closing_channel_keeps_what_the_consumer_runs_reserves_or_schedules(mo
         return SimpleNamespace(message=SimpleNamespace(delivery_tag=tag))
 
     monkeypatch.setattr("kiq.leases._requests", lambda: [request("running"), request("reserved")])
-    eta = SimpleNamespace(args=(request("eta"),))
-    consumer = SimpleNamespace(timer=SimpleNamespace(queue=[eta, SimpleNamespace(args=None)]))
-    assert held_tags(consumer) == {"running", "reserved", "eta"}
+    timer = Timer()  # Celery schedules an ETA request as call_at(eta, apply_eta_task, (request,))
+    timer.call_at(time.time() + 60, print, (request("eta"),), priority=6)
+    timer.call_after(5, print)  # something else on the timer
+    assert held_tags(SimpleNamespace(timer=timer)) == {"running", "reserved", "eta"}
     assert held_tags(SimpleNamespace()) == {"running", "reserved"}
