@@ -6,6 +6,7 @@ import os
 import signal
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from urllib.parse import urlsplit
 
 import pytest
@@ -81,7 +82,7 @@ def test_a_connection_reset_hands_back_nothing_a_live_batching_worker_holds(env,
     overrides = own_queue(KIQ_DECODER_BATCH="2", KIQ_DECODER_BATCH_WAIT_MS="3000", **FAST_REDELIVERY)
     client = client_for(env, overrides)
     idle, idle_log = spawn_worker("churn-idle", **{**overrides, "KIQ_DECODER_BATCH": "1"})
-    steps = steps_lasting(client, 15)  # on the idle worker, before it idles
+    steps = steps_lasting(client, 10)  # on the idle worker, before it idles
     pause(idle, redis_client, overrides["KIQ_QUEUE"])
     ids = [client.submit(tiny_job(decoder_steps=steps, seed=60 + n)) for n in range(2)]
     proxy = Proxy(urlsplit(env["KIQ_BROKER_URL"]).port or 6379)
@@ -132,14 +133,15 @@ def test_worker_clocks_minutes_off_neither_take_live_jobs_nor_keep_dead_ones(env
     overrides = own_queue(KIQ_BROKER_URL=url, **FAST_REDELIVERY)
     own = redis.Redis.from_url(url)
     client = client_for(env, overrides)
-    ahead, ahead_log = spawn_worker("clock-ahead", **overrides, **skewed(300))
+    clocks = {"clock-ahead": skewed(300), "clock-behind": skewed(-300), "clock-true": {}}
+    with ThreadPoolExecutor(len(clocks)) as starting:  # no job is queued yet: start them side by side
+        started = list(starting.map(lambda name: spawn_worker(name, **overrides, **clocks[name]), clocks))
+    (ahead, ahead_log), (behind, behind_log), (true, true_log) = started
     pause(ahead)
-    behind, behind_log = spawn_worker("clock-behind", **overrides, **skewed(-300))
     pause(behind)
-    true, true_log = spawn_worker("clock-true", **overrides)
     logs = [ahead_log, behind_log, true_log]
     try:
-        steps = steps_lasting(client, 12)
+        steps = steps_lasting(client, 8)
         # A live job of the true-clock worker: the worker 300 s ahead, idle and sweeping, must not take it.
         live = client.submit(tiny_job(decoder_steps=steps, seed=71))
         wait_for_step(client, live, step=1, timeout=120)
