@@ -28,6 +28,9 @@ def cancel_key(job_id: str) -> str:
     return f"kiq:cancel:{job_id}"
 
 
+FLEET_INDEX = "kiq:fleet"  # sorted set of live heartbeat keys (score: last beat); readers prune expired ones
+
+
 def fleet_key(worker: str) -> str:
     """A live worker process's heartbeat hash (device, current job, counters); expires when it stops."""
     return f"kiq:fleet:{worker}"

@@ -76,8 +76,11 @@ class Settings:
     fetch_allow: str = ""  # comma-separated hosts, IPs or CIDRs exempt from the private-address refusal
     s3_retry_s: float = 60.0
     max_deliveries: int = 3
+    # The reference speed: where no worker's own measured speed is known (kiq/limits.py) — a worker before its
+    # warm-up probe, a submit while no live worker of the job's queue publishes one.
     prior_step_s: float = 0.05  # expected seconds per prior step (one text)
     decoder_step_s: float = 0.15  # expected seconds per decoder step, per 768x768 image
+    speed_probe_s: float = 10.0  # warm-up speed probe: 64x64 always, larger sizes while they fit this; 0: none
     time_limit_factor: float = 4.0
     time_limit_min_s: float = 300.0
     time_limit_max_s: float = 3 * 3600.0
@@ -176,7 +179,7 @@ class Settings:
 
 _NON_NEGATIVE = (
     "device_id", "fetch_max_redirects", "fetch_retries", "s3_retry_s", "time_limit_grace_s", "metrics_port",
-    "embed_cache_mb", "decoder_batch_wait_ms",
+    "embed_cache_mb", "decoder_batch_wait_ms", "speed_probe_s",
     "shutdown_grace_s", "redis_retry_s", "progress_interval_ms", "submit_replicas", "submit_replica_timeout_ms",
 )  # fmt: skip
 _POSITIVE = (

@@ -18,7 +18,7 @@ from typing import Any
 from celery import Celery, Task
 from kombu import Exchange, Queue
 
-from kiq import leases, safe_http
+from kiq import brokerformat, leases, safe_http
 from kiq.celeryconf import WORKER_AMQP, common_config
 from kiq.errors import FetchUnavailable, InputError, SettingsError
 from kiq.names import WEBHOOK_QUEUE, WEBHOOK_TASK
@@ -39,6 +39,7 @@ def create_webhook_app(settings: Settings) -> Celery:
     client = Client(settings, app=app)
     # Retries wait as ETA messages this worker holds unacknowledged: keep their leases like the job worker does.
     leases.install(app, lambda: leases.broker_redis(settings), settings.visibility_timeout_s)
+    brokerformat.install(app, lambda: leases.broker_redis(settings), [WEBHOOK_QUEUE], settings.visibility_timeout_s)
     limits = safe_http.HttpLimits(64 * 1024, settings.webhook_timeout_s, 0)
     policy = safe_http.AddressPolicy.parse(settings.fetch_allow)
 

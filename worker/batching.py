@@ -25,7 +25,6 @@ from kiq.names import GENERATE_TASK, TERMINAL_STATES
 from kiq.settings import Settings
 from kiq.status import JobResult
 from worker.delivery import DeliveryGuard, watchdog
-from worker.limits import time_limits
 from worker.records import JobRecords, webhook_url
 from worker.runner import JobCancelled, Runner
 
@@ -95,8 +94,9 @@ class DecoderBatch:
             self.observers.started(mate.job_id, None)
         members = [leader, *mates]
         log.info("decoder batch of %d: %s", len(members), [m.job_id for m in members])
-        items = [(m.job, self.records.context(m.job_id, time_limits(m.job, self.settings).soft_s)) for m in members]
-        hard = max(time_limits(m.job, self.settings).hard_s for m in members)
+        limits = [self.observers.speed.limits(m.job) for m in members]
+        items = [(m.job, self.records.context(m.job_id, lim.soft_s)) for m, lim in zip(members, limits, strict=True)]
+        hard = max(lim.hard_s for lim in limits)
         started = time.monotonic()
 
         def settled(i: int, outcome: JobResult | BaseException) -> None:

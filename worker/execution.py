@@ -20,7 +20,7 @@ from kiq.settings import Settings
 from worker import batching, metrics
 from worker.delivery import DeliveryGuard, watchdog
 from worker.fleet import Heartbeat
-from worker.limits import time_limits
+from worker.limits import SpeedMeter
 from worker.records import JobRecords, webhook_url
 from worker.runner import JobCancelled, Runner
 
@@ -29,8 +29,10 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Observers:
-    """Who hears about each job: the fleet heartbeat (set once the worker starts) and the metrics."""
+    """Who hears about each job: the fleet heartbeat (set once the worker starts), the metrics and the worker's
+    speed (its time limits come from it)."""
 
+    speed: SpeedMeter
     heartbeat: Heartbeat | None = None
 
     def started(self, job_id: str, submitted_at: Any) -> None:
@@ -88,12 +90,14 @@ class JobDelivery:
             self.observers.finished(outcome, time.monotonic() - started, timings)
 
     def _alone(self, job: Job, raw: dict[str, Any]) -> dict[str, Any]:
-        limits = time_limits(job, self.settings)
+        limits = self.observers.speed.limits(job)
         ctx = self.records.context(self.job_id, limits.soft_s)
         if ctx.cancelled():
             raise JobCancelled(self.job_id)
         with watchdog(limits.hard_s, lambda: self.records.fail_hung(self.job_id, webhook_url(raw), limits.hard_s)):
-            return self.runner.run(job, ctx).model_dump(mode="json")
+            result = self.runner.run(job, ctx)
+        self.observers.speed.observe(job, result.timings)  # alone only: a batch's time is not one job's
+        return result.model_dump(mode="json")
 
     def _lead(self, job: Job, raw: dict[str, Any], mates: list[batching.Mate]) -> dict[str, Any]:
         batch = batching.DecoderBatch(self.runner, self.settings, self.records, self.guard, self.observers)

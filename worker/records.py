@@ -58,12 +58,14 @@ class JobRecords:
 
     def context(self, job_id: str, limit_s: float) -> JobContext:
         throttle = ProgressThrottle(self.settings.progress_interval_ms / 1000)
+        sent = [0]  # frames already in a written progress
 
         def report(progress: Progress) -> None:
             if not throttle.due(progress):  # cancel and time limits are still checked at every step
                 return
             try:
-                self.backend.store_result(job_id, progress.model_dump(), PROGRESS)
+                self.backend.store_result(job_id, wire_progress(progress, sent[0]), PROGRESS)
+                sent[0] = len(progress.frames or ())
             except _BACKEND_ERRORS as exc:  # progress is best effort: a Redis blip must not fail the job
                 log.warning("could not report progress of %s: %s", job_id, exc)
 
@@ -83,6 +85,17 @@ class JobRecords:
 
         return JobContext(job_id=job_id, report=report, cancelled=cancelled, limit_s=limit_s,
                           record_frames=record_frames)  # fmt: skip
+
+
+def wire_progress(progress: Progress, sent: int) -> dict[str, Any]:
+    """What a progress write stores (the status key and an event): a sweep's frame count and only the frames
+    new since the last write, never all of them: every write is an entry of the job's event stream, and all
+    frames in each made a sweep's stream grow with the square of its frames. The full list is the job's frames
+    record, which status reads use."""
+    frames = progress.frames or []
+    wire = progress.model_copy(update={"frames": None, "frames_done": len(frames) if frames else None,
+                                       "new_frames": frames[sent:] or None})  # fmt: skip
+    return wire.model_dump(mode="json", exclude_none=True)
 
 
 def webhook_url(raw: Any) -> str | None:

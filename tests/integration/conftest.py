@@ -59,6 +59,7 @@ def env(stack, logs, tiny_models) -> dict[str, str]:
         "KIQ_FETCH_ALLOW": ALLOWED_HOST,
         "KIQ_FETCH_TIMEOUT_S": "2",
         "KIQ_FETCH_RETRIES": "1",
+        "KIQ_SPEED_PROBE_S": "1",  # the warm-up probe at 64x64 only: a second per worker start
     }
     devstack.ensure_bucket(endpoint, "kiq-test", "us-east-1")
     return env

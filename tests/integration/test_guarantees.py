@@ -1,4 +1,4 @@
-"""The guarantees of the README's reliability section, with real processes: leases on default settings,
+"""The guarantees of docs/reliability.md, with real processes: leases on default settings,
 batches without collateral damage, and the S3 read fence."""
 
 import os
