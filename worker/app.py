@@ -10,7 +10,7 @@ from celery.signals import worker_init, worker_shutdown
 from kombu import Exchange, Queue
 
 from kiq import brokerformat, leases
-from kiq.celeryconf import common_config
+from kiq.celeryconf import WORKER_AMQP, common_config
 from kiq.errors import SettingsError
 from kiq.settings import Settings
 from worker import metrics, tasks
@@ -20,7 +20,8 @@ from worker.runner import Runner
 
 
 def create_app(settings: Settings, runner: Runner | None = None) -> Celery:
-    app = Celery("kiq-worker")
+    # kiq's Redis transport (kiq/transport.py): leases on Redis's clock, none handed back on a reconnect.
+    app = Celery("kiq-worker", amqp=WORKER_AMQP)
     app.conf.update(common_config(settings))
     app.conf.task_queues = [Queue(name, Exchange(name), routing_key=name) for name in settings.consumed_queues]
     app.conf.update(
