@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import socket
 import threading
+import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -71,10 +72,12 @@ class LeaseKeeper:
         by_index: dict[str, list[str]] = {}
         for index_key, tag in self.held():
             by_index.setdefault(index_key, []).append(tag)
-        now, renewed = server_time(self.redis), 0
-        for index_key, tags in by_index.items():
-            renewed += int(self.redis.zadd(index_key, dict.fromkeys(tags, now), xx=True, ch=True) or 0)
-        if not by_index:
+        renewed = 0
+        if by_index:
+            now = server_time(self.redis)
+            for index_key, tags in by_index.items():
+                renewed += int(self.redis.zadd(index_key, dict.fromkeys(tags, now), xx=True, ch=True) or 0)
+        else:
             self.redis.ping()  # nothing held: still prove the leases' connection works, before taking a job
         self.renewals += 1
         return renewed
