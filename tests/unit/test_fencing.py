@@ -200,3 +200,25 @@ def test_the_celery_and_kombu_parts_used_to_let_go_are_still_there():
     assert hasattr(state, "active_requests") and hasattr(state, "reserved_requests")
     assert "_delivered" in inspect.getsource(QoS.restore_unacked)  # what the restore at shutdown walks
     assert "self._delivered" in inspect.getsource(QoS.__mro__[1].__init__)
+
+
+def test_a_stale_batch_mate_leaves_the_batch_without_writing_and_its_own_turn_does_not_run_it(monkeypatch):
+    from celery.worker import state
+
+    from worker.batching import DecoderBatch, Mate
+
+    class Untouchable:
+        def __getattr__(self, name):
+            raise AssertionError(f"a stale mate must not {name}")
+
+    finished = []
+    observers = SimpleNamespace(finished=lambda outcome, seconds, timings=None: finished.append(outcome))
+    batch = DecoderBatch(None, settings(), Untouchable(), Untouchable(), observers)
+    message = SimpleNamespace(channel=SimpleNamespace(qos=SimpleNamespace(_delivered={"tag": 1})), delivery_tag="tag")
+    mate = SimpleNamespace(id="mate-1", acknowledged=False, message=message)
+    monkeypatch.setattr(state, "active_requests", [])
+    monkeypatch.setattr(state, "reserved_requests", [mate])
+    fencing.hold("mate-1", 1)
+    batch._settle(Mate("mate-1", None, {}), StaleDelivery("delivery 1 of mate-1 is stale"), 1.0)
+    assert finished == ["stale"] and fencing.held("mate-1") is None and mate.acknowledged
+    assert stale_runs.was_let_go("mate-1")  # its own turn is skipped
