@@ -15,7 +15,6 @@ from typing import Any
 from celery import Task
 from celery.exceptions import Ignore
 
-from kiq import fencing
 from kiq.contract import Job, parse_job
 from kiq.errors import KiqError, PipelineError
 from kiq.settings import Settings
@@ -67,10 +66,9 @@ class JobDelivery:
             result = self._run(raw)
             self.records.check_fence(self.job_id)  # the last check before Celery stores the result
             return result
-        except StaleDelivery:
+        except StaleDelivery as exc:
             stale = True
-            log.warning("delivery %s of %s is stale (a later delivery began); stopped without writing at %.3f",
-                        fencing.held(self.job_id), self.job_id, time.time())  # fmt: skip
+            log.warning("%s; stopped without writing at %.3f", exc, time.time())
             stale_runs.let_go(self.job_id)
             raise Ignore() from None
         except (Ignore, KiqError):

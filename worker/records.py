@@ -73,8 +73,10 @@ class JobRecords:
         throttle = ProgressThrottle(self.settings.progress_interval_ms / 1000)
         sent = [0]  # frames already in a written progress
         client, token = self.backend.client, fencing.held(job_id)
+        checked: list[Progress] = []  # the last progress point found current, for the stale run's log
 
-        def report(progress: Progress) -> None:
+        def report(progress: Progress) -> None:  # called once the step's checks passed
+            checked[:] = [progress]
             if not throttle.due(progress):  # cancel and time limits are still checked at every step
                 return
             try:
@@ -89,7 +91,7 @@ class JobRecords:
                 flag, current = pipe.exists(cancel_key(job_id)).get(fence_key(job_id)).execute()
             except _BACKEND_ERRORS:
                 return False  # the fenced writes still refuse a stale run's output
-            _raise_if_stale(job_id, token, current)
+            _raise_if_stale(job_id, token, current, checked[0] if checked else None)
             return bool(flag)
 
         def record_frames(frames: list[ImageRef]) -> None:
@@ -104,9 +106,10 @@ class JobRecords:
                           record_frames=record_frames, fence=lambda: self.check_fence(job_id))  # fmt: skip
 
 
-def _raise_if_stale(job_id: str, token: int | None, current: Any) -> None:
+def _raise_if_stale(job_id: str, token: int | None, current: Any, last: Progress | None = None) -> None:
     if fencing.is_stale(current, token):
-        raise StaleDelivery(f"delivery {token} of {job_id} is stale: delivery {int(current)} began")
+        where = f", after {last.stage} step {last.step} of {last.total}" if last is not None else ""
+        raise StaleDelivery(f"delivery {token} of {job_id} is stale: delivery {int(current)} began{where}")
 
 
 def wire_progress(progress: Progress, sent: int) -> dict[str, Any]:

@@ -23,7 +23,7 @@ from tests.integration.test_faults import (
 )
 from tests.integration.test_faults import webhooks as webhooks  # a fixture
 
-STOPPED = re.compile(r"delivery (\d+) of (\S+) is stale .* at ([0-9.]+)")
+STOPPED = re.compile(r"delivery (\d+) of (\S+) is stale: .*, after (\w+) step (\d+) of \d+; .* at ([0-9.]+)")
 
 
 def text(log):
@@ -31,9 +31,9 @@ def text(log):
 
 
 def stopped_at(log, job_id):
-    """When the stale run logged that it stopped (its own clock, this host's), or None."""
-    found = [float(m.group(3)) for m in STOPPED.finditer(text(log)) if m.group(2) == job_id]
-    return found[0] if found else None
+    """(When the stale run logged that it stopped, on this host's clock; the last step it found current), or None."""
+    found = [(float(m[5]), m[3], int(m[4])) for m in STOPPED.finditer(text(log)) if m[2] == job_id]
+    return (found[0][0], found[0][1:]) if found else None
 
 
 def object_versions(s3, settings, job_id):
@@ -93,6 +93,7 @@ def test_a_worker_paused_past_its_lease_stops_at_its_next_step_and_writes_nothin
         wait_for_restart(client, job_id, below=steps // 2)
         b_started = redis_client.xrevrange(events_key(job_id), count=50)
         b_start_id = next(i for i, f in b_started if json.loads(f[b"meta"])["status"] == "STARTED")  # newest
+        a_last = max(steps_of(redis_client.xrange(events_key(job_id), max=f"({b_start_id.decode()}"), b"0-0"))
         if resume == "after":
             final = client.wait(job_id, timeout=300)
             seen = (redis_client.get(f"celery-task-meta-{job_id}"), redis_client.xrange(events_key(job_id)),
@@ -103,7 +104,10 @@ def test_a_worker_paused_past_its_lease_stops_at_its_next_step_and_writes_nothin
     devstack.wait_until(lambda: stopped_at(a_log, job_id) or f"[{job_id}] succeeded" in text(a_log), 120,
                         "A to stop or finish")  # fmt: skip
     assert f"[{job_id}] succeeded" not in text(a_log), "the stale run went on to the end"
-    a_stopped = stopped_at(a_log, job_id)
+    a_stopped, (a_stage, a_checked) = stopped_at(a_log, job_id)
+    # A's last check that passed was at the last step it wrote before the pause (or the next one, when paused
+    # between the check and the write): after SIGCONT it finished only the step it was in, then found itself stale.
+    assert a_stage == "decoder" and a_last <= a_checked <= a_last + 1, (a_last, a_stage, a_checked)
     if resume == "during":
         assert not client.status(job_id).done  # B still runs ...
         assert unacked_holds(redis_client, job_id)  # ... and A's end left B's lease alone
@@ -131,10 +135,11 @@ def test_a_worker_paused_past_its_lease_stops_at_its_next_step_and_writes_nothin
     overlap = a_stopped - resumed_at  # A's only running time while the job was B's: the step it was paused in
     b_step_s = final.result.timings["decoder"] / steps  # B's steps, run on this machine meanwhile
     line = (
-        f"fencing (A resumed {resume} B's end): A stopped {overlap * 1000:.0f} ms after SIGCONT; a decoder step "
+        f"fencing (A resumed {resume} B's end): A paused after decoder step {a_checked}, ran only the step it was in "
+        f"after SIGCONT and stopped {overlap * 1000:.0f} ms after it; a decoder step "
         f"took {b_step_s * 1000:.0f} ms in B's run ({step_s * 1000:.0f} ms in the probe); {steps} steps\n"
     )
     with (logs / "fencing.txt").open("a") as out:
         out.write(line)
     print(line)
-    assert overlap <= max(step_s, b_step_s) + 2.0, line  # one step, plus a loaded machine's slack
+    assert overlap < 60, line  # timing on this shared 2-core machine varies; the steps are the bound
