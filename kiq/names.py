@@ -45,6 +45,11 @@ def frames_key(job_id: str) -> str:
     return f"kiq:frames:{job_id}"
 
 
+def fence_key(job_id: str) -> str:
+    """The job's fencing token: each delivery INCRs it as it begins, and its writes need the count not past its own."""
+    return f"kiq:fence:{job_id}"
+
+
 # The visibility timeouts workers use (a sorted set: the repr of a float, in seconds, scored by when last seen).
 VISIBILITY_TIMEOUTS_KEY = "kiq:visibility_timeouts"
 

@@ -2,6 +2,7 @@
 
 It skips a job whose final state is stored (a redelivery), counts the delivery (poison jobs), runs the job alone
 or leading a decoder batch, and queues the job's webhook once its outcome is decided — for every final state.
+A run found stale (a later delivery of its job began: kiq/fencing.py) stops and writes nothing, not even its end.
 """
 
 from __future__ import annotations
@@ -18,11 +19,12 @@ from kiq.contract import Job, parse_job
 from kiq.errors import KiqError, PipelineError
 from kiq.settings import Settings
 from worker import batching, metrics
+from worker import fencing as stale_runs
 from worker.delivery import DeliveryGuard, watchdog
 from worker.fleet import Heartbeat
 from worker.limits import SpeedMeter
 from worker.records import JobRecords, webhook_url
-from worker.runner import JobCancelled, Runner
+from worker.runner import JobCancelled, Runner, StaleDelivery
 
 log = logging.getLogger(__name__)
 
@@ -56,17 +58,29 @@ class JobDelivery:
         )
 
     def run(self, raw: dict[str, Any]) -> dict[str, Any]:
+        if stale_runs.was_let_go(self.job_id):  # a batch mate whose batch delivery went stale: not ours any more
+            stale_runs.let_go(self.job_id)
+            raise Ignore()
         if self.records.final(self.job_id):
             raise Ignore()  # redelivered after its final state was stored (or cancelled while queued)
+        stale = False
         try:
-            return self._run(raw)
+            result = self._run(raw)
+            self.records.check_fence(self.job_id)  # the last check before Celery stores the result
+            return result
+        except StaleDelivery as exc:
+            stale = True
+            log.warning("%s; stopped without writing at %.3f", exc, time.time())
+            stale_runs.let_go(self.job_id)
+            raise Ignore() from None
         except (Ignore, KiqError):
             raise
         except Exception as exc:
             log.exception("job %s failed unexpectedly", self.job_id)
             raise PipelineError(f"unexpected {type(exc).__name__}: {exc}") from None
         finally:
-            self.records.notify(self.job_id, webhook_url(raw))
+            if not stale:
+                self.records.notify(self.job_id, webhook_url(raw))
 
     def _run(self, raw: dict[str, Any]) -> dict[str, Any]:
         job = parse_job(raw)
@@ -81,6 +95,9 @@ class JobDelivery:
             result = self._lead(job, raw, mates) if mates else self._alone(job, raw)
             outcome, timings = "success", result["timings"]
             return result
+        except StaleDelivery:
+            outcome = "stale"
+            raise
         except JobCancelled:
             outcome = "cancelled"
             self.records.revoked(self.job_id)
