@@ -3,7 +3,6 @@ script that would make them; the Celery and kombu parts the worker relies on to 
 
 import inspect
 import json
-import os
 import uuid
 from types import SimpleNamespace
 
@@ -18,13 +17,14 @@ from kiq.names import fence_key, frames_key
 from kiq.settings import Settings
 from kiq.status import ImageRef, Progress
 from kiq.webhooks import queue_webhook, queued_key
+from tests.helpers import redis_databases
 from worker import fencing as stale_runs
 from worker.delivery import DeliveryGuard, deliveries_key
 from worker.records import JobRecords
 from worker.runner import JobCancelled, Runner, StaleDelivery
 from worker.storage import MemoryStorage
 
-REDIS_URL = os.environ.get("KIQ_TEST_REDIS_URL", "redis://127.0.0.1:6379/13")
+REDIS_URL, _ = redis_databases()  # this test process's own database (pytest-xdist)
 
 
 @pytest.fixture
