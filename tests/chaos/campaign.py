@@ -37,7 +37,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=None, help="schedule and workload seed (default: random)")
     parser.add_argument("--minutes", type=float, default=3.0, help="minutes of faults (default 3)")
     parser.add_argument("--jobs-per-minute", type=float, default=40.0)
+    parser.add_argument("--max-open", type=int, default=24, help="submits pause while this many jobs are unfinished")
     parser.add_argument("--drain-s", type=float, default=240.0, help="how long jobs may take to finish after")
+    parser.add_argument("--webhook-wait-s", type=float, default=90.0, help="how long webhooks may take after that")
     parser.add_argument("--overlap-max-s", type=float, default=2.0, help="longest overlap that is no violation")
     parser.add_argument("--out", type=Path, default=None, help="run directory (default /tmp/kiq-chaos/<run>)")
     parser.add_argument("--cleanup", metavar="PREFIX", help="remove what a dead run PREFIX left, then exit")
@@ -70,7 +72,8 @@ def _interrupted(*_: Any) -> None:
 
 def replay_command(args: argparse.Namespace, seed: int) -> str:
     return (f"scripts/chaos --seed {seed} --minutes {args.minutes:g} --jobs-per-minute {args.jobs_per_minute:g} "
-            f"--drain-s {args.drain_s:g} --overlap-max-s {args.overlap_max_s:g}")  # fmt: skip
+            f"--max-open {args.max_open} --drain-s {args.drain_s:g} --webhook-wait-s {args.webhook_wait_s:g} "
+            f"--overlap-max-s {args.overlap_max_s:g}")  # fmt: skip
 
 
 def run(args: argparse.Namespace, seed: int) -> int:
@@ -96,14 +99,14 @@ def run(args: argparse.Namespace, seed: int) -> int:
         specs = workload.plan(seed, args.minutes, args.jobs_per_minute)
         history.add("campaign", seed=seed, minutes=args.minutes, prefix=net.prefix, replay=replay_command(args, seed),
                     overlap_max_s=args.overlap_max_s, faults=len(faults), jobs_planned=len(specs))  # fmt: skip
-        load = workload.Workload(cluster, history, receiver.url, seed, specs)
+        load = workload.Workload(cluster, history, receiver.url, seed, specs, args.max_open)
         nemesis = nemeses.Nemesis(cluster)
         load.start()
         _run_schedule(faults, nemesis, cluster, history)
         nemesis.heal_all()
         drained = load.drain(args.drain_s)
         history.add("drained", ok=drained, open=load.open_jobs())
-        _final_rounds(load, cluster, history)
+        _final_rounds(load, history, args.webhook_wait_s)
         load.stop()
         _collect(cluster, history)
     except KeyboardInterrupt:
@@ -158,7 +161,7 @@ def _killed_by(fault: nemeses.Fault | None, name: str, cluster: Cluster) -> bool
     return name in (fault.target, fault.params.get("resolved"))
 
 
-def _final_rounds(load: workload.Workload, cluster: Cluster, history: History) -> None:
+def _final_rounds(load: workload.Workload, history: History, webhook_wait_s: float) -> None:
     """Poll every job twice more, seconds apart (a final state must not change), and give webhooks time."""
     from producer.client import Client
 
@@ -167,7 +170,7 @@ def _final_rounds(load: workload.Workload, cluster: Cluster, history: History) -
         load.poll_round(client, last)
         time.sleep(3)
     hooked = [j for j, spec in load.jobs.items() if spec.webhook and j in load.final]
-    deadline = time.monotonic() + 90
+    deadline = time.monotonic() + webhook_wait_s
     while time.monotonic() < deadline and not _all_delivered(out_path=history.path, jobs=set(hooked)):
         time.sleep(2)
 

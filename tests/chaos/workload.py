@@ -20,7 +20,6 @@ from producer.tenants import Tenants
 from tests.chaos.history import History
 from tests.chaos.services import TENANTS, Cluster
 
-MAX_OPEN = 24  # submits pause while this many acknowledged jobs are unfinished: the queue stays bounded
 SUBMIT_PATIENCE_S = 180.0
 RETRYABLE = (409, 429, 500, 502, 503, 504)
 
@@ -76,8 +75,10 @@ def plan(seed: int, minutes: float, jobs_per_minute: float) -> list[Spec]:
 
 
 class Workload:
-    def __init__(self, cluster: Cluster, history: History, webhook_url: str, seed: int, specs: list[Spec]) -> None:
+    def __init__(self, cluster: Cluster, history: History, webhook_url: str, seed: int, specs: list[Spec],
+                 max_open: int) -> None:  # fmt: skip
         self.cluster, self.history, self.webhook_url, self.seed, self.specs = cluster, history, webhook_url, seed, specs
+        self.max_open = max_open  # submits pause while this many acknowledged jobs are unfinished: a bounded queue
         self.settings = Settings.from_env(cluster.kiq_env())
         self.tenants = Tenants.from_settings(self.settings)
         self.jobs: dict[str, Spec] = {}
@@ -127,7 +128,7 @@ class Workload:
             self.pool.submit(self._submit, spec)
 
     def _due(self, spec: Spec, started: float) -> bool:
-        return time.monotonic() - started >= spec.at_s and self.open_jobs() < MAX_OPEN
+        return time.monotonic() - started >= spec.at_s and self.open_jobs() < self.max_open
 
     def _submit(self, spec: Spec) -> None:
         try:
