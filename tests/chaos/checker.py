@@ -57,7 +57,8 @@ class Verdict:
 
 
 def load(path: Path) -> tuple[dict[str, Any], dict[str, JobView], list[dict[str, Any]], list[dict[str, Any]]]:
-    campaign: dict[str, Any] = {}
+    """(campaign record, acknowledged jobs, faults, S3 objects); refused submits go in campaign["refused"]."""
+    campaign: dict[str, Any] = {"refused": []}
     jobs: dict[str, JobView] = {}
     faults: list[dict[str, Any]] = []
     objects: list[dict[str, Any]] = []
@@ -65,7 +66,9 @@ def load(path: Path) -> tuple[dict[str, Any], dict[str, JobView], list[dict[str,
     for record in read(path):
         kind = record["kind"]
         if kind == "campaign":
-            campaign = record
+            campaign = {**record, "refused": campaign["refused"]}
+        elif kind == "submit_error" and refused(record):
+            campaign["refused"].append(record)
         elif kind == "submit":
             jobs[record["job"]] = JobView(record["job"], record)
         elif kind == "nemesis":
@@ -81,6 +84,12 @@ def load(path: Path) -> tuple[dict[str, Any], dict[str, JobView], list[dict[str,
     return campaign, jobs, faults, objects
 
 
+def refused(error: dict[str, Any]) -> bool:
+    """A submit of the campaign's valid jobs answered with an error no retry can fix."""
+    status = error.get("status", 0)
+    return (400 <= status < 500 and status not in (409, 429)) or "JobInvalid" in error.get("error", "")
+
+
 def check(path: Path) -> Verdict:
     campaign, jobs, faults, objects = load(path)
     overlap_max_s = float(campaign.get("overlap_max_s", 2.0))
@@ -93,6 +102,10 @@ def check(path: Path) -> Verdict:
         problems[view.id], overlaps[view.id] = {k: len(v) for k, v in found.items()}, spans
         verdict.violations += [f"{view.id}: {what}" for items in found.values() for what in items]
     verdict.violations += foreign_objects(objects, jobs)
+    if not jobs:
+        verdict.violations.append("no job was acknowledged: the campaign proved nothing")
+    verdict.violations += [f"submit {r['n']} refused: {r.get('status', '')} {r.get('detail') or r.get('error')}"
+                           for r in campaign["refused"]]  # fmt: skip
     successes = sorted(s["t"] for v in jobs.values() for s in v.states if s["state"] == "SUCCESS")
     groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for fault in faults:

@@ -39,7 +39,7 @@ class Spec:
 
     def body(self, seed: int, webhook_url: str) -> dict[str, Any]:
         job: dict[str, Any] = {"inputs": [{"text": "a red cube", "weight": 1.0}], "height": 64, "width": 64,
-                               "prior_steps": 2, "decoder_steps": self.steps, "seed": seed * 10_000 + self.n,
+                               "prior_steps": 2, "decoder_steps": self.steps, "seed": (seed * 10_000 + self.n) % 2**32,
                                "priority": self.priority}  # fmt: skip
         if self.sweep:
             job["inputs"].append({"text": "a blue sphere", "weight": 0.0})
