@@ -274,8 +274,13 @@ class Cluster:
         raise RuntimeError(f"{what} not ready after {timeout_s:.0f} s (logs in {self.root})")
 
     def close(self) -> None:
-        for service in reversed(list(self.services.values())):
+        """SIGTERM every service at once, then wait for each (the namespaces' cleanup kills what is left)."""
+        running = [s for s in self.services.values() if s.alive()]
+        for service in running:
+            service.signal(signal.SIGCONT)
+            service.signal(signal.SIGTERM)
+        for service in running:
             try:
                 service.stop()
-            except Exception:  # noqa: BLE001 - the namespaces' cleanup kills what is left
+            except Exception:  # noqa: BLE001
                 pass
