@@ -4,8 +4,8 @@ Partitions and packet drops are iptables rules inside the target's namespace; pa
 are SIGKILL followed by a restart, as a supervisor (or systemd) would; connection kills are Redis CLIENT KILL;
 latency is a delay proxy (tests/chaos/delayproxy.py) that the target's new TCP connections to Redis, the
 Sentinels and S3 are DNATed to (no netem in this kernel) — the target's open Redis connections are killed at
-the start so that they reconnect through it; clock skew restarts the target with a libfaketime offset (and
-again without one at its end: see services.py).
+the start so that they reconnect through it; clock skew rewrites the target's skew file (services.py): its wall
+clock jumps while it runs, as after an NTP step, and jumps back at the end.
 """
 
 from __future__ import annotations
@@ -193,16 +193,10 @@ class Nemesis:
 
     # clock skew
     def _start_clock_skew(self, fault: Fault) -> None:
-        skew = int(fault.params["skew_s"])
-        uptime = float(open("/proc/uptime").read().split()[0])
-        if skew < 0 and -skew > uptime - 60:  # the faked monotonic clock must stay positive
-            skew = -max(30, int(uptime - 60))
-            fault.notes.append(f"skew capped to {skew} s by the machine's uptime")
-        self.cluster.set_skew(fault.target, skew)
+        self.cluster.set_skew(fault.target, int(fault.params["skew_s"]))
 
     def _stop_clock_skew(self, fault: Fault) -> None:
-        if self.cluster.services[fault.target].env.get("FAKETIME") != "+0":
-            self.cluster.set_skew(fault.target, 0)
+        self.cluster.set_skew(fault.target, 0)
 
     # latency
     def _start_latency(self, fault: Fault) -> None:
@@ -245,3 +239,4 @@ class Nemesis:
             service = self.cluster.services.get(name)
             if service is not None:
                 service.signal(signal.SIGCONT)
+                self.cluster.set_skew(name, 0)

@@ -2,12 +2,15 @@
 API, the webhook worker and three job workers (one with decoder batching).
 
 Every output line is stamped with the host's wall time as it arrives (`<unix time> <line>`), so the worker logs
-give execution times on one clock even while a worker's own clock is skewed. Workers and the API run under
-libfaketime (LD_PRELOAD, `FAKETIME=+N`), so a clock skew is a restart with another offset. Probed on this machine,
-2026-12-06 (faketime 0.9.10 from Debian): libfaketime hangs redis-server, so Redis and the Sentinels never run
-under it; changing the offset while a process runs (FAKETIME_TIMESTAMP_FILE + FAKETIME_NO_CACHE=1) also moves
-CLOCK_MONOTONIC, which a real host's skew never does, and with FAKETIME_DONT_FAKE_MONOTONIC=1 every Python
-`time.sleep` raises OSError EINVAL (clock_nanosleep) — so the offset is fixed for a process's life instead.
+give execution times on one clock even while a worker's own clock is skewed.
+
+Workers and the API get their wall clock skewed by tests/chaos/clockshim (a sitecustomize on their PYTHONPATH
+that offsets `time.time` by the seconds in their skew file, re-read while they run). Not libfaketime: probed on
+this machine, 2026-12-06 (Debian's faketime 0.9.10, libfaketimeMT): it hangs redis-server; with its default
+(monotonic clocks faked too) Python's `threading.Event().wait(0.5)` never returns — kiq's lease renewer and
+heartbeat threads would never run, and every job would be handed out again after the visibility timeout; with
+FAKETIME_DONT_FAKE_MONOTONIC=1 every `time.sleep` raises OSError EINVAL; FAKETIME_FORCE_MONOTONIC_FIX=1 does not
+help either.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ WORKERS = ("w1", "w2", "w3")
 BATCHING_WORKER = "w3"
 SKEWED = (*WORKERS, "api")
 HOSTS = ("r1", "r2", *SENTINELS, "obj", "api", "hooks", *WORKERS)
-FAKETIME_LIB = "/usr/lib/x86_64-linux-gnu/faketime/libfaketimeMT.so.1"
+CLOCKSHIM = Path(__file__).resolve().parent / "clockshim"
 VISIBILITY_TIMEOUT_S = 10
 BUCKET = "kiq-chaos"
 EXIT_MARK = "<<chaos: process exited>>"
@@ -84,7 +87,7 @@ class Service:
         os.kill(self.pid, signal.SIGCONT)  # a paused process cannot act on SIGTERM
         self.proc.terminate()
         try:
-            self.proc.wait(30)  # a worker's warm shutdown ends its tiny job first
+            self.proc.wait(30)  # a worker's warm shutdown ends its small job first
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait(10)
@@ -123,7 +126,7 @@ class Cluster:
         """The settings every kiq process (and the campaign's own client) runs with."""
         prior, decoder = self.models
         return {
-            **{k: v for k, v in os.environ.items() if not k.startswith(("KIQ_", "FAKETIME", "LD_PRELOAD"))},
+            **{k: v for k, v in os.environ.items() if not k.startswith("KIQ_") and k != "PYTHONPATH"},
             "PYTHONUNBUFFERED": "1",
             "AWS_ACCESS_KEY_ID": "chaos", "AWS_SECRET_ACCESS_KEY": "chaos-secret",
             "KIQ_BROKER_URL": self.sentinel_url,
@@ -138,12 +141,14 @@ class Cluster:
             "KIQ_API_TENANTS": str(self.root / "tenants.json"),
         }  # fmt: skip
 
+    def skew_file(self, name: str) -> Path:
+        return self.root / f"skew-{name}"
+
     def set_skew(self, name: str, seconds: int) -> None:
-        """Restart `name` with its clock `seconds` off (SIGTERM: a worker finishes its job first)."""
-        service = self.services[name]
-        service.env["FAKETIME"] = f"{seconds:+d}"
-        service.stop()
-        service.start(self.net)
+        """Set `name`'s wall clock `seconds` off the host's, while it runs (see tests/chaos/clockshim)."""
+        tmp = self.skew_file(name).with_suffix(".tmp")
+        tmp.write_text(f"{seconds}\n")
+        tmp.replace(self.skew_file(name))  # atomic: the shim never reads half a number
 
     def start(self) -> None:
         (self.root / "tenants.json").write_text(json.dumps({"tenants": [{"name": n, **t} for n, t in TENANTS.items()]}))
@@ -167,7 +172,8 @@ class Cluster:
     def _add(self, name: str, argv: list[str], skew: bool = False, **extra: str) -> Service:
         env = {**self.kiq_env(), **extra}
         if skew:
-            env.update(LD_PRELOAD=FAKETIME_LIB, FAKETIME="+0")
+            self.set_skew(name, 0)
+            env.update(KIQ_CHAOS_SKEW_FILE=str(self.skew_file(name)), PYTHONPATH=str(CLOCKSHIM))
         service = Service(name, name, argv, env, self.root / f"{name}.log")
         self.services[name] = service
         service.start(self.net)

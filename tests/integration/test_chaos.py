@@ -1,7 +1,7 @@
 """The nemesis campaign, short and seeded (scripts/chaos): kiq on eleven network-namespace hosts under about
 two and a half minutes of random faults, then the checker over the whole history must find no violation.
 
-Needs root, `ip netns`, iptables and libfaketime (.ci/run installs iptables and faketime); otherwise it skips
+Needs root, `ip netns` and iptables (.ci/run installs iproute2 and iptables); otherwise it skips
 and says why. The long campaign is the same command with more minutes: `scripts/chaos --seed N --minutes 30`.
 """
 
@@ -12,8 +12,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
-from tests.chaos.services import FAKETIME_LIB
 
 SEED = 20261206
 ROOT = Path(__file__).resolve().parents[2]
@@ -27,8 +25,6 @@ def missing() -> str:
             return f"the chaos campaign needs {tool} (see .ci/run)"
     if subprocess.run(["ip", "netns", "list"], capture_output=True).returncode != 0:
         return "`ip netns` does not work here"
-    if not Path(FAKETIME_LIB).exists():
-        return f"the chaos campaign needs libfaketime ({FAKETIME_LIB}; apt-get install faketime)"
     return ""
 
 
