@@ -113,6 +113,8 @@ def run(args: argparse.Namespace, seed: int) -> int:
         print("chaos: interrupted; cleaning up", file=sys.stderr)
         return 130
     finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):  # a second Ctrl-C or SIGTERM must not cut the cleanup short
+            signal.signal(sig, signal.SIG_IGN)
         if nemesis is not None:
             nemesis.heal_all()
         if load is not None:

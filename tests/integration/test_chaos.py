@@ -1,5 +1,5 @@
 """The nemesis campaign, short and seeded (scripts/chaos): kiq on eleven network-namespace hosts under about
-two and a half minutes of random faults, then the checker over the whole history must find no violation.
+two minutes of random faults, then the checker over the whole history must find no violation.
 
 Needs root, `ip netns` and iptables (.ci/run installs iproute2 and iptables); otherwise it skips
 and says why. The long campaign is the same command with more minutes: `scripts/chaos --seed N --minutes 30`.
