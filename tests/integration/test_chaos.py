@@ -34,25 +34,9 @@ def test_short_seeded_campaign_finds_no_violation(tmp_path):
     if reason:
         print(f"\n!!! SKIPPING THE CHAOS CAMPAIGN: {reason} !!!", file=sys.stderr)
         pytest.skip(reason)
-    argv = [
-        sys.executable,
-        "-m",
-        "tests.chaos",
-        "--seed",
-        str(SEED),
-        "--minutes",
-        "2.5",
-        "--jobs-per-minute",
-        "24",
-        "--max-open",
-        "12",
-        "--drain-s",
-        "60",
-        "--webhook-wait-s",
-        "20",
-        "--out",
-        str(tmp_path / "run"),
-    ]
+    options = {"--seed": SEED, "--minutes": 2, "--jobs-per-minute": 24, "--max-open": 12, "--drain-s": 75,
+               "--webhook-wait-s": 15, "--out": tmp_path / "run"}  # fmt: skip
+    argv = [sys.executable, "-m", "tests.chaos", *(str(part) for item in options.items() for part in item)]
     proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         out, err = proc.communicate(timeout=300)
