@@ -7,7 +7,10 @@ event id: strictly increasing per job, assigned by Redis) and PUBLISHes "<stream
 A reader subscribes first, then reads the stream after its last id, then takes published events whose id is
 greater than the last it delivered: nothing is lost between the read and the subscription, nothing repeats.
 
-The stream lives as long as the result (`result_expires`). No Celery import at module level beyond the
+The stream is capped at about `STREAM_MAXLEN` entries (XADD MAXLEN ~: Redis trims whole nodes of the oldest, so a
+stream holds between STREAM_MAXLEN and STREAM_MAXLEN + 100 entries once that many were written); readers that
+fall behind the oldest entry kept start from a snapshot (kiq/event_reads.py). The stream lives as long as the
+result (`result_expires`). No Celery import at module level beyond the
 backend base class, which only the Celery side loads (by the `kiq.events:EventsBackend+redis://…` URL).
 """
 
@@ -18,13 +21,15 @@ from typing import Any
 
 from celery.backends.redis import RedisBackend, SentinelBackend
 
+from kiq import fencing
 from kiq.names import TERMINAL_STATES
 
-# KEYS: meta key, stream key, event channel. ARGV: meta, ttl (0 = none), the stream's ttl (0 = none).
+# KEYS: meta key, stream key, event channel. ARGV: meta, ttl (0 = none), the stream's ttl (0 = none), its cap.
+# Run behind fencing.GUARD, which takes the fence key and the token last.
 _WRITE = """
 local ttl, stream_ttl = tonumber(ARGV[2]), tonumber(ARGV[3])
 if ttl > 0 then redis.call('SETEX', KEYS[1], ttl, ARGV[1]) else redis.call('SET', KEYS[1], ARGV[1]) end
-local id = redis.call('XADD', KEYS[2], '*', 'meta', ARGV[1])
+local id = redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[4], '*', 'meta', ARGV[1])
 if stream_ttl > 0 then redis.call('EXPIRE', KEYS[2], stream_ttl) end
 redis.call('PUBLISH', KEYS[1], ARGV[1])
 redis.call('PUBLISH', KEYS[3], id .. ' ' .. ARGV[1])
@@ -35,6 +40,9 @@ _META_PREFIX = "celery-task-meta-"
 # A finished job's stream is kept this long for late resumes, not the result's days: it is some twenty times
 # the size of the status, and after it expires the events endpoint answers with the final status alone.
 DONE_STREAM_TTL_S = 3600
+# A stream's bound in entries: at most minutes of a job's history (progress is written at most twice a second, plus
+# a write per sweep frame), and small since a progress event carries only the frames new since the last one.
+STREAM_MAXLEN = 1000
 
 
 def events_key(job_id: str) -> str:
@@ -54,7 +62,8 @@ def event_order(event_id: str) -> tuple[int, int]:
 
 
 class _EventStreams:
-    """Each state write also appended to the job's event stream (mixed into Celery's Redis backends)."""
+    """Each state write also appended to the job's event stream (mixed into Celery's Redis backends); a write for
+    a job whose run holds a fencing token here is made only while no later delivery has begun (kiq/fencing.py)."""
 
     client: Any
     expires: Any
@@ -67,11 +76,14 @@ class _EventStreams:
         ttl = int(self.expires or 0)
         final = json.loads(value).get("status") in TERMINAL_STATES
         stream_ttl = min(ttl or DONE_STREAM_TTL_S, DONE_STREAM_TTL_S) if final else ttl
-        keys = (name, events_key(job_id), events_channel(job_id))
+        token = fencing.held(job_id)  # a run's writes are refused once a later delivery of its job has begun
+        fence, fence_arg = fencing.guard_args(job_id, token)
+        keys = (name, events_key(job_id), events_channel(job_id), fence)
         script = self.__dict__.get("_write_script")
         if script is None:  # EVALSHA: Redis keeps the compiled script; EVAL would send and hash it every write
-            script = self.__dict__["_write_script"] = self.client.register_script(_WRITE)
-        script(keys=keys, args=(value, ttl, stream_ttl), client=self.client)
+            script = self.__dict__["_write_script"] = self.client.register_script(fencing.guarded(_WRITE))
+        if script(keys=keys, args=(value, ttl, stream_ttl, STREAM_MAXLEN, fence_arg), client=self.client) is None:
+            fencing.refused(job_id, token, json.loads(value).get("status"))
         return None
 
     def on_task_call(self, producer: Any, task_id: str) -> None:

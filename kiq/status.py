@@ -19,10 +19,26 @@ class ImageRef(BaseModel):
 
 
 class Progress(BaseModel):
+    """A sweep's frames travel two ways. A status read (`GET /v1/jobs/{id}`, `Client.status`) lists them all in
+    `frames`, from the job's frames record. An event carries only what changed: `new_frames`, the frames uploaded
+    since the previous event, which are frames `frames_done - len(new_frames)` … `frames_done - 1`; an event that
+    starts a reader from the current state (a snapshot) carries them all in `frames` instead."""
+
     stage: Stage
     step: int = Field(ge=0)
     total: int = Field(ge=0)
-    frames: list[ImageRef] | None = None  # a sweep's frames uploaded so far, in order
+    frames: list[ImageRef] | None = None  # a sweep's frames uploaded so far, in order (status reads, snapshots)
+    frames_done: int | None = Field(default=None, ge=0)  # how many frames a sweep has uploaded so far
+    new_frames: list[ImageRef] | None = None  # events: the frames uploaded since the previous event, in order
+
+    def frames_after(self, known: list[ImageRef]) -> list[ImageRef]:
+        """The frames so far, given those a reader knew before this progress: all of `frames` where listed,
+        else `known` extended (or, after a redelivered sweep restarted, cut back) by `new_frames`."""
+        if self.frames is not None:
+            return list(self.frames)
+        new = self.new_frames or []
+        start = len(known) if self.frames_done is None else self.frames_done - len(new)
+        return known[:start] + list(new)
 
 
 class JobResult(BaseModel):
@@ -31,7 +47,7 @@ class JobResult(BaseModel):
     device: str
     timings: dict[str, float]
     animation: ImageRef | None = None  # a sweep's animation, when the job asked for one
-    frame_weights: list[list[float]] | None = None  # a sweep's effective input weights per frame (see README)
+    frame_weights: list[list[float]] | None = None  # a sweep's effective input weights per frame (docs/guide/sweeps.md)
 
 
 class ErrorInfo(BaseModel):

@@ -1,11 +1,13 @@
 """`kiq api`: the HTTP face of kiq (FastAPI). Stateless: it talks only to Redis and S3, so any number of
-replicas can sit behind a load balancer. See the README's "HTTP API" section for curl examples."""
+replicas can sit behind a load balancer. See docs/api/index.md for curl examples."""
 
 import hashlib
 import json
 import logging
-import re
+import threading
 import uuid
+from collections.abc import Iterator
+from contextlib import aclosing, contextmanager, nullcontext
 from importlib import resources
 from typing import Annotated, Any
 
@@ -16,12 +18,14 @@ from pydantic import BaseModel, ValidationError
 
 from kiq import redisconn
 from kiq.contract import Job, validation_errors
-from kiq.errors import StorageError, UnknownJob
-from kiq.events import event_order, events_key
+from kiq.errors import InvalidEventId, JobTooLong, StorageError, SubmitAbandoned, UnknownJob
+from kiq.event_reads import parse_event_id
+from kiq.events import events_key
 from kiq.names import idempotency_key
 from kiq.s3 import input_prefix, presign, put, s3_client
 from kiq.settings import Settings
 from kiq.status import JobList, JobStatus, State
+from kiq.version import __version__
 from producer.bodylimit import BodyLimit
 from producer.client import Client
 from producer.events import EventHub, job_events
@@ -65,7 +69,7 @@ def create_api(settings: Settings, client: Client | None = None, s3: Any = None)
     tenants = Tenants.from_settings(settings)
     if tenants.open:
         log.warning("KIQ_API_KEYS and KIQ_API_TENANTS are empty: the API is open to anyone who can reach it")
-    app = FastAPI(title="kiq", version="0.1.0", summary="Kandinsky 2.2 interpolation queue")
+    app = FastAPI(title="kiq", version=__version__, summary="Kandinsky 2.2 interpolation queue")
     app.state.tenants = tenants
     app.state.heartbeat_s = HEARTBEAT_S
     hubs: list[EventHub] = []  # made on first use, inside the server's event loop
@@ -105,27 +109,36 @@ def create_api(settings: Settings, client: Client | None = None, s3: Any = None)
             replay = claim.acquire(job_id) if claim else None
             if replay is not None:
                 return Submitted(id=replay, status_url=f"/v1/jobs/{replay}")
-            for key, data, content_type in uploads:
-                put(s3, settings.s3_bucket, key, data, content_type)
-            client.submit(job, tenant.owner, job_id)
+            client.check_feasible(job)  # before the uploads: a job no worker could finish stores nothing
+            with claim.kept() if claim else nullcontext():
+                for key, data, content_type in uploads:
+                    put(s3, settings.s3_bucket, key, data, content_type)
+                client.submit(job, tenant.owner, job_id, before_publish=claim.confirm if claim else None)
+                if claim is not None:
+                    claim.commit()
         except Rejected:
             raise
         except Exception as exc:
             if claim is not None:
                 claim.release()
+            if isinstance(exc, JobTooLong):
+                raise Rejected(422, [too_long(exc)]) from None
+            if isinstance(exc, SubmitAbandoned):
+                log.warning("submit abandoned, nothing enqueued: %s", exc)
+                raise Rejected(503, f"{exc}: retry, with the same Idempotency-Key") from None
             if isinstance(exc, _UNAVAILABLE):
                 log.warning("submit failed, nothing enqueued: %s: %s", type(exc).__name__, exc)
                 raise Rejected(503, f"storage or queue unavailable ({type(exc).__name__}); nothing was enqueued: "
                                     "retry, with the same Idempotency-Key if you sent one") from None  # fmt: skip
             raise
-        if claim is not None:
-            claim.commit()
         return Submitted(id=job_id, status_url=f"/v1/jobs/{job_id}")
 
     @app.post("/v1/jobs", status_code=202, response_model=Submitted, openapi_extra=SUBMIT_BODY,
               responses={403: {"description": "a queue, priority or s3:// object this key may not use"},
                          409: {"description": "Idempotency-Key reused with another body, or still in flight"},
-                         413: {"description": "body too large"}, 422: {"description": "invalid job"},
+                         413: {"description": "body too large"},
+                         422: {"description": "invalid job, or one no live worker of its queue could finish within "
+                                              "the time-limit cap (type JobTooLong)"},
                          503: {"description": "Redis or S3 unavailable: nothing enqueued, retry"}})  # fmt: skip
     async def submit(request: Request, tenant: Caller,
                      idempotency: Annotated[str | None, Header(alias="Idempotency-Key", max_length=255)] = None,
@@ -175,15 +188,19 @@ def create_api(settings: Settings, client: Client | None = None, s3: Any = None)
                         204: {"description": "resumed after the final event: nothing more will come"},
                         404: {"description": "unknown job, or another key's"}})  # fmt: skip
     async def events(job_id: str, tenant: Caller,
-                     last_event_id: Annotated[str | None, Header(alias="Last-Event-ID", max_length=40)] = None,
+                     last_event_id: Annotated[str | None, Header(alias="Last-Event-ID")] = None,
                      ) -> Response:  # fmt: skip
         await run_in_threadpool(owned, job_id, tenant.owner)
-        if last_event_id is not None and not _EVENT_ID.fullmatch(last_event_id):
-            raise HTTPException(400, "Last-Event-ID must be an event id from this stream (<ms>-<seq>)")
+        try:
+            after = parse_event_id(last_event_id) if last_event_id else None
+        except InvalidEventId as exc:
+            raise HTTPException(400, str(exc)) from None
         first = await run_in_threadpool(first_status, job_id)  # None while the job has an event stream
-        if last_event_id and first is None and await run_in_threadpool(resumed_past_the_end, job_id, last_event_id):
+        if first is not None:
+            after = None  # no stream: no event the client could have seen; it gets everything from the start
+        elif after and await run_in_threadpool(resumed_at_the_end, job_id, after):
             return Response(status_code=204)  # SSE's "stop": an EventSource would reconnect after the last event
-        stream = sse(hub(), job_id, last_event_id, first, app.state.heartbeat_s)
+        stream = sse(hub(), job_id, after, first, app.state.heartbeat_s)
         return StreamingResponse(stream, media_type="text/event-stream",
                                  headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})  # fmt: skip
 
@@ -192,13 +209,11 @@ def create_api(settings: Settings, client: Client | None = None, s3: Any = None)
         expired (kiq.events.DONE_STREAM_TTL_S) — then that final status is the whole stream, also on a resume."""
         return None if client.redis.exists(events_key(job_id)) else client.status(job_id)
 
-    def resumed_past_the_end(job_id: str, last_event_id: str) -> bool:
-        """The job has ended and the client already has its last event. With the stream expired that is unknown:
-        the client gets the final status again (its `done` event says to stop)."""
+    def resumed_at_the_end(job_id: str, last_event_id: str) -> bool:
+        """The job has ended and the client already has its last event. An id ahead of the stream is not that:
+        that client gets the current state (here the final status) as a snapshot, like one that fell behind."""
         newest = client.redis.xrevrange(events_key(job_id), count=1)
-        if not newest or event_order(newest[0][0].decode()) > event_order(last_event_id):
-            return False
-        return client.status(job_id).done
+        return bool(newest) and newest[0][0].decode() == last_event_id and client.status(job_id).done
 
     async def sse(hub: EventHub, job_id: str, after: str | None, first: JobStatus | None,
                   heartbeat_s: float) -> Any:  # fmt: skip
@@ -207,14 +222,16 @@ def create_api(settings: Settings, client: Client | None = None, s3: Any = None)
             yield _sse_event("", first)
             if first.done:
                 return
-        async for event in job_events(hub, job_id, after, heartbeat_s):
-            if event is None:
-                yield ": heartbeat\n\n"
-                continue
-            current = client.decode_event(job_id, event[1])
-            yield _sse_event(event[0], current)
-            if current.done:
-                return
+        # aclosing: the subscription is let go on every way out, a client that left included
+        async with aclosing(job_events(hub, job_id, after, heartbeat_s)) as events:
+            async for event in events:
+                if event is None:
+                    yield ": heartbeat\n\n"
+                    continue
+                current = client.decode_event(job_id, event.meta, frames=event.frames)
+                yield _sse_event(event.id, current)
+                if current.done:
+                    return
 
     image_errors = {404: {"description": "no such job or image"}, 409: {"description": "job not finished"}}
 
@@ -328,6 +345,12 @@ def rewrite_uploads(data: Any, files: dict[str, tuple[bytes, str]], prefix: str,
     return uploads
 
 
+def too_long(exc: JobTooLong) -> dict[str, Any]:
+    """A refused job's 422 detail: the validation errors' shape, with the estimate that refused it."""
+    return {"loc": ["body"], "msg": str(exc), "type": "JobTooLong", "expected_s": round(exc.expected_s, 1),
+            "limit_s": exc.limit_s, "queue": exc.queue, "live_workers": exc.workers}  # fmt: skip
+
+
 def parse_json(raw: bytes) -> Any:
     try:
         return json.loads(raw)
@@ -345,21 +368,25 @@ def validate(data: Any) -> Job:
 class IdempotencyClaim:
     """An Idempotency-Key points at a job only once that job is enqueued.
 
-    `acquire` records the key as pending (for `PENDING_TTL_S`) or answers for an earlier request: its job id if
-    that request enqueued, 409 if it is still in flight or had another body. A failed submit `release`s the key,
-    so the client's retry creates the job; if even that fails (Redis down), the pending mark expires by itself.
+    `acquire` records the key as pending or answers for an earlier request: its job id if that request enqueued,
+    409 if it is still in flight or had another body. The pending mark lives KIQ_IDEMPOTENCY_PENDING_S and is
+    renewed (compare-and-set) while the submit works (`kept`), however long its uploads and retries take; right
+    before the publish `confirm` renews it once more, and abandons the submit (SubmitAbandoned, nothing enqueued)
+    if the mark is no longer ours: it lapsed while Redis was out of reach, and a retry may hold the key now. So a
+    retry never creates a second job while the first submit is in flight, nor after it enqueued its job. A failed
+    submit `release`s the key, so the client's retry creates the job; if even that fails (Redis down), or the API
+    process dies, the pending mark expires by itself.
     """
-
-    PENDING_TTL_S = 300  # above the slowest submit: S3 retries plus ten publish retries
 
     def __init__(self, redis: Any, settings: Settings, owner: str, key: str, digest: str) -> None:
         self.redis, self.ttl_s, self.digest = redis, settings.idempotency_ttl_s, digest
+        self.pending_ms, self.retry_s = int(settings.idempotency_pending_s * 1000), settings.redis_retry_s
         self.key = idempotency_key(owner, hashlib.sha256(key.encode()).hexdigest())
         self.job_id, self.value = "", ""
 
     def acquire(self, job_id: str) -> str | None:
         self.job_id, self.value = job_id, json.dumps({"digest": self.digest, "id": job_id, "state": "pending"})
-        if self.redis.set(self.key, self.value, nx=True, ex=self.PENDING_TTL_S):
+        if self.redis.set(self.key, self.value, nx=True, px=self.pending_ms):
             return None
         raw = self.redis.get(self.key)
         existing = json.loads(raw) if raw else {"digest": self.digest, "state": "pending"}
@@ -370,14 +397,48 @@ class IdempotencyClaim:
             raise Rejected(409, "a request with this Idempotency-Key is still in progress; retry shortly")
         return str(existing["id"])
 
+    @contextmanager
+    def kept(self) -> Iterator[None]:
+        """Renew the pending mark every quarter of its lifetime while the block runs."""
+        stop = threading.Event()
+        if self.value:
+            threading.Thread(target=self._keep, args=(stop,), name="kiq-idempotency", daemon=True).start()
+        try:
+            yield
+        finally:
+            stop.set()
+
+    def _keep(self, stop: threading.Event) -> None:
+        while not stop.wait(self.pending_ms / 4000):
+            try:
+                if not self._renew():
+                    return  # not ours any more (committed, released, or lapsed: then `confirm` abandons)
+            except Exception as exc:  # noqa: BLE001 - Redis unreachable: try again; `confirm` decides
+                log.warning("could not renew an Idempotency-Key's pending mark: %s", exc)
+
+    def _renew(self) -> bool:
+        return bool(self.redis.eval(_PEXPIRE_IF_EQUAL, 1, self.key, self.value, self.pending_ms))
+
+    def confirm(self) -> None:
+        """Right before the publish: the pending mark must still be ours, renewed for a whole lifetime."""
+        if self.value and not self._renew():
+            raise SubmitAbandoned(
+                "the submit outlived its Idempotency-Key's pending mark (Redis out of reach for "
+                f"{self.pending_ms / 1000:g} s or more); nothing was enqueued"
+            )
+
     def commit(self) -> None:
-        """Point the key at the enqueued job, only if it still holds our pending mark; never raises (the job is
-        enqueued: a failed commit leaves the mark to expire, and the client's retry makes a second job)."""
+        """Point the key at the enqueued job, only if it still holds our pending mark (kept alive until now);
+        retried for KIQ_REDIS_RETRY_S, and never raises: the job is enqueued (a commit that still fails leaves the
+        mark to expire, after which a retry would make a second job)."""
         if not self.value:
             return
         enqueued = json.dumps({"digest": self.digest, "id": self.job_id, "state": "enqueued"})
         try:
-            self.redis.eval(_SET_IF_EQUAL, 1, self.key, self.value, enqueued, self.ttl_s)
+            redisconn.retrying(
+                lambda: self.redis.eval(_SET_IF_EQUAL, 1, self.key, self.value, enqueued, self.ttl_s),
+                self.retry_s, "idempotency commit",
+            )  # fmt: skip
         except Exception as exc:  # noqa: BLE001
             log.error("job %s is enqueued but its idempotency key could not be committed: %s", self.job_id, exc)
 
@@ -391,6 +452,9 @@ class IdempotencyClaim:
 
 
 _DELETE_IF_EQUAL = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end return 0"
+_PEXPIRE_IF_EQUAL = (
+    "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('pexpire', KEYS[1], ARGV[2]) end return 0"
+)
 _SET_IF_EQUAL = (
     "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('set', KEYS[1], ARGV[2], 'EX', ARGV[3]) end "
     "return 0"
@@ -398,11 +462,14 @@ _SET_IF_EQUAL = (
 
 
 PLAYGROUND = (resources.files("producer") / "static" / "playground.html").read_text(encoding="utf-8")
-_EVENT_ID = re.compile(r"[0-9]{1,20}-[0-9]{1,20}")
 EVENTS_DOC = (
     "Server-Sent Events: `state` (PENDING, STARTED), `progress` (one per step) and `done` (the final status, "
     "then the stream ends); each `data` is the status JSON and each `id` the job's event id (resume with "
-    "Last-Event-ID: nothing lost, nothing repeated). A `: heartbeat` comment every 15 s."
+    "Last-Event-ID: nothing lost, nothing repeated; 400 for an id that is not a stream id). A sweep's progress "
+    "event lists only its new frames (`progress.new_frames`, the last of them frame `progress.frames_done` - 1). "
+    "Where the stream cannot continue from Last-Event-ID (the stream is capped and trimmed past it, or the id is "
+    "ahead of it), or a new stream's job has a trimmed stream, the first event is the current status with all "
+    "frames so far in `progress.frames`. A `: heartbeat` comment every 15 s."
 )
 
 

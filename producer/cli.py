@@ -17,6 +17,7 @@ from typing import Any
 from kiq.errors import JobInvalid, KiqError, SettingsError, UnknownJob, WaitTimeout
 from kiq.settings import Settings
 from kiq.status import JobStatus
+from kiq.version import __version__
 
 EXIT_FAILED, EXIT_INVALID, EXIT_TIMEOUT, EXIT_UNKNOWN = 1, 2, 3, 4
 # A command whose optional dependencies are missing names the extra that brings them (top-level module -> extra).
@@ -53,6 +54,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kiq", description="Kandinsky 2.2 interpolation queue")
+    parser.add_argument("--version", action="version", version=f"kiq {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     submit = sub.add_parser("submit", help="validate and enqueue a job; prints its id")
     submit.add_argument("job", help="job JSON file, or - for stdin")

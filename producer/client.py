@@ -18,13 +18,15 @@ from kiq import redisconn, s3
 from kiq.celeryconf import PRIORITY_STEPS, common_config, priority_lists
 from kiq.contract import MAX_PRIORITY, Job, parse_job
 from kiq.errors import TransientError, UnknownJob, WaitTimeout
+from kiq.event_reads import PAGE_SCRIPT, page_args, parse_event_id, parse_page, parse_snapshot
 from kiq.events import events_key
+from kiq.limits import check_feasible, live_worker
 from kiq.names import (
+    FLEET_INDEX,
     GENERATE_TASK,
     PROGRESS,
     SUBMITS_KEY,
     cancel_key,
-    fleet_key,
     frames_key,
     job_record_key,
     jobs_index_key,  # fmt: skip
@@ -47,6 +49,7 @@ class Client:
             self.app.conf.update(common_config(settings))
         self._s3 = s3_client
         self._broker_redis: Any = None
+        self._page: Any = None
 
     @property
     def s3(self) -> Any:
@@ -60,12 +63,16 @@ class Client:
         """The Redis connection of the result backend (job records, cancel flags, heartbeats)."""
         return self.app.backend.client
 
-    def submit(self, job: Job | Mapping[str, Any], owner: str = "", job_id: str | None = None) -> str:
+    def submit(self, job: Job | Mapping[str, Any], owner: str = "", job_id: str | None = None,
+               before_publish: Callable[[], None] | None = None) -> str:  # fmt: skip
         """Validate, store inline images, record and enqueue the job; return its id.
 
-        All or nothing: invalid jobs raise JobInvalid and touch nothing; if S3 or Redis fails, the error
-        (StorageError, a Redis or kombu error) propagates and no job record is left behind."""
+        All or nothing: invalid jobs raise JobInvalid and touch nothing, as do jobs no live worker of the queue could
+        finish within the time-limit cap (JobTooLong); if S3 or Redis fails, the error (StorageError, a Redis or
+        kombu error) propagates and no job record is left behind. `before_publish` is the last moment to give up
+        with nothing enqueued: whatever it raises propagates the same way."""
         parsed = job if isinstance(job, Job) else parse_job(job)
+        self.check_feasible(parsed)
         job_id = job_id or str(uuid.uuid4())
         parsed = self.store_inline_images(parsed, owner, job_id)
         record = {"owner": owner, "webhook_url": parsed.webhook_url or ""}
@@ -82,6 +89,8 @@ class Client:
 
         redisconn.retrying(write, self.settings.redis_retry_s, "submit")
         try:
+            if before_publish is not None:
+                before_publish()
             self.app.send_task(
                 GENERATE_TASK, args=[parsed.model_dump(mode="json")], task_id=job_id,
                 queue=route(parsed, self.settings), priority=MAX_PRIORITY - parsed.priority,
@@ -92,6 +101,13 @@ class Client:
             raise
         self._replicate(job_id)
         return job_id
+
+    def check_feasible(self, job: Job) -> float:
+        """The job's expected seconds on the fastest live worker of its queue, by the speeds the workers publish
+        (the reference speed if none is live); raises JobTooLong if no such worker could finish it within its cap."""
+        beats = redisconn.retrying(self.fleet, self.settings.redis_retry_s, "submit")  # rides out a blip, as submit
+        workers = [live_worker(w.get("hostname", "?"), w, self.settings) for w in beats]
+        return check_feasible(job, route(job, self.settings), workers, self.settings)
 
     def _replicate(self, job_id: str) -> None:
         """With Sentinel, return only once the job (message and record) is on a replica, so that a failover
@@ -150,62 +166,90 @@ class Client:
         return self._with_frames(to_status(job_id, state, meta.get("result")))
 
     def _with_frames(self, status: JobStatus) -> JobStatus:
-        """A sweep that ended early (FAILURE, REVOKED) still lists the frames it uploaded."""
-        if status.state in ("FAILURE", "REVOKED"):
+        """Every frame a sweep uploaded, from its frames record: in PROGRESS (whose write lists only new frames),
+        and after a sweep ended early (FAILURE, REVOKED)."""
+        p = status.progress
+        if status.state in ("FAILURE", "REVOKED") or (p is not None and p.frames_done):
             raw = self.redis.get(frames_key(status.id))
-            if raw:
-                status.frames = [ImageRef.model_validate(f) for f in json.loads(raw)]
+            with_frames(status, raw)
         return status
 
     def events(self, job_id: str, last_event_id: str | None = None, timeout: float | None = None,
                block_s: float = 5.0) -> Iterator[JobEvent]:  # fmt: skip
         """The job's state writes in order, from after `last_event_id` (from the start if None), until its final
-        status; blocks on the job's event stream (XREAD), so no polling. Raises UnknownJob, or WaitTimeout once
-        `timeout` seconds pass without the final status. A job whose stream is gone (expired, or written before
-        events existed, or expiring while we follow it) yields its current status once, with an empty id; a
-        resume after the final event yields nothing."""
+        status; blocks on the job's event stream (XREAD), so no polling, and reads it in pages. Raises
+        InvalidEventId for an id Redis would refuse, UnknownJob, or WaitTimeout once `timeout` seconds pass
+        without the final status. A job whose stream is gone (expired, or written before events existed, or
+        expiring while we follow it) yields its current status once, with an empty id; a resume after the final
+        event yields nothing. Where the stream cannot continue from `last_event_id` (trimmed past it, or the id
+        is ahead of it) the first event is a snapshot: the current status with all of a sweep's frames."""
+        after = parse_event_id(last_event_id) if last_event_id else None
+        if after == "0-0":
+            after = None
         if self.record(job_id) is None and self.app.backend.get_task_meta(job_id)["status"] == "PENDING":
             raise UnknownJob(f"no job with id {job_id!r} (never submitted, or expired)")
         deadline = None if timeout is None else time.monotonic() + timeout
-        after, key = last_event_id or "0-0", events_key(job_id)
-        if after == "0-0" and not self.redis.exists(key):
-            current = self.status(job_id)
-            yield JobEvent(id="", status=current)
-            if current.done:
-                return
-        elif after != "0-0" and (current := self.status(job_id)).done:  # a resume: past the end, or expired
-            yield from self._rest(current, key, after)
-            return
+        key, told_pending, resumed = events_key(job_id), False, after is not None
         while True:
-            left = None if deadline is None else deadline - time.monotonic()
-            if left is not None and left <= 0:
-                raise WaitTimeout(f"job {job_id} did not end within {timeout} s")
-            block = block_s if left is None else min(block_s, left)
-            read = self.redis.xread({key: after}, block=max(1, int(block * 1000)))
-            if not read and (current := self.status(job_id)).done:  # no final event will come: past, or expired
-                yield from self._rest(current, key, after)
-                return
-            for _, entries in read or []:
-                for raw_id, fields in entries:
-                    after = raw_id.decode()
-                    event = JobEvent(id=after, status=self.decode_event(job_id, fields[b"meta"]))
+            page = parse_page(self._page_script(keys=[key], args=page_args(after)), after)
+            if page.gone:  # nothing written yet (queued), or a finished job's stream expired
+                current = self.status(job_id)
+                if current.done or (after is None and not told_pending):
+                    yield JobEvent(id="", status=current)
+                if current.done:
+                    return
+                told_pending, after = True, None  # no event exists yet that the caller could have seen
+            elif page.snapshot:
+                event = self._snapshot(job_id)
+                if event is not None:
+                    after = event.id
                     yield event
                     if event.status.done:
                         return
+                continue
+            for after, meta in page.entries:
+                event = JobEvent(id=after, status=self.decode_event(job_id, meta))
+                yield event
+                if event.status.done:
+                    return
+            if page.full:
+                continue
+            if resumed and not page.entries and after == page.last_id and self.status(job_id).done:
+                return  # resumed at the final event: nothing more will come
+            resumed = False
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                raise WaitTimeout(f"job {job_id} did not end within {timeout} s")
+            # Wait for an entry after ours; the next page reads it (with the check for a trimmed stream).
+            block = block_s if left is None else min(block_s, left)
+            self.redis.xread({key: after or "0-0"}, count=1, block=max(1, int(block * 1000)))
 
-    def _rest(self, final: JobStatus, key: str, after: str) -> Iterator[JobEvent]:
-        """A finished job's events after `after` (none if the caller saw its final one; the final status alone,
-        with an empty id, if its stream has expired). The final status and its event are one write, so a
-        stream that exists holds the final event."""
-        if not self.redis.exists(key):
-            yield JobEvent(id="", status=final)
-            return
-        for raw_id, fields in self.redis.xrange(key, min=f"({after}", max="+"):
-            yield JobEvent(id=raw_id.decode(), status=self.decode_event(final.id, fields[b"meta"]))
+    @property
+    def _page_script(self) -> Any:
+        """The page read (kiq/event_reads.py), by EVALSHA."""
+        if self._page is None:
+            self._page = self.redis.register_script(PAGE_SCRIPT)
+        return self._page
 
-    def decode_event(self, job_id: str, raw: bytes) -> JobStatus:
+    def _snapshot(self, job_id: str) -> JobEvent | None:
+        """The stream's newest entry with every frame so far, read in one MULTI."""
+        with self.redis.pipeline(transaction=True) as pipe:
+            pipe.xrevrange(events_key(job_id), count=1).get(frames_key(job_id))
+            newest = parse_snapshot(pipe.execute())
+        if newest is None:
+            return None
+        event_id, meta, frames = newest
+        return JobEvent(id=event_id, status=self.decode_event(job_id, meta, frames=frames or b"[]"))
+
+    def decode_event(self, job_id: str, raw: bytes, frames: bytes | None = None) -> JobStatus:
+        """An event's status as written (a sweep's progress lists only its new frames). `frames`, the job's
+        frames record, makes it a snapshot: all frames so far in `progress.frames`. A final FAILURE or REVOKED
+        lists the frames uploaded either way."""
         meta = self.app.backend.decode_result(raw)
-        return self._with_frames(to_status(job_id, meta["status"], meta.get("result")))
+        status = to_status(job_id, meta["status"], meta.get("result"))
+        if frames is not None:
+            return with_frames(status, frames)
+        return self._with_frames(status) if status.state in ("FAILURE", "REVOKED") else status
 
     def wait(
         self,
@@ -213,12 +257,20 @@ class Client:
         timeout: float | None = None,
         on_progress: ProgressCallback | None = None,
     ) -> JobStatus:
-        """Follow the job's events until it ends; `on_progress` sees every status that differs from the last one."""
-        last = None
+        """Follow the job's events until it ends; `on_progress` sees every status that differs from the last
+        one, as a status read gives it (a sweep's progress listing all frames so far, not only the new ones)."""
+        last, frames = None, []
         for event in self.events(job_id, timeout=timeout):
-            if on_progress is not None and event.status != last:
-                on_progress(event.status)
-            last = event.status
+            status = event.status
+            if status.state == "STARTED":
+                frames = []  # a (re)delivered sweep starts again from its first frame
+            if status.progress is not None and (status.progress.frames_done or status.progress.frames):
+                frames = status.progress.frames_after(frames)
+                progress = status.progress.model_copy(update={"frames": frames, "new_frames": None})
+                status = status.model_copy(update={"progress": progress})
+            if on_progress is not None and status != last:
+                on_progress(status)
+            last = status
         assert last is not None and last.done
         return last
 
@@ -248,6 +300,8 @@ class Client:
     def _summary(self, job_id: str, raw: bytes | None, submitted_at: float) -> JobSummary:
         meta = self.app.backend.decode_result(raw) if raw else {"status": "PENDING"}
         current = to_status(job_id, meta["status"], meta.get("result"))
+        if current.progress is not None:  # a sweep's count of frames, not the last write's new ones
+            current.progress = current.progress.model_copy(update={"new_frames": None})
         return JobSummary(**current.model_dump(), submitted_at=submitted_at)
 
     def queue_depths(self, queues: list[str]) -> dict[str, dict[str, int]]:
@@ -297,13 +351,28 @@ class Client:
         queue_webhook(self.app, self.redis, job_id, record.get("webhook_url"), self.settings.result_ttl_s)
 
     def fleet(self) -> list[dict[str, Any]]:
-        """Live workers, from their heartbeats (see worker/fleet.py)."""
-        workers = []
-        for key in sorted(self.redis.scan_iter(match=fleet_key("*"))):
-            raw = self.redis.hgetall(key)
+        """Live workers, from their heartbeats (see worker/fleet.py). Read through the heartbeats' index in two
+        round trips, never a SCAN (every submit reads it); expired entries are pruned."""
+        keys = sorted(k.decode() for k in self.redis.zrange(FLEET_INDEX, 0, -1))
+        with self.redis.pipeline(transaction=False) as pipe:
+            for key in keys:
+                pipe.hgetall(key)
+            beats = pipe.execute()
+        workers, gone = [], []
+        for key, raw in zip(keys, beats, strict=True):
             if raw:
                 workers.append({k.decode(): v.decode() for k, v in raw.items()})
+            else:
+                gone.append(key)
+        if gone:  # only if still expired: a worker that was paused may have beaten again meanwhile
+            self.redis.eval(_PRUNE_GONE, len(gone) + 1, FLEET_INDEX, *gone)
         return workers
+
+
+_PRUNE_GONE = (  # KEYS[1]: the index; the rest: heartbeats found expired
+    "for i = 2, #KEYS do if redis.call('exists', KEYS[i]) == 0 then redis.call('zrem', KEYS[1], KEYS[i]) end end "
+    "return 0"
+)
 
 
 def route(job: Job, settings: Settings) -> str:
@@ -313,6 +382,19 @@ def route(job: Job, settings: Settings) -> str:
     if settings.large_queue and job.height * job.width > settings.large_pixels:
         return settings.large_queue
     return settings.queue
+
+
+def with_frames(status: JobStatus, raw: bytes | None) -> JobStatus:
+    """`status` listing the frames of the job's frames record (JSON): a PROGRESS status those it has counted
+    (`frames_done`: the record may already hold the next one), a FAILURE or REVOKED one all of them."""
+    refs = [ImageRef.model_validate(f) for f in json.loads(raw)] if raw else []
+    if status.progress is not None:
+        done = status.progress.frames_done
+        listed = refs[:done] if done is not None else refs
+        status.progress = status.progress.model_copy(update={"frames": listed or None, "new_frames": None})
+    elif status.state in ("FAILURE", "REVOKED") and refs:
+        status.frames = refs
+    return status
 
 
 def to_status(job_id: str, state: str, info: Any) -> JobStatus:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import os
 import threading
 import time
 from collections.abc import Iterator
@@ -136,3 +137,13 @@ def calling_server(on_request) -> Iterator[str]:
     finally:
         server.shutdown()
         server.server_close()
+
+
+def redis_databases() -> tuple[str, str]:
+    """This test process's Redis database and a spare one (DB - 1) of its own. Under pytest-xdist each worker
+    process (gw0, gw1) gets two databases apart (13/12, then 15/14), since the session flushes its own."""
+    base = os.environ.get("KIQ_TEST_REDIS_URL", "redis://127.0.0.1:6379/13")
+    prefix, db = base.rsplit("/", 1)
+    index = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw") or 0)
+    own = int(db) + 2 * index
+    return f"{prefix}/{own}", f"{prefix}/{own - 1}"

@@ -14,6 +14,7 @@ class Proxy:
         self._listener: socket.socket | None = None
         self._conns: list[socket.socket] = []
         self._lock = threading.Lock()
+        self._held: list[socket.socket] | None = None  # a list while new connections are held, not forwarded
 
     @property
     def url(self) -> str:
@@ -33,10 +34,26 @@ class Proxy:
         if self._listener is not None:
             _close(self._listener)  # shutdown() wakes the thread blocked in accept(); close() alone does not
             self._listener = None
+        self.reset()
+
+    def reset(self) -> None:
+        """Cut the open connections and keep accepting new ones: a NAT or proxy reset, CLIENT KILL."""
         with self._lock:
             for conn in self._conns:
                 _close(conn)
             self._conns.clear()
+
+    def hold(self) -> None:
+        """Accept new connections but forward nothing on them (a peer that hangs); open ones keep working."""
+        with self._lock:
+            self._held = []
+
+    def release(self) -> None:
+        """Forward the held connections (what their clients sent meanwhile arrives now) and new ones again."""
+        with self._lock:
+            held, self._held = self._held or [], None
+        for client in held:
+            self._forward(client)
 
     def _accept(self, listener: socket.socket) -> None:
         while True:
@@ -44,15 +61,23 @@ class Proxy:
                 client, _ = listener.accept()
             except OSError:
                 return
-            try:
-                upstream = socket.create_connection(self.target, timeout=5)
-            except OSError:
-                _close(client)
-                continue
             with self._lock:
-                self._conns += [client, upstream]
-            for a, b in ((client, upstream), (upstream, client)):
-                threading.Thread(target=_pipe, args=(a, b), daemon=True).start()
+                if self._held is not None:
+                    self._held.append(client)
+                    continue
+            self._forward(client)
+
+    def _forward(self, client: socket.socket) -> None:
+        try:
+            upstream = socket.create_connection(self.target, timeout=5)
+        except OSError:
+            _close(client)
+            return
+        upstream.settimeout(None)  # the 5 s bound the connect only: an idle (pub/sub) connection stays up
+        with self._lock:
+            self._conns += [client, upstream]
+        for a, b in ((client, upstream), (upstream, client)):
+            threading.Thread(target=_pipe, args=(a, b), daemon=True).start()
 
 
 def _pipe(src: socket.socket, dst: socket.socket) -> None:

@@ -1,6 +1,6 @@
 """Random-weight Kandinsky 2.2 pipelines with the real shapes, built with diffusers + torch (no hub).
 
-Shapes as in ../shared/notes/performance-anchors.md (from the reference builder ../shared/bench/gpu_anchor.py):
+Shapes as in docs/performance/h100-anchors.md ("Shapes", from the project's reference builder gpu_anchor.py):
 CLIP ViT-bigG/14 text and vision towers, the 1B PriorTransformer, the 1.25B UNet and the MoVQ. Timings
 depend only on shapes, so random weights measure what the real ones would. `tiny` gives the same
 architecture at toy sizes, for checking the code path on a CPU.

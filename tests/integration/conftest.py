@@ -14,13 +14,14 @@ import redis
 from kiq.settings import Settings
 from producer import devstack
 from producer.client import Client
-from tests.helpers import ALLOWED_HOST
+from tests.helpers import ALLOWED_HOST, redis_databases
 
 # A distinctive secret, so tests can prove it never leaks into results, errors, logs or metadata.
 SECRET = "kiq-test-SECRET-7c1e9a0b4d"
 os.environ["AWS_ACCESS_KEY_ID"] = "kiq-test-key-id"
 os.environ["AWS_SECRET_ACCESS_KEY"] = SECRET
-REDIS_URL = os.environ.get("KIQ_TEST_REDIS_URL", "redis://127.0.0.1:6379/13")
+
+REDIS_URL, SPARE_REDIS_URL = redis_databases()
 
 pytestmark = pytest.mark.integration
 
@@ -59,6 +60,7 @@ def env(stack, logs, tiny_models) -> dict[str, str]:
         "KIQ_FETCH_ALLOW": ALLOWED_HOST,
         "KIQ_FETCH_TIMEOUT_S": "2",
         "KIQ_FETCH_RETRIES": "1",
+        "KIQ_SPEED_PROBE_S": "1",  # the warm-up probe at 64x64 only: a second per worker start
     }
     devstack.ensure_bucket(endpoint, "kiq-test", "us-east-1")
     return env

@@ -26,7 +26,9 @@ except ImportError:  # pragma: no cover - the test extra installs it
 
 pytestmark = pytest.mark.skipif(
     webdriver is None or not CHROMIUM or not DRIVER,
-    reason="needs selenium (test extra) and Debian's chromium + chromium-driver (.ci/run installs them)",
+    reason="the browser test needs selenium (test extra) and Debian's chromium + chromium-driver on the PATH "
+    f"(found: selenium {webdriver is not None}, chromium {CHROMIUM}, chromedriver {DRIVER}): "
+    "`apt-get install chromium chromium-driver` as root, as .ci/run does",
 )
 
 

@@ -20,6 +20,12 @@ class SlowRedis:
     def delete(self, key):
         pass
 
+    def zadd(self, key, mapping):
+        pass
+
+    def zrem(self, key, member):
+        pass
+
 
 def test_a_periodic_beat_cannot_overwrite_a_newer_job_state():
     redis = SlowRedis()

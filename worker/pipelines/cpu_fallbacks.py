@@ -3,7 +3,7 @@
 mindone's Kandinsky 2.2 path calls `mindspore.mint` ops whose PyNative kernels are Ascend-only on
 MindSpore 2.10. On CPU we reroute those primitives to `mindspore.ops` equivalents that do have CPU
 kernels. `apply()` is called once per process and only when the device target is CPU: the Ascend path
-never sees any of this. See ../shared/notes/mindspore-cpu.md for the measurements behind it.
+never sees any of this. The measurements behind it: docs/reference/mindspore-cpu.md.
 """
 
 from __future__ import annotations
