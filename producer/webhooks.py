@@ -36,6 +36,7 @@ def create_webhook_app(settings: Settings) -> Celery:
     app.conf.update(common_config(settings))
     app.conf.update(task_queues=[Queue(WEBHOOK_QUEUE, Exchange(WEBHOOK_QUEUE), routing_key=WEBHOOK_QUEUE)],
                     task_acks_late=True, worker_prefetch_multiplier=4)  # fmt: skip
+    app.amqp.queues.select([WEBHOOK_QUEUE])  # not the job queue its retries' publishes add (worker/app.py)
     client = Client(settings, app=app)
     # Retries wait as ETA messages this worker holds unacknowledged: keep their leases like the job worker does.
     leases.install(app, lambda: leases.broker_redis(settings), settings.visibility_timeout_s)

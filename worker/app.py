@@ -36,6 +36,9 @@ def create_app(settings: Settings, runner: Runner | None = None) -> Celery:
         worker_send_task_events=True,
         task_send_sent_event=True,
     )
+    # Only these, even without -Q: Celery adds every queue the app publishes to (each job's webhook) to its queues,
+    # and an unselected worker consumes them all from its next broker reconnection.
+    app.amqp.queues.select(settings.consumed_queues)
     runner = runner or Runner(settings)
     observers = tasks.Observers(speed=SpeedMeter(settings))
     tasks.register(app, runner, settings, observers)
