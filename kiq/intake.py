@@ -2,7 +2,11 @@
 (`cancel_consumer`, `add_consumer`), through Celery's public consumer API. The change runs on the consumer's
 own event loop (`call_soon`: kombu's connection is not thread-safe), so with the solo pool it takes effect once
 the running job ends, before the next job is fetched. A paused queue is also deselected, so that a broker
-reconnect meanwhile (which rebuilds the task consumer from the selected queues) does not resume it."""
+reconnect meanwhile (which rebuilds the task consumer from the selected queues) does not resume it.
+
+`pause` and `resume` only record what is wanted; each queued operation applies the latest wish. Celery runs
+pending operations last-in first-out (`Consumer.perform_pending_operations` pops from the end), so a pause and a
+resume queued during one job would otherwise run resume-then-pause and leave the worker paused for good."""
 
 from __future__ import annotations
 
@@ -12,13 +16,22 @@ from typing import Any
 class Intake:
     def __init__(self, consumer: Any) -> None:
         self.consumer = consumer
+        self.wanted = True  # whether the worker should take jobs; written by any thread, read on the loop
         self._paused: list[Any] = []  # the kombu Queues it stopped consuming; only the event loop touches it
 
     def pause(self) -> None:
-        self.consumer.call_soon(self._pause)
+        self.wanted = False
+        self.consumer.call_soon(self._apply)
 
     def resume(self) -> None:
-        self.consumer.call_soon(self._resume)
+        self.wanted = True
+        self.consumer.call_soon(self._apply)
+
+    def _apply(self) -> None:
+        if self.wanted:
+            self._resume()
+        elif not self._paused:
+            self._pause()
 
     def _pause(self) -> None:
         queues, tasks = self.consumer.app.amqp.queues, self.consumer.task_consumer
