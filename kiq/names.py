@@ -33,6 +33,10 @@ def fleet_key(worker: str) -> str:
     return f"kiq:fleet:{worker}"
 
 
+# Live workers' heartbeat keys scored by their last beat: the metrics read the fleet without a SCAN.
+FLEET_INDEX_KEY = "kiq:fleet_index"
+
+
 def idempotency_key(owner: str, key: str) -> str:
     return f"kiq:idem:{owner}:{key}"
 

@@ -48,6 +48,7 @@ class Settings:
     large_pixels: int = 1024 * 1024
     device_runtime_id: int = -1  # the id the framework is given; -1: KIQ_DEVICE_ID (0 under *_VISIBLE_DEVICES)
     metrics_port: int = 0  # Prometheus metrics on this port; 0: off
+    metrics_queues: str = ""  # comma-separated queues the queue metrics always report (beside KIQ_QUEUE, tenants')
     restart_max: int = 5  # a supervised worker that dies this often within KIQ_RESTART_WINDOW_S is left down
     restart_window_s: float = 300.0
     shutdown_grace_s: float = 600.0  # SIGTERM: time for running jobs to finish before children are killed

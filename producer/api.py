@@ -24,6 +24,7 @@ from kiq.s3 import input_prefix, presign, put, s3_client
 from kiq.settings import Settings
 from kiq.status import JobList, JobStatus, State
 from kiq.version import __version__
+from producer import metrics
 from producer.bodylimit import BodyLimit
 from producer.client import Client
 from producer.events import EventHub, job_events
@@ -84,6 +85,7 @@ def create_api(settings: Settings, client: Client | None = None, s3: Any = None)
             await hubs[0].close()
 
     app.add_middleware(BodyLimit, max_bytes=settings.api_max_body_bytes)
+    metrics.install(app, settings, client, {q for t in tenants.by_key.values() for q in t.queues})
 
     @app.exception_handler(Rejected)
     async def rejected(_: Request, exc: Rejected) -> JSONResponse:

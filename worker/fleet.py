@@ -13,11 +13,12 @@ import threading
 import time
 from typing import Any
 
-from kiq.names import fleet_key
+from kiq.names import FLEET_INDEX_KEY, fleet_key
 from kiq.version import __version__
 
 log = logging.getLogger(__name__)
 INTERVAL_S = 5
+INDEX_KEEP_S = 60  # index entries of workers gone this long are removed
 
 
 class Heartbeat:
@@ -46,6 +47,7 @@ class Heartbeat:
     def stop(self) -> None:
         self._stop.set()
         self.redis.delete(self.key)
+        self.redis.zrem(FLEET_INDEX_KEY, self.key)
 
     def _loop(self) -> None:
         while not self._stop.wait(INTERVAL_S):
@@ -57,5 +59,9 @@ class Heartbeat:
             try:
                 self.redis.hset(self.key, mapping={**self.fields, "seen_at": time.time()})
                 self.redis.expire(self.key, INTERVAL_S * 3)
+                # The index lets a metrics scrape find live workers in one command; dead entries age out here.
+                now = time.time()
+                self.redis.zadd(FLEET_INDEX_KEY, {self.key: now})
+                self.redis.zremrangebyscore(FLEET_INDEX_KEY, "-inf", now - INDEX_KEEP_S)
             except Exception as exc:  # noqa: BLE001 - a Redis blip must not disturb the job
                 log.warning("heartbeat failed: %s", exc)

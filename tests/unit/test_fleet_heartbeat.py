@@ -20,6 +20,15 @@ class SlowRedis:
     def delete(self, key):
         pass
 
+    def zadd(self, key, mapping):
+        pass
+
+    def zremrangebyscore(self, key, low, high):
+        pass
+
+    def zrem(self, key, member):
+        pass
+
 
 def test_a_periodic_beat_cannot_overwrite_a_newer_job_state():
     redis = SlowRedis()
