@@ -99,8 +99,10 @@ def main() -> None:
             times.append(time.perf_counter() - start)
         per = args.scrapes
         p95 = sorted(times)[int(0.95 * len(times))]
-        print(f"| {jobs} | {counting.pipelines / per:g} | {counting.commands / per:g} | {proxy.sent / per:.0f} B "
-              f"| {proxy.received / per:.0f} B | {statistics.median(times) * 1000:.2f} ms, {p95 * 1000:.2f} ms |")
+        print(
+            f"| {jobs} | {counting.pipelines / per:g} | {counting.commands / per:g} | {proxy.sent / per:.0f} B "
+            f"| {proxy.received / per:.0f} B | {statistics.median(times) * 1000:.2f} ms, {p95 * 1000:.2f} ms |"
+        )
     direct.flushdb()
 
 
