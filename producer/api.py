@@ -14,7 +14,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
 
-from kiq import redisconn
+from kiq import logs, redisconn
 from kiq.contract import Job, validation_errors
 from kiq.errors import InvalidEventId, StorageError, UnknownJob
 from kiq.event_reads import parse_event_id
@@ -468,4 +468,5 @@ def openapi_with_job_schema(app: FastAPI) -> dict[str, Any]:
 def run_api(settings: Settings) -> None:
     import uvicorn
 
-    uvicorn.run(create_api(settings), host=settings.api_host, port=settings.api_port, log_level="info")
+    uvicorn.run(create_api(settings), host=settings.api_host, port=settings.api_port, log_level="info",
+                **logs.uvicorn_options(settings))  # fmt: skip

@@ -161,19 +161,23 @@ def cmd_worker(args: argparse.Namespace, extra: list[str]) -> int:
 
 
 def cmd_api(args: argparse.Namespace, _: list[str]) -> int:
+    from kiq import logs
     from producer.api import run_api
 
     settings = Settings.from_env()
+    logs.setup(settings, "api")
     overrides = {k: v for k, v in (("api_host", args.host), ("api_port", args.port)) if v is not None}
     run_api(dataclasses.replace(settings, **overrides))
     return 0
 
 
 def cmd_exporter(args: argparse.Namespace, _: list[str]) -> int:
+    from kiq import logs
     from producer.metrics import run_exporter
     from producer.tenants import Tenants
 
     settings = Settings.from_env()
+    logs.setup(settings, "exporter")
     queues = {q for t in Tenants.from_settings(settings).by_key.values() for q in t.queues}
     run_exporter(settings, args.port or settings.metrics_port or EXPORTER_PORT, args.host, queues)
     return 0

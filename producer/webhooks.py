@@ -18,7 +18,7 @@ from typing import Any
 from celery import Celery, Task
 from kombu import Exchange, Queue
 
-from kiq import leases, safe_http
+from kiq import leases, logs, safe_http
 from kiq.celeryconf import common_config
 from kiq.errors import FetchUnavailable, InputError, SettingsError
 from kiq.names import WEBHOOK_QUEUE, WEBHOOK_TASK
@@ -78,6 +78,7 @@ def _retry(task: Task, job_id: str, url: str, first: float, settings: Settings, 
 
 
 def run_webhook_worker(settings: Settings, extra_args: list[str]) -> None:
+    logs.setup_celery(settings, "webhook-worker")
     app = create_webhook_app(settings)
     app.worker_main(["worker", "--pool=threads", "--concurrency=8", "--hostname=kiq-webhooks@%h",
                      "--loglevel=INFO", *extra_args])  # fmt: skip

@@ -14,6 +14,7 @@ from typing import Any
 from celery import Task
 from celery.exceptions import Ignore
 
+from kiq import logs
 from kiq.contract import Job, parse_job
 from kiq.errors import KiqError, PipelineError
 from kiq.settings import Settings
@@ -54,6 +55,13 @@ class JobDelivery:
         )
 
     def run(self, raw: dict[str, Any]) -> dict[str, Any]:
+        request = self.task.request
+        with logs.context(
+            job_id=self.job_id, tenant=getattr(request, "kiq_owner", None), device=self.runner.device.name
+        ):
+            return self._deliver(raw)
+
+    def _deliver(self, raw: dict[str, Any]) -> dict[str, Any]:
         if self.records.final(self.job_id):
             raise Ignore()  # redelivered after its final state was stored (or cancelled while queued)
         try:

@@ -12,6 +12,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
+from kiq import logs
 from kiq.contract import Job, JobInput, seed_for
 from kiq.errors import JobError, JobTimeout, PipelineError, StorageUnavailable
 from kiq.settings import Settings
@@ -248,7 +249,8 @@ def decoder_params(job: Job) -> DecoderParams:
 def timed(timings: dict[str, float], stage: str) -> Iterator[None]:
     start = time.perf_counter()
     try:
-        yield
+        with logs.context(stage=stage):
+            yield
     finally:
         timings[stage] = round(time.perf_counter() - start, 4)
 

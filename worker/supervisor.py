@@ -19,6 +19,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from kiq import logs
 from kiq.errors import SettingsError
 from kiq.settings import Settings
 
@@ -164,5 +165,6 @@ class Supervisor:
 
 
 def supervise(settings: Settings, devices: str, argv: list[str]) -> int:
+    logs.setup(settings, "supervisor")  # JSON mode; else the basicConfig below
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s: %(levelname)s/supervisor] %(message)s")
     return Supervisor(settings, parse_devices(devices), argv, os.environ).run()
