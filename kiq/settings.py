@@ -49,6 +49,7 @@ class Settings:
     device_runtime_id: int = -1  # the id the framework is given; -1: KIQ_DEVICE_ID (0 under *_VISIBLE_DEVICES)
     metrics_port: int = 0  # Prometheus metrics on this port; 0: off
     log_format: str = "text"  # json: one JSON object per line, with job ids, secrets scrubbed (kiq/logs.py)
+    tracing: str = ""  # OpenTelemetry (the otel extra): otlp (OTEL_EXPORTER_OTLP_* variables) or file:PATH; empty: off
     metrics_queues: str = ""  # comma-separated queues the queue metrics always report (beside KIQ_QUEUE, tenants')
     restart_max: int = 5  # a supervised worker that dies this often within KIQ_RESTART_WINDOW_S is left down
     restart_window_s: float = 300.0
@@ -97,6 +98,8 @@ class Settings:
         if self.device_target not in ("Ascend", "CPU", "GPU"):
             raise SettingsError(f"{env_name('device_target')} must be Ascend, CPU or GPU, got {self.device_target!r}")
         _check_backend(self.backend, self.device_target)
+        if self.tracing and self.tracing != "otlp" and not self.tracing.startswith("file:"):
+            raise SettingsError(f"{env_name('tracing')} must be otlp, file:PATH or empty, got {self.tracing!r}")
         if self.log_format not in ("text", "json"):
             raise SettingsError(f"{env_name('log_format')} must be text or json, got {self.log_format!r}")
         for name in ("queue", "large_queue", *(["worker_queues"] if self.worker_queues else [])):

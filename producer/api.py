@@ -14,7 +14,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
 
-from kiq import logs, redisconn
+from kiq import logs, redisconn, tracing
 from kiq.contract import Job, validation_errors
 from kiq.errors import InvalidEventId, StorageError, UnknownJob
 from kiq.event_reads import parse_event_id
@@ -85,6 +85,7 @@ def create_api(settings: Settings, client: Client | None = None, s3: Any = None)
             await hubs[0].close()
 
     app.add_middleware(BodyLimit, max_bytes=settings.api_max_body_bytes)
+    tracing.instrument(app)
     metrics.install(app, settings, client, {q for t in tenants.by_key.values() for q in t.queues})
 
     @app.exception_handler(Rejected)

@@ -161,11 +161,12 @@ def cmd_worker(args: argparse.Namespace, extra: list[str]) -> int:
 
 
 def cmd_api(args: argparse.Namespace, _: list[str]) -> int:
-    from kiq import logs
+    from kiq import logs, tracing
     from producer.api import run_api
 
     settings = Settings.from_env()
     logs.setup(settings, "api")
+    tracing.setup(settings, "api")
     overrides = {k: v for k, v in (("api_host", args.host), ("api_port", args.port)) if v is not None}
     run_api(dataclasses.replace(settings, **overrides))
     return 0

@@ -14,7 +14,7 @@ from typing import Any
 from celery import Celery
 from celery.result import AsyncResult
 
-from kiq import logs, redisconn, s3
+from kiq import logs, redisconn, s3, tracing
 from kiq.celeryconf import PRIORITY_STEPS, common_config, priority_lists
 from kiq.contract import MAX_PRIORITY, Job, parse_job
 from kiq.errors import TransientError, UnknownJob, WaitTimeout
@@ -84,11 +84,12 @@ class Client:
 
         redisconn.retrying(write, self.settings.redis_retry_s, "submit")
         try:
-            self.app.send_task(
-                GENERATE_TASK, args=[parsed.model_dump(mode="json")], task_id=job_id,
-                queue=route(parsed, self.settings), priority=MAX_PRIORITY - parsed.priority,
-                headers={"kiq_submitted_at": time.time(), "kiq_owner": owner},
-            )  # fmt: skip
+            with tracing.span("submit", {"kiq.job_id": job_id}):
+                self.app.send_task(
+                    GENERATE_TASK, args=[parsed.model_dump(mode="json")], task_id=job_id,
+                    queue=route(parsed, self.settings), priority=MAX_PRIORITY - parsed.priority,
+                    headers=tracing.inject({"kiq_submitted_at": time.time(), "kiq_owner": owner}),
+                )  # fmt: skip
         except Exception:
             self._forget(job_id, owner)
             raise

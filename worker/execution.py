@@ -14,7 +14,7 @@ from typing import Any
 from celery import Task
 from celery.exceptions import Ignore
 
-from kiq import logs
+from kiq import logs, tracing
 from kiq.contract import Job, parse_job
 from kiq.errors import KiqError, PipelineError
 from kiq.settings import Settings
@@ -56,9 +56,9 @@ class JobDelivery:
 
     def run(self, raw: dict[str, Any]) -> dict[str, Any]:
         request = self.task.request
-        with logs.context(
-            job_id=self.job_id, tenant=getattr(request, "kiq_owner", None), device=self.runner.device.name
-        ):
+        owner, submitted_at = getattr(request, "kiq_owner", None), getattr(request, "kiq_submitted_at", None)
+        with logs.context(job_id=self.job_id, tenant=owner, device=self.runner.device.name), \
+                tracing.job(self.job_id, tracing.message_headers(request), submitted_at):  # fmt: skip
             return self._deliver(raw)
 
     def _deliver(self, raw: dict[str, Any]) -> dict[str, Any]:

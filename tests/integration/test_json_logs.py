@@ -23,12 +23,13 @@ PLANTED = (API_KEY, AWS_SECRET, REDIS_PASSWORD, WEBHOOK_SECRET)
 
 
 @pytest.fixture(scope="module")
-def json_stack(env, logs):
+def json_stack(env, logs, tmp_path_factory):
     port = devstack.free_port()
+    spans = tmp_path_factory.mktemp("json-log-spans") / "spans.jsonl"
     url = f"redis://:{REDIS_PASSWORD}@127.0.0.1:{port}/0"
     log_env = {**env, "KIQ_BROKER_URL": url, "KIQ_LOG_FORMAT": "json", "KIQ_API_KEYS": API_KEY,
                "KIQ_WEBHOOK_SECRET": WEBHOOK_SECRET, "KIQ_API_PORT": str(devstack.free_port()),
-               "KIQ_QUEUE": f"kiq-logs-{uuid.uuid4().hex[:6]}"}  # fmt: skip
+               "KIQ_QUEUE": f"kiq-logs-{uuid.uuid4().hex[:6]}", "KIQ_TRACING": f"file:{spans}"}  # fmt: skip
     with devstack.Stack() as stack:
         argv = ["redis-server", "--bind", "127.0.0.1", "--port", str(port), "--requirepass", REDIS_PASSWORD,
                 "--save", "", "--appendonly", "no", "--dir", str(logs)]  # fmt: skip
@@ -91,6 +92,8 @@ def test_json_logs_parse_carry_the_ids_and_never_the_secrets(json_stack):
     assert len(owner) == 1 and None not in owner, "the API logs the submit with the job id and tenant"
     mine = [e for e in worker if e.get("job_id") == bad.json()["id"]]
     assert mine and all(e["tenant"] in owner and e["device"] == "cpu:0" for e in mine)
+    traces = {e.get("trace_id") for e in mine} | {e.get("trace_id") for e in api if e.get("job_id") == bad.json()["id"]}
+    assert len(traces) == 1 and None not in traces, "the API's and the worker's lines of a job share its trace id"
     assert any(e.get("stage") == "fetch" for e in mine), [e["message"][:100] for e in mine]
     assert {e["process"] for e in worker} == {"worker"} and {e["process"] for e in api} == {"api"}
     assert any("ready" in e["message"] for e in worker)  # Celery's own lines come through as JSON too
