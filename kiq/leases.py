@@ -33,6 +33,7 @@ from kiq.names import VISIBILITY_TIMEOUTS_KEY, unacked_keys
 from kiq.settings import Settings
 
 log = logging.getLogger(__name__)
+renewal_failures = [0]  # failed renewal rounds in this process since start: worker/metrics.py exports it
 
 
 def renew_interval_s(visibility_timeout_s: float) -> float:
@@ -74,6 +75,7 @@ class LeaseKeeper:
                 self.renew()
             except Exception as exc:  # noqa: BLE001 - a Redis blip: keep trying, the lease has slack for it
                 log.warning("could not renew message leases: %s", exc)
+                renewal_failures[0] += 1
 
 
 class OtherIndexes:

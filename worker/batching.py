@@ -127,7 +127,8 @@ class DecoderBatch:
             self.guard.end(mate.job_id)
             name = "success" if isinstance(outcome, JobResult) else "cancelled" if isinstance(outcome, JobCancelled) \
                 else "failure"  # fmt: skip
-            self.observers.finished(name, seconds, outcome.timings if isinstance(outcome, JobResult) else None)
+            timings = outcome.timings if isinstance(outcome, JobResult) else None
+            self.observers.finished(name, seconds, timings, outcome if isinstance(outcome, BaseException) else None)
             self.records.notify(mate.job_id, webhook_url(mate.raw))
 
 

@@ -39,8 +39,9 @@ class Observers:
         if self.heartbeat is not None:
             self.heartbeat.job_started(job_id)
 
-    def finished(self, outcome: str, seconds: float, timings: dict[str, float] | None = None) -> None:
-        metrics.job_finished(outcome, seconds, timings)
+    def finished(self, outcome: str, seconds: float, timings: dict[str, float] | None = None,
+                 error: BaseException | None = None) -> None:  # fmt: skip
+        metrics.job_finished(outcome, seconds, timings, error)
         if self.heartbeat is not None:
             self.heartbeat.job_finished(ok=outcome == "success")
 
@@ -80,7 +81,7 @@ class JobDelivery:
         alone = self.guard.crashed_before(self.job_id)
         mates = [] if alone else batching.find_mates(self.task, job, self.settings, self._may_join)
         delivery = self.guard.begin(self.job_id, batched=bool(mates))
-        started, outcome, timings = time.monotonic(), "failure", None
+        started, outcome, timings, error = time.monotonic(), "failure", None, None
         self.observers.started(self.job_id, getattr(self.task.request, "kiq_submitted_at", None))
         try:
             self.records.started(self.job_id, delivery.attempt, batched=bool(mates))
@@ -91,9 +92,12 @@ class JobDelivery:
             outcome = "cancelled"
             self.records.revoked(self.job_id)
             raise Ignore() from None
+        except BaseException as exc:
+            error = exc
+            raise
         finally:
             self.guard.end(self.job_id)
-            self.observers.finished(outcome, time.monotonic() - started, timings)
+            self.observers.finished(outcome, time.monotonic() - started, timings, error)
 
     def _alone(self, job: Job, raw: dict[str, Any]) -> dict[str, Any]:
         limits = time_limits(job, self.settings)
