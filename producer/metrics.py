@@ -112,21 +112,24 @@ class QueueCollector:
             self.queues = sorted({*self.queues, *new})
 
     def collect(self) -> Iterator[Any]:
-        from prometheus_client.core import GaugeMetricFamily
-
-        ok = GaugeMetricFamily("kiq_queue_scrape_ok", "1 if the last read of the queues from Redis succeeded")
         try:
             snap = self.read()
             if any(q not in {k[0] for k in snap.depth} for q in self.queues):
                 snap = self.read()  # a worker named a new queue: report it in this scrape already
         except redisconn.REDIS_ERRORS as exc:
             log.warning("queue metrics: Redis unavailable: %s", exc)
-            ok.add_metric([], 0)
-            yield ok
+            yield _scrape_ok(0)
             return
-        ok.add_metric([], 1)
-        yield ok
+        yield _scrape_ok(1)
         yield from families(snap)
+
+
+def _scrape_ok(value: int) -> Any:
+    from prometheus_client.core import GaugeMetricFamily
+
+    ok = GaugeMetricFamily("kiq_queue_scrape_ok", "1 if the last read of the queues from Redis succeeded")
+    ok.add_metric([], value)
+    return ok
 
 
 def families(snap: Snapshot) -> Iterator[Any]:
