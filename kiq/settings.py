@@ -50,6 +50,7 @@ class Settings:
     metrics_port: int = 0  # Prometheus metrics on this port; 0: off
     log_format: str = "text"  # json: one JSON object per line, with job ids, secrets scrubbed (kiq/logs.py)
     tracing: str = ""  # OpenTelemetry (the otel extra): otlp (OTEL_EXPORTER_OTLP_* variables) or file:PATH; empty: off
+    health_port: int = 0  # worker probes /healthz and /readyz on this port (supervisor: + device id); 0: off
     metrics_queues: str = ""  # comma-separated queues the queue metrics always report (beside KIQ_QUEUE, tenants')
     restart_max: int = 5  # a supervised worker that dies this often within KIQ_RESTART_WINDOW_S is left down
     restart_window_s: float = 300.0
@@ -183,7 +184,7 @@ class Settings:
 
 _NON_NEGATIVE = (
     "device_id", "fetch_max_redirects", "fetch_retries", "s3_retry_s", "time_limit_grace_s", "metrics_port",
-    "embed_cache_mb", "decoder_batch_wait_ms",
+    "embed_cache_mb", "decoder_batch_wait_ms", "health_port",
     "shutdown_grace_s", "redis_retry_s", "progress_interval_ms", "submit_replicas", "submit_replica_timeout_ms",
 )  # fmt: skip
 _POSITIVE = (

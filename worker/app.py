@@ -13,7 +13,7 @@ from kiq import leases
 from kiq.celeryconf import common_config
 from kiq.errors import SettingsError
 from kiq.settings import Settings
-from worker import metrics, tasks
+from worker import health, metrics, tasks
 from worker.fleet import Heartbeat
 from worker.runner import Runner
 
@@ -46,6 +46,7 @@ def create_app(settings: Settings, runner: Runner | None = None) -> Celery:
         _setup_or_exit(runner)
         metrics.MODEL_LOAD.set(runner.load_seconds)
         metrics.serve(settings.metrics_port)
+        health.serve(settings.health_port, health.Health(runner, sender, health.broker_client(settings)))
         observers.heartbeat = Heartbeat(
             app.backend.client, sender.hostname, runner.device.name, settings.consumed_queues
         )

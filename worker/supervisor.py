@@ -49,6 +49,8 @@ def child_env(base: Mapping[str, str], settings: Settings, device: int) -> dict[
         env["KIQ_DEVICE_RUNTIME_ID"] = "0"
     if settings.metrics_port:
         env["KIQ_METRICS_PORT"] = str(settings.metrics_port + device)
+    if settings.health_port:
+        env["KIQ_HEALTH_PORT"] = str(settings.health_port + device)
     return env
 
 
