@@ -19,7 +19,7 @@ import uuid
 import redis
 
 from kiq.celeryconf import priority_lists
-from kiq.names import FLEET_INDEX_KEY, fleet_key
+from kiq.names import FLEET_INDEX, fleet_key
 from kiq.settings import Settings
 from producer.client import Client
 from producer.metrics import QueueCollector
@@ -79,7 +79,7 @@ def main() -> None:
     for n in range(8):  # live workers, as worker/fleet.py writes them
         key = fleet_key(f"kiq@bench-cpu{n}:{n}")
         direct.hset(key, mapping={"device": f"cpu:{n}", "queues": queue, "current_job": "" if n % 2 else "job"})
-        direct.zadd(FLEET_INDEX_KEY, {key: time.time() + 3600})
+        direct.zadd(FLEET_INDEX, {key: time.time() + 3600})
     proxy = CountingProxy(direct.connection_pool.connection_kwargs["port"])
     via = redis.Redis(host="127.0.0.1", port=proxy.port, db=direct.connection_pool.connection_kwargs["db"])
     client = Client(settings)

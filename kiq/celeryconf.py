@@ -9,11 +9,20 @@ from kiq.names import GENERATE_TASK, unacked_keys
 from kiq.settings import Settings
 
 PRIORITY_STEPS = (0, 3, 6, 9)
+# The Celery `amqp` class of kiq's consumers (job and webhook workers): kombu's Redis transport with leases on
+# Redis's clock that a reconnect never hands back while the worker still holds them (kiq/transport.py).
+# Producers keep kombu's own: the broker URL is the same for both, and for any plain Celery client.
+WORKER_AMQP = "kiq.transport:AMQP"
+# kombu's Redis separator (its `sep` transport option, left at kombu's default): it names the priority lists and
+# joins binding members, so every Celery client must use the same one, and plain Celery apps and Flower use this.
+KOMBU_SEP = "\x06\x16"
+# The separator kiq used up to issue 20 (`sep: ":"`); kiq.brokerformat moves what it left in Redis.
+OLD_SEP = ":"
 
 
-def priority_lists(queue: str) -> list[str]:
-    """kombu's Redis list for each priority step of `queue`, in PRIORITY_STEPS order (with the ':' sep below)."""
-    return [f"{queue}:{step}" if step else queue for step in PRIORITY_STEPS]
+def priority_lists(queue: str, sep: str = KOMBU_SEP) -> list[str]:
+    """kombu's Redis list for each priority step of `queue`, in PRIORITY_STEPS order: `kiq`, `kiq\\x06\\x163` …"""
+    return [f"{queue}{sep}{step}" if step else queue for step in PRIORITY_STEPS]
 
 
 def restore_interval_s(visibility_timeout_s: float) -> int:
@@ -37,10 +46,10 @@ def broker_transport_options(settings: Settings) -> dict[str, Any]:
         "unacked_restore_interval": restore_interval_s(settings.visibility_timeout_s),
         "unacked_restore_throttle": 1,
         "unacked_mutex_expire": unacked_mutex_expire_s(settings.visibility_timeout_s),
-        # Priorities on Redis: one list per step (kiq, kiq:3, kiq:6, kiq:9); kombu serves 0 first.
-        # A job's priority p (9 most urgent) is sent as 9 - p: classes 7-9, 4-6, 1-3 and 0.
+        # Priorities on Redis: one list per step (`priority_lists`); kombu serves 0 first. A job's priority p
+        # (9 most urgent) is sent as 9 - p: classes 7-9, 4-6, 1-3 and 0. No `sep`: a plain Celery app must name
+        # the same lists and bindings, so kiq keeps kombu's default (KOMBU_SEP).
         "priority_steps": list(PRIORITY_STEPS),
-        "sep": ":",
         "queue_order_strategy": "priority",
     }
 

@@ -4,9 +4,11 @@ status JSON's `error.type`.
     KiqError
     ├── SettingsError          a KIQ_* variable is missing or malformed (raised at start)
     ├── JobInvalid             the job breaks the contract (raised at submit; in the worker for raw messages)
+    │   └── JobTooLong         no live worker of its queue could finish it within KIQ_TIME_LIMIT_MAX_S (at submit)
     ├── UnknownJob             no job with that id was ever submitted (or its record expired)
     ├── WaitTimeout            `wait` gave up before the job ended
     ├── InvalidEventId         a resume id (Last-Event-ID) that is not a stream id Redis accepts
+    ├── SubmitAbandoned        a submit gave up before enqueueing anything (its Idempotency-Key's claim lapsed)
     └── JobError               a job ended in FAILURE
         ├── InputError         an image reference cannot be used
         │   ├── FetchError     the URL could not be read (4xx, DNS failure, too many redirects)
@@ -41,6 +43,16 @@ class JobInvalid(KiqError, ValueError):
     pass
 
 
+class JobTooLong(JobInvalid):
+    """Refused at submit: the job's expected time on the fastest live worker of its queue (by the speeds the
+    workers publish; the reference speed KIQ_PRIOR_STEP_S/KIQ_DECODER_STEP_S with none live) is over the cap."""
+
+    def __init__(self, message: str, expected_s: float = 0.0, limit_s: float = 0.0, queue: str = "",
+                 workers: int = 0) -> None:  # fmt: skip
+        super().__init__(message)
+        self.expected_s, self.limit_s, self.queue, self.workers = expected_s, limit_s, queue, workers
+
+
 class UnknownJob(KiqError, LookupError):
     pass
 
@@ -51,6 +63,10 @@ class WaitTimeout(KiqError, TimeoutError):
 
 class InvalidEventId(KiqError, ValueError):
     pass
+
+
+class SubmitAbandoned(KiqError):
+    """The submit outlived its Idempotency-Key's pending mark: nothing was enqueued; retry with the same key."""
 
 
 class JobError(KiqError):

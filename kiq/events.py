@@ -21,9 +21,11 @@ from typing import Any
 
 from celery.backends.redis import RedisBackend, SentinelBackend
 
+from kiq import fencing
 from kiq.names import TERMINAL_STATES
 
 # KEYS: meta key, stream key, event channel. ARGV: meta, ttl (0 = none), the stream's ttl (0 = none), its cap.
+# Run behind fencing.GUARD, which takes the fence key and the token last.
 _WRITE = """
 local ttl, stream_ttl = tonumber(ARGV[2]), tonumber(ARGV[3])
 if ttl > 0 then redis.call('SETEX', KEYS[1], ttl, ARGV[1]) else redis.call('SET', KEYS[1], ARGV[1]) end
@@ -60,7 +62,8 @@ def event_order(event_id: str) -> tuple[int, int]:
 
 
 class _EventStreams:
-    """Each state write also appended to the job's event stream (mixed into Celery's Redis backends)."""
+    """Each state write also appended to the job's event stream (mixed into Celery's Redis backends); a write for
+    a job whose run holds a fencing token here is made only while no later delivery has begun (kiq/fencing.py)."""
 
     client: Any
     expires: Any
@@ -73,11 +76,14 @@ class _EventStreams:
         ttl = int(self.expires or 0)
         final = json.loads(value).get("status") in TERMINAL_STATES
         stream_ttl = min(ttl or DONE_STREAM_TTL_S, DONE_STREAM_TTL_S) if final else ttl
-        keys = (name, events_key(job_id), events_channel(job_id))
+        token = fencing.held(job_id)  # a run's writes are refused once a later delivery of its job has begun
+        fence, fence_arg = fencing.guard_args(job_id, token)
+        keys = (name, events_key(job_id), events_channel(job_id), fence)
         script = self.__dict__.get("_write_script")
         if script is None:  # EVALSHA: Redis keeps the compiled script; EVAL would send and hash it every write
-            script = self.__dict__["_write_script"] = self.client.register_script(_WRITE)
-        script(keys=keys, args=(value, ttl, stream_ttl, STREAM_MAXLEN), client=self.client)
+            script = self.__dict__["_write_script"] = self.client.register_script(fencing.guarded(_WRITE))
+        if script(keys=keys, args=(value, ttl, stream_ttl, STREAM_MAXLEN, fence_arg), client=self.client) is None:
+            fencing.refused(job_id, token, json.loads(value).get("status"))
         return None
 
     def on_task_call(self, producer: Any, task_id: str) -> None:

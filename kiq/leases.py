@@ -4,33 +4,36 @@ With the Redis broker an unacknowledged message sits in kombu's unacked index, a
 it was handed out; any consumer's periodic sweep puts it back on its queue once that score is older than the
 sweeper's visibility timeout, which is why each timeout gets an index of its own (`kiq.names.unacked_keys`).
 kiq keeps the timeout short (`KIQ_VISIBILITY_TIMEOUT_S`, 60 s) and a thread in each worker process re-scores
-every message that process holds — running, reserved (prefetched, batch mates) or waiting for an ETA — every
-sixth of the timeout, for as long as the process lives. This is the lease pattern of
-SQS's ChangeMessageVisibility: a live job is never handed out twice however long it runs, and the job of a
-worker that died comes back within one timeout plus one sweep.
+every message that process holds — running, reserved (prefetched, batch mates), waiting for an ETA, or kept
+across a broker reconnect (kiq/transport.py) — every sixth of the timeout, for as long as the process lives.
+This is the lease pattern of SQS's ChangeMessageVisibility: a live job is never handed out twice however long
+it runs, and the job of a worker that died comes back within one timeout plus one sweep.
 
 kombu sweeps only its own index, so each worker also sweeps the indexes of the other timeouts in use
 (`OtherIndexes`), each by its own timeout: a dead worker's jobs come back whatever timeout the live ones have.
-Like kombu's own sweep, this compares each host's clock with the scores other hosts wrote: keep clocks in sync
-(NTP) to well under five sixths of the shortest timeout.
+Every score and every sweep's cutoff is read from Redis's clock (`TIME`), never a host's: a worker whose clock is
+minutes off neither takes live jobs nor keeps dead ones.
 """
 
 from __future__ import annotations
 
 import logging
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from kombu.transport.redis import QoS as RedisQoS
 from kombu.utils.encoding import bytes_to_str
 from kombu.utils.json import loads
 
 from kiq import redisconn
 from kiq.celeryconf import restore_interval_s, unacked_mutex_expire_s
+from kiq.intake import Intake
 from kiq.names import VISIBILITY_TIMEOUTS_KEY, unacked_keys
 from kiq.settings import Settings
+from kiq.transport import QoS as KiqQoS
+from kiq.transport import hold_while, kept_leases, server_time
 
 log = logging.getLogger(__name__)
 renewal_failures = [0]  # failed renewal rounds in this process since start: worker/metrics.py exports it
@@ -44,14 +47,21 @@ def renew_interval_s(visibility_timeout_s: float) -> float:
 class LeaseKeeper:
     """Re-scores held delivery tags in the unacked index; `ZADD XX` never revives a message acked meanwhile."""
 
-    def __init__(self, redis: Any, held: Callable[[], Iterable[tuple[str, str]]], interval_s: float) -> None:
+    def __init__(self, redis: Any, held: Callable[[], Iterable[tuple[str, str]]], interval_s: float,
+                 unsafe_after_s: float = float("inf"), on_unsafe: Callable[[float, Exception], None] | None = None,
+                 on_safe: Callable[[], None] | None = None) -> None:  # fmt: skip
         self.redis, self.held, self.interval_s = redis, held, interval_s
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.renewals = 0
+        # Failure accounting: past `unsafe_after_s` without a successful renewal `on_unsafe` is called (once), and
+        # `on_safe` at the next success.
+        self.unsafe_after_s, self.on_unsafe, self.on_safe = unsafe_after_s, on_unsafe, on_safe
+        self.last_renewed, self.unsafe = time.monotonic(), False
 
     def start(self) -> None:
         self._stop.clear()
+        self.last_renewed = time.monotonic()
         self._thread = threading.Thread(target=self._loop, name="kiq-leases", daemon=True)
         self._thread.start()
 
@@ -63,9 +73,13 @@ class LeaseKeeper:
         by_index: dict[str, list[str]] = {}
         for index_key, tag in self.held():
             by_index.setdefault(index_key, []).append(tag)
-        now, renewed = time.time(), 0
-        for index_key, tags in by_index.items():
-            renewed += int(self.redis.zadd(index_key, dict.fromkeys(tags, now), xx=True, ch=True) or 0)
+        renewed = 0
+        if by_index:
+            now = server_time(self.redis)
+            for index_key, tags in by_index.items():
+                renewed += int(self.redis.zadd(index_key, dict.fromkeys(tags, now), xx=True, ch=True) or 0)
+        else:
+            self.redis.ping()  # nothing held: still prove the leases' connection works, before taking a job
         self.renewals += 1
         return renewed
 
@@ -76,6 +90,23 @@ class LeaseKeeper:
             except Exception as exc:  # noqa: BLE001 - a Redis blip: keep trying, the lease has slack for it
                 log.warning("could not renew message leases: %s", exc)
                 renewal_failures[0] += 1
+                self._failed(exc)
+            else:
+                self._renewed()
+
+    def _failed(self, exc: Exception) -> None:
+        late_s = time.monotonic() - self.last_renewed
+        if not self.unsafe and late_s > self.unsafe_after_s:
+            self.unsafe = True
+            if self.on_unsafe is not None:
+                self.on_unsafe(late_s, exc)
+
+    def _renewed(self) -> None:
+        self.last_renewed = time.monotonic()
+        if self.unsafe:
+            self.unsafe = False
+            if self.on_safe is not None:
+                self.on_safe()
 
 
 class OtherIndexes:
@@ -109,15 +140,16 @@ class OtherIndexes:
         if self._thread.is_alive():  # a sweep stuck on Redis: its socket timeout ends it; a daemon thread anyway
             log.warning("the sweep of other visibility timeouts' indexes did not stop within 5 s")
 
-    def note(self, client: Any) -> None:
-        """Put our timeout on record (scored now): from then on other workers sweep our index if we die."""
-        client.zadd(VISIBILITY_TIMEOUTS_KEY, {repr(self.own): time.time()})
+    def note(self, client: Any, now: float | None = None) -> None:
+        """Put our timeout on record (scored now, by Redis's clock): from then on other workers sweep our index."""
+        client.zadd(VISIBILITY_TIMEOUTS_KEY, {repr(self.own): server_time(client) if now is None else now})
 
     def sweep(self) -> int:
         """Note our timeout, then sweep every other one's index once; returns how many jobs it handed back."""
         channel = self._channel()
         client = channel.client
-        self.note(client)
+        now = server_time(client)
+        self.note(client, now)
         swept, restored = {unacked_keys(self.own)["unacked_index_key"]}, 0
         for member, _ in client.zrange(VISIBILITY_TIMEOUTS_KEY, 0, -1, withscores=True):
             timeout_s = parse_timeout(member)
@@ -128,7 +160,7 @@ class OtherIndexes:
             if index in swept:  # ours, or a near-equal timeout sharing its keys
                 continue
             swept.add(index)
-            cutoff = time.time() - FORGET_TIMEOUT_AFTER_S
+            cutoff = now - FORGET_TIMEOUT_AFTER_S
             if self._forget(keys=[VISIBILITY_TIMEOUTS_KEY, index], args=[member, cutoff]):
                 continue
             restored += self._sweep_of(channel, index, timeout_s).sweep()
@@ -192,8 +224,8 @@ def parse_timeout(member: Any) -> float | None:
     return timeout_s if 0 < timeout_s < float("inf") else None  # NaN compares false: refused too
 
 
-class _IndexQoS(RedisQoS):
-    """kombu's sweep of an unacked index (`restore_visible`), pointed at another visibility timeout's keys."""
+class _IndexQoS(KiqQoS):
+    """kombu's sweep of an unacked index (`restore_visible`, by Redis's clock), pointed at another timeout's keys."""
 
     def __init__(self, channel: Any, visibility_timeout_s: float) -> None:
         super().__init__(channel)
@@ -230,8 +262,9 @@ SWEEP_SOCKETS = {"socket_timeout": 10, "socket_connect_timeout": 5}
 
 def held_by_consumer(consumer: Any, visibility_timeout_s: float) -> list[tuple[str, str]]:
     """(unacked index key, delivery tag) of every message this worker holds: the task channel's unacknowledged
-    deliveries (ETA messages included), and the requests it runs or has reserved — those outlive a broker
-    reconnect, which gives the consumer a fresh channel that no longer lists them."""
+    deliveries (ETA messages included), the requests it runs or has reserved, and the messages an old channel kept
+    on a broker reconnect (kiq/transport.py) — the consumer's fresh channel no longer lists those, and Celery
+    forgets its reserved requests, which the threads pool still runs."""
     task_consumer = getattr(consumer, "task_consumer", None)
     channel = getattr(task_consumer, "channel", None)
     index_key = unacked_keys(visibility_timeout_s)["unacked_index_key"]  # what our transport options name
@@ -241,11 +274,27 @@ def held_by_consumer(consumer: Any, visibility_timeout_s: float) -> list[tuple[s
         qos = getattr(channel, "_qos", None)  # kombu creates it on first delivery
         if qos is not None:
             tags.update(_copy(qos._delivered))
-    for request in _requests():
+    tags.update(_tags(_requests()))
+    kept = kept_leases()
+    tags.difference_update(tag for _, tag in kept)
+    return sorted([*((index_key, tag) for tag in tags), *kept])
+
+
+def held_tags(consumer: Any) -> set[str]:
+    """Delivery tags of the requests this worker runs, has reserved or schedules for an ETA: what a channel that
+    closes on a reconnect must not hand back (kiq/transport.py)."""
+    timer = getattr(consumer, "timer", None)
+    entries = [getattr(item, "entry", item) for item in _copy(getattr(timer, "queue", ()))]  # (eta, priority, entry)
+    return _tags([*_requests(), *(arg for entry in entries for arg in getattr(entry, "args", None) or ())])
+
+
+def _tags(requests: Iterable[Any]) -> set[str]:
+    tags = set()
+    for request in requests:
         tag = getattr(getattr(request, "message", None), "delivery_tag", None)
         if tag is not None:
             tags.add(tag)
-    return [(index_key, tag) for tag in sorted(tags)]
+    return tags
 
 
 def _requests() -> list[Any]:
@@ -265,7 +314,33 @@ def _copy(items: Any) -> list[Any]:
 
 def broker_redis(settings: Settings) -> Any:
     """Leases live in the broker's Redis, which need not be the result backend's (with Sentinel: its master)."""
-    return redisconn.connect(settings.broker_server, settings)
+    return redisconn.connect(settings.broker_server, settings, **lease_sockets(settings.visibility_timeout_s))
+
+
+def lease_sockets(visibility_timeout_s: float) -> dict[str, Any]:
+    """The leases' client options: a renewal on a half-open connection (host loss, partition) fails within a
+    renewal interval instead of blocking in TCP retransmits (~15 min; redis-py < 8 has no socket timeout), and
+    is not retried inside redis-py (the loop's next round is the retry). Named, to be found in CLIENT LIST."""
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+
+    # A new connection (connect, then one reply) fails within two thirds of an interval.
+    timeout_s = max(0.5, min(5.0, renew_interval_s(visibility_timeout_s) / 3))
+    return {"socket_timeout": timeout_s, "socket_connect_timeout": timeout_s, "socket_keepalive": True,
+            "socket_keepalive_options": _keepalive(timeout_s), "retry": Retry(NoBackoff(), 0),
+            "client_name": LEASE_CLIENT_NAME}  # fmt: skip
+
+
+LEASE_CLIENT_NAME = "kiq-leases"
+
+
+def _keepalive(timeout_s: float) -> dict[int, int]:
+    """Probe an idle connection after a few seconds (Linux's options; others keep the system's)."""
+    names = ("TCP_KEEPIDLE", "TCP_KEEPINTVL", "TCP_KEEPCNT")
+    if not all(hasattr(socket, name) for name in names):
+        return {}
+    seconds = max(1, int(timeout_s))
+    return {socket.TCP_KEEPIDLE: seconds, socket.TCP_KEEPINTVL: seconds, socket.TCP_KEEPCNT: 3}
 
 
 def install(app: Any, redis_factory: Callable[[], Any], visibility_timeout_s: float) -> None:
@@ -281,10 +356,12 @@ def install(app: Any, redis_factory: Callable[[], Any], visibility_timeout_s: fl
             self.others: OtherIndexes | None = None
 
         def start(self, c: Any) -> None:
+            hold_while(lambda: held_tags(c))  # before the first job: a reconnect keeps what this consumer runs
             if self.keeper is None:
                 interval = renew_interval_s(visibility_timeout_s)
                 held = lambda: held_by_consumer(c, visibility_timeout_s)  # noqa: E731
-                self.keeper = LeaseKeeper(redis_factory(), held, interval)
+                self.keeper = LeaseKeeper(redis_factory(), held, interval, visibility_timeout_s / 2,
+                                          *_stop_taking_jobs(Intake(c), visibility_timeout_s))  # fmt: skip
                 self.keeper.start()
                 log.info("renewing message leases every %.1f s", interval)
             if self.others is None:
@@ -303,3 +380,22 @@ def install(app: Any, redis_factory: Callable[[], Any], visibility_timeout_s: fl
                     part.stop()
 
     app.steps["consumer"].add(Leases)
+
+
+def _stop_taking_jobs(intake: Intake, visibility_timeout_s: float) -> tuple[Callable[..., None], Callable[[], None]]:
+    """Past half the visibility timeout without a renewal (before the leases could lapse) the worker stops
+    taking jobs, loudly: each job it took could be handed to another worker while it runs. It resumes once a
+    renewal succeeds (a Redis outage, a partition), rather than exiting: a supervisor's restarts would fail the
+    same way and cost the running job."""
+
+    def unsafe(late_s: float, exc: Exception) -> None:
+        log.error("message leases not renewed for %.1f s (%s: %s): this worker stops taking jobs until a renewal "
+                  "succeeds; past the %g s visibility timeout the jobs it holds are handed to other workers",
+                  late_s, type(exc).__name__, exc, visibility_timeout_s)  # fmt: skip
+        intake.pause()
+
+    def safe() -> None:
+        log.warning("message leases renewed again: this worker is taking jobs again")
+        intake.resume()
+
+    return unsafe, safe

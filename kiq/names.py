@@ -28,13 +28,12 @@ def cancel_key(job_id: str) -> str:
     return f"kiq:cancel:{job_id}"
 
 
+FLEET_INDEX = "kiq:fleet"  # sorted set of live heartbeat keys (score: last beat); readers prune expired ones
+
+
 def fleet_key(worker: str) -> str:
     """A live worker process's heartbeat hash (device, current job, counters); expires when it stops."""
     return f"kiq:fleet:{worker}"
-
-
-# Live workers' heartbeat keys scored by their last beat: the metrics read the fleet without a SCAN.
-FLEET_INDEX_KEY = "kiq:fleet_index"
 
 
 def idempotency_key(owner: str, key: str) -> str:
@@ -44,6 +43,11 @@ def idempotency_key(owner: str, key: str) -> str:
 def frames_key(job_id: str) -> str:
     """A sweep's frames uploaded so far (JSON list of ImageRef), so a cancelled or failed sweep still lists them."""
     return f"kiq:frames:{job_id}"
+
+
+def fence_key(job_id: str) -> str:
+    """The job's fencing token: each delivery INCRs it as it begins, and its writes need the count not past its own."""
+    return f"kiq:fence:{job_id}"
 
 
 # The visibility timeouts workers use (a sorted set: the repr of a float, in seconds, scored by when last seen).

@@ -67,6 +67,22 @@ class RedisURL:
         return ";".join(f"{self.scheme}://{auth}{host}:{port}/{self.db}" for host, port in self.hosts)
 
 
+def redact(url: str) -> str:
+    """`url` fit to print: in each `;`-separated part, whatever could be a password is `***` — the userinfo after
+    its first ':' (all of it without one), up to the part's last '@', so that malformed URLs (an unescaped '/' or
+    '@' in the password) are masked too. Every URL kiq shows in an error or a log goes through here."""
+    return ";".join(_redact_part(part) for part in url.split(";"))
+
+
+def _redact_part(part: str) -> str:
+    start = part.find("://") + 3 if "://" in part else 0
+    at = part.rfind("@")
+    if at < start:
+        return part
+    user, colon, _ = part[start:at].partition(":")
+    return f"{part[:start]}{user + colon if colon else ''}***{part[at:]}"
+
+
 def parse(url: str, variable: str) -> RedisURL:
     """Parse and check a kiq Redis URL; a malformed one raises SettingsError naming `variable`."""
     chunks = [c.strip() for c in url.split(";") if c.strip()]
@@ -76,18 +92,21 @@ def parse(url: str, variable: str) -> RedisURL:
             split = urlsplit(chunk)
             port = split.port
         except ValueError:
-            raise SettingsError(f"{variable}: {chunk!r} has a malformed host or port") from None
+            raise SettingsError(f"{variable}: {redact(chunk)!r} has a malformed host or port") from None
         parts.append((split, port))
     schemes = {split.scheme for split, _ in parts}
     if not parts or len(schemes) != 1 or not schemes <= {"redis", "rediss", "sentinel"}:
         raise SettingsError(
-            f"{variable} must be a redis://, rediss:// or sentinel://host:port;sentinel://host:port/db URL, got {url!r}"
+            f"{variable} must be a redis://, rediss:// or sentinel://host:port;sentinel://host:port/db URL, "
+            f"got {redact(url)!r}"
         )
     scheme = schemes.pop()
     if scheme != "sentinel" and len(parts) > 1:
-        raise SettingsError(f"{variable}: only sentinel:// URLs list several servers (separated by ';'), got {url!r}")
+        raise SettingsError(
+            f"{variable}: only sentinel:// URLs list several servers (separated by ';'), got {redact(url)!r}"
+        )
     if any(not split.hostname for split, _ in parts):
-        raise SettingsError(f"{variable} must name a host in every part, got {url!r}")
+        raise SettingsError(f"{variable} must name a host in every part, got {redact(url)!r}")
     dbs = {_db(split.path, variable) for split, _ in parts if split.path.strip("/")}
     if len(dbs) > 1:
         raise SettingsError(f"{variable}: its parts name different databases {sorted(dbs)}")

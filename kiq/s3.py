@@ -12,13 +12,16 @@ from kiq.settings import Settings
 _ODD_SEGMENTS = ("", ".", "..")
 
 
-def s3_client(settings: Settings) -> Any:
+def s3_client(settings: Settings, timeout_s: float = 30.0, attempts: int = 2) -> Any:
+    """A client whose every socket wait (connect: at most 3 s) ends within `timeout_s`, trying a call `attempts`
+    times. botocore bounds each wait, not their sum: a caller with a deadline bounds that itself."""
     import boto3
     from botocore.config import Config
 
     config = Config(
-        signature_version="s3v4", retries={"max_attempts": 2, "mode": "standard"}, connect_timeout=3, read_timeout=30
-    )
+        signature_version="s3v4", retries={"max_attempts": attempts, "mode": "standard"},
+        connect_timeout=min(3.0, timeout_s), read_timeout=timeout_s,
+    )  # fmt: skip
     return boto3.client(
         "s3", endpoint_url=settings.s3_endpoint_url or None, region_name=settings.s3_region, config=config
     )

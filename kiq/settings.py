@@ -67,6 +67,9 @@ class Settings:
     api_max_priority: int = 5  # the highest priority a tenant may ask for unless its entry says more
     api_max_body_bytes: int = 32 * 1024 * 1024
     idempotency_ttl_s: int = 24 * 3600
+    # An in-flight submit's Idempotency-Key answers 409 to retries; renewed while the submit works, so this is how
+    # long a key stays blocked after the API process handling it died.
+    idempotency_pending_s: float = 300.0
     webhook_secret: str = ""  # HMAC-SHA256 key for X-Kiq-Signature; required by the webhook worker
     webhook_timeout_s: float = 10.0
     webhook_retry_s: float = 600.0  # how long a failing webhook is retried, with backoff
@@ -80,8 +83,11 @@ class Settings:
     fetch_allow: str = ""  # comma-separated hosts, IPs or CIDRs exempt from the private-address refusal
     s3_retry_s: float = 60.0
     max_deliveries: int = 3
+    # The reference speed: where no worker's own measured speed is known (kiq/limits.py) — a worker before its
+    # warm-up probe, a submit while no live worker of the job's queue publishes one.
     prior_step_s: float = 0.05  # expected seconds per prior step (one text)
     decoder_step_s: float = 0.15  # expected seconds per decoder step, per 768x768 image
+    speed_probe_s: float = 10.0  # warm-up speed probe: 64x64 always, larger sizes while they fit this; 0: none
     time_limit_factor: float = 4.0
     time_limit_min_s: float = 300.0
     time_limit_max_s: float = 3 * 3600.0
@@ -184,14 +190,14 @@ class Settings:
 
 _NON_NEGATIVE = (
     "device_id", "fetch_max_redirects", "fetch_retries", "s3_retry_s", "time_limit_grace_s", "metrics_port",
-    "embed_cache_mb", "decoder_batch_wait_ms", "health_port",
+    "embed_cache_mb", "decoder_batch_wait_ms", "speed_probe_s", "health_port",
     "shutdown_grace_s", "redis_retry_s", "progress_interval_ms", "submit_replicas", "submit_replica_timeout_ms",
 )  # fmt: skip
 _POSITIVE = (
     "result_ttl_s", "presign_ttl_s", "fetch_timeout_s", "fetch_max_bytes", "fetch_max_pixels", "max_deliveries",
     "prior_step_s", "decoder_step_s", "time_limit_factor", "time_limit_min_s", "time_limit_max_s",
     "visibility_timeout_s", "large_pixels", "restart_max", "restart_window_s", "api_port", "api_max_body_bytes",
-    "idempotency_ttl_s", "webhook_timeout_s", "webhook_retry_s", "decoder_batch",
+    "idempotency_ttl_s", "idempotency_pending_s", "webhook_timeout_s", "webhook_retry_s", "decoder_batch",
 )  # fmt: skip
 
 
@@ -236,4 +242,5 @@ def _check_backend(backend: str, target: str) -> None:
 def _check_url(name: str, url: str, schemes: tuple[str, ...]) -> None:
     parts = urlsplit(url)
     if parts.scheme not in schemes or not parts.hostname:
-        raise SettingsError(f"{env_name(name)} must be a {'/'.join(schemes)} URL with a host, got {url!r}")
+        shown = redisconn.redact(url)
+        raise SettingsError(f"{env_name(name)} must be a {'/'.join(schemes)} URL with a host, got {shown!r}")

@@ -16,7 +16,7 @@ import uuid
 from collections.abc import Mapping
 from typing import Any
 
-from kiq import tracing
+from kiq import fencing, tracing
 from kiq.names import WEBHOOK_QUEUE, WEBHOOK_TASK
 
 log = logging.getLogger(__name__)
@@ -64,12 +64,14 @@ def queued_key(job_id: str) -> str:
     return f"kiq:webhook:{job_id}"
 
 
-def queue_webhook(app: Any, redis: Any, job_id: str, url: str | None, ttl_s: int) -> bool:
-    """Queue the job's one webhook unless someone already has; never raises (a webhook never fails its job)."""
+def queue_webhook(app: Any, redis: Any, job_id: str, url: str | None, ttl_s: int, token: int | None = None) -> bool:
+    """Queue the job's one webhook unless someone already has, or the run holding fencing `token` is stale (its
+    early webhook would wait for a final state that the newer run may take longer than its retries to write);
+    never raises (a webhook never fails its job)."""
     if not url:
         return False
     try:
-        if not redis.set(queued_key(job_id), "1", nx=True, ex=ttl_s):
+        if not fencing.set_if_current(redis, job_id, token, queued_key(job_id), "1", ttl_s, nx=True):
             return False
     except Exception as exc:  # noqa: BLE001 - Redis down: fall through and send; the receiver dedupes
         log.warning("could not mark the webhook of %s as queued: %s", job_id, exc)

@@ -4,8 +4,10 @@ replicas can sit behind a load balancer. See docs/api/index.md for curl examples
 import hashlib
 import json
 import logging
+import threading
 import uuid
-from contextlib import aclosing
+from collections.abc import Iterator
+from contextlib import aclosing, contextmanager, nullcontext
 from importlib import resources
 from typing import Annotated, Any
 
@@ -16,7 +18,7 @@ from pydantic import BaseModel, ValidationError
 
 from kiq import logs, redisconn, tracing
 from kiq.contract import Job, validation_errors
-from kiq.errors import InvalidEventId, StorageError, UnknownJob
+from kiq.errors import InvalidEventId, JobTooLong, StorageError, SubmitAbandoned, UnknownJob
 from kiq.event_reads import parse_event_id
 from kiq.events import events_key
 from kiq.names import idempotency_key
@@ -110,27 +112,36 @@ def create_api(settings: Settings, client: Client | None = None, s3: Any = None)
             replay = claim.acquire(job_id) if claim else None
             if replay is not None:
                 return Submitted(id=replay, status_url=f"/v1/jobs/{replay}")
-            for key, data, content_type in uploads:
-                put(s3, settings.s3_bucket, key, data, content_type)
-            client.submit(job, tenant.owner, job_id)
+            client.check_feasible(job)  # before the uploads: a job no worker could finish stores nothing
+            with claim.kept() if claim else nullcontext():
+                for key, data, content_type in uploads:
+                    put(s3, settings.s3_bucket, key, data, content_type)
+                client.submit(job, tenant.owner, job_id, before_publish=claim.confirm if claim else None)
+                if claim is not None:
+                    claim.commit()
         except Rejected:
             raise
         except Exception as exc:
             if claim is not None:
                 claim.release()
+            if isinstance(exc, JobTooLong):
+                raise Rejected(422, [too_long(exc)]) from None
+            if isinstance(exc, SubmitAbandoned):
+                log.warning("submit abandoned, nothing enqueued: %s", exc)
+                raise Rejected(503, f"{exc}: retry, with the same Idempotency-Key") from None
             if isinstance(exc, _UNAVAILABLE):
                 log.warning("submit failed, nothing enqueued: %s: %s", type(exc).__name__, exc)
                 raise Rejected(503, f"storage or queue unavailable ({type(exc).__name__}); nothing was enqueued: "
                                     "retry, with the same Idempotency-Key if you sent one") from None  # fmt: skip
             raise
-        if claim is not None:
-            claim.commit()
         return Submitted(id=job_id, status_url=f"/v1/jobs/{job_id}")
 
     @app.post("/v1/jobs", status_code=202, response_model=Submitted, openapi_extra=SUBMIT_BODY,
               responses={403: {"description": "a queue, priority or s3:// object this key may not use"},
                          409: {"description": "Idempotency-Key reused with another body, or still in flight"},
-                         413: {"description": "body too large"}, 422: {"description": "invalid job"},
+                         413: {"description": "body too large"},
+                         422: {"description": "invalid job, or one no live worker of its queue could finish within "
+                                              "the time-limit cap (type JobTooLong)"},
                          503: {"description": "Redis or S3 unavailable: nothing enqueued, retry"}})  # fmt: skip
     async def submit(request: Request, tenant: Caller,
                      idempotency: Annotated[str | None, Header(alias="Idempotency-Key", max_length=255)] = None,
@@ -337,6 +348,12 @@ def rewrite_uploads(data: Any, files: dict[str, tuple[bytes, str]], prefix: str,
     return uploads
 
 
+def too_long(exc: JobTooLong) -> dict[str, Any]:
+    """A refused job's 422 detail: the validation errors' shape, with the estimate that refused it."""
+    return {"loc": ["body"], "msg": str(exc), "type": "JobTooLong", "expected_s": round(exc.expected_s, 1),
+            "limit_s": exc.limit_s, "queue": exc.queue, "live_workers": exc.workers}  # fmt: skip
+
+
 def parse_json(raw: bytes) -> Any:
     try:
         return json.loads(raw)
@@ -354,21 +371,25 @@ def validate(data: Any) -> Job:
 class IdempotencyClaim:
     """An Idempotency-Key points at a job only once that job is enqueued.
 
-    `acquire` records the key as pending (for `PENDING_TTL_S`) or answers for an earlier request: its job id if
-    that request enqueued, 409 if it is still in flight or had another body. A failed submit `release`s the key,
-    so the client's retry creates the job; if even that fails (Redis down), the pending mark expires by itself.
+    `acquire` records the key as pending or answers for an earlier request: its job id if that request enqueued,
+    409 if it is still in flight or had another body. The pending mark lives KIQ_IDEMPOTENCY_PENDING_S and is
+    renewed (compare-and-set) while the submit works (`kept`), however long its uploads and retries take; right
+    before the publish `confirm` renews it once more, and abandons the submit (SubmitAbandoned, nothing enqueued)
+    if the mark is no longer ours: it lapsed while Redis was out of reach, and a retry may hold the key now. So a
+    retry never creates a second job while the first submit is in flight, nor after it enqueued its job. A failed
+    submit `release`s the key, so the client's retry creates the job; if even that fails (Redis down), or the API
+    process dies, the pending mark expires by itself.
     """
-
-    PENDING_TTL_S = 300  # above the slowest submit: S3 retries plus ten publish retries
 
     def __init__(self, redis: Any, settings: Settings, owner: str, key: str, digest: str) -> None:
         self.redis, self.ttl_s, self.digest = redis, settings.idempotency_ttl_s, digest
+        self.pending_ms, self.retry_s = int(settings.idempotency_pending_s * 1000), settings.redis_retry_s
         self.key = idempotency_key(owner, hashlib.sha256(key.encode()).hexdigest())
         self.job_id, self.value = "", ""
 
     def acquire(self, job_id: str) -> str | None:
         self.job_id, self.value = job_id, json.dumps({"digest": self.digest, "id": job_id, "state": "pending"})
-        if self.redis.set(self.key, self.value, nx=True, ex=self.PENDING_TTL_S):
+        if self.redis.set(self.key, self.value, nx=True, px=self.pending_ms):
             return None
         raw = self.redis.get(self.key)
         existing = json.loads(raw) if raw else {"digest": self.digest, "state": "pending"}
@@ -379,14 +400,48 @@ class IdempotencyClaim:
             raise Rejected(409, "a request with this Idempotency-Key is still in progress; retry shortly")
         return str(existing["id"])
 
+    @contextmanager
+    def kept(self) -> Iterator[None]:
+        """Renew the pending mark every quarter of its lifetime while the block runs."""
+        stop = threading.Event()
+        if self.value:
+            threading.Thread(target=self._keep, args=(stop,), name="kiq-idempotency", daemon=True).start()
+        try:
+            yield
+        finally:
+            stop.set()
+
+    def _keep(self, stop: threading.Event) -> None:
+        while not stop.wait(self.pending_ms / 4000):
+            try:
+                if not self._renew():
+                    return  # not ours any more (committed, released, or lapsed: then `confirm` abandons)
+            except Exception as exc:  # noqa: BLE001 - Redis unreachable: try again; `confirm` decides
+                log.warning("could not renew an Idempotency-Key's pending mark: %s", exc)
+
+    def _renew(self) -> bool:
+        return bool(self.redis.eval(_PEXPIRE_IF_EQUAL, 1, self.key, self.value, self.pending_ms))
+
+    def confirm(self) -> None:
+        """Right before the publish: the pending mark must still be ours, renewed for a whole lifetime."""
+        if self.value and not self._renew():
+            raise SubmitAbandoned(
+                "the submit outlived its Idempotency-Key's pending mark (Redis out of reach for "
+                f"{self.pending_ms / 1000:g} s or more); nothing was enqueued"
+            )
+
     def commit(self) -> None:
-        """Point the key at the enqueued job, only if it still holds our pending mark; never raises (the job is
-        enqueued: a failed commit leaves the mark to expire, and the client's retry makes a second job)."""
+        """Point the key at the enqueued job, only if it still holds our pending mark (kept alive until now);
+        retried for KIQ_REDIS_RETRY_S, and never raises: the job is enqueued (a commit that still fails leaves the
+        mark to expire, after which a retry would make a second job)."""
         if not self.value:
             return
         enqueued = json.dumps({"digest": self.digest, "id": self.job_id, "state": "enqueued"})
         try:
-            self.redis.eval(_SET_IF_EQUAL, 1, self.key, self.value, enqueued, self.ttl_s)
+            redisconn.retrying(
+                lambda: self.redis.eval(_SET_IF_EQUAL, 1, self.key, self.value, enqueued, self.ttl_s),
+                self.retry_s, "idempotency commit",
+            )  # fmt: skip
         except Exception as exc:  # noqa: BLE001
             log.error("job %s is enqueued but its idempotency key could not be committed: %s", self.job_id, exc)
 
@@ -400,6 +455,9 @@ class IdempotencyClaim:
 
 
 _DELETE_IF_EQUAL = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end return 0"
+_PEXPIRE_IF_EQUAL = (
+    "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('pexpire', KEYS[1], ARGV[2]) end return 0"
+)
 _SET_IF_EQUAL = (
     "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('set', KEYS[1], ARGV[2], 'EX', ARGV[3]) end "
     "return 0"

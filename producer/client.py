@@ -20,12 +20,13 @@ from kiq.contract import MAX_PRIORITY, Job, parse_job
 from kiq.errors import TransientError, UnknownJob, WaitTimeout
 from kiq.event_reads import PAGE_SCRIPT, page_args, parse_event_id, parse_page, parse_snapshot
 from kiq.events import events_key
+from kiq.limits import check_feasible, live_worker
 from kiq.names import (
+    FLEET_INDEX,
     GENERATE_TASK,
     PROGRESS,
     SUBMITS_KEY,
     cancel_key,
-    fleet_key,
     frames_key,
     job_record_key,
     jobs_index_key,  # fmt: skip
@@ -62,12 +63,16 @@ class Client:
         """The Redis connection of the result backend (job records, cancel flags, heartbeats)."""
         return self.app.backend.client
 
-    def submit(self, job: Job | Mapping[str, Any], owner: str = "", job_id: str | None = None) -> str:
+    def submit(self, job: Job | Mapping[str, Any], owner: str = "", job_id: str | None = None,
+               before_publish: Callable[[], None] | None = None) -> str:  # fmt: skip
         """Validate, store inline images, record and enqueue the job; return its id.
 
-        All or nothing: invalid jobs raise JobInvalid and touch nothing; if S3 or Redis fails, the error
-        (StorageError, a Redis or kombu error) propagates and no job record is left behind."""
+        All or nothing: invalid jobs raise JobInvalid and touch nothing, as do jobs no live worker of the queue could
+        finish within the time-limit cap (JobTooLong); if S3 or Redis fails, the error (StorageError, a Redis or
+        kombu error) propagates and no job record is left behind. `before_publish` is the last moment to give up
+        with nothing enqueued: whatever it raises propagates the same way."""
         parsed = job if isinstance(job, Job) else parse_job(job)
+        self.check_feasible(parsed)
         job_id = job_id or str(uuid.uuid4())
         parsed = self.store_inline_images(parsed, owner, job_id)
         record = {"owner": owner, "webhook_url": parsed.webhook_url or ""}
@@ -84,6 +89,8 @@ class Client:
 
         redisconn.retrying(write, self.settings.redis_retry_s, "submit")
         try:
+            if before_publish is not None:
+                before_publish()
             with tracing.span("submit", {"kiq.job_id": job_id}):
                 self.app.send_task(
                     GENERATE_TASK, args=[parsed.model_dump(mode="json")], task_id=job_id,
@@ -97,6 +104,13 @@ class Client:
             log.info("job queued on %s at priority %d", route(parsed, self.settings), parsed.priority)
         self._replicate(job_id)
         return job_id
+
+    def check_feasible(self, job: Job) -> float:
+        """The job's expected seconds on the fastest live worker of its queue, by the speeds the workers publish
+        (the reference speed if none is live); raises JobTooLong if no such worker could finish it within its cap."""
+        beats = redisconn.retrying(self.fleet, self.settings.redis_retry_s, "submit")  # rides out a blip, as submit
+        workers = [live_worker(w.get("hostname", "?"), w, self.settings) for w in beats]
+        return check_feasible(job, route(job, self.settings), workers, self.settings)
 
     def _replicate(self, job_id: str) -> None:
         """With Sentinel, return only once the job (message and record) is on a replica, so that a failover
@@ -340,13 +354,28 @@ class Client:
         queue_webhook(self.app, self.redis, job_id, record.get("webhook_url"), self.settings.result_ttl_s)
 
     def fleet(self) -> list[dict[str, Any]]:
-        """Live workers, from their heartbeats (see worker/fleet.py)."""
-        workers = []
-        for key in sorted(self.redis.scan_iter(match=fleet_key("*"))):
-            raw = self.redis.hgetall(key)
+        """Live workers, from their heartbeats (see worker/fleet.py). Read through the heartbeats' index in two
+        round trips, never a SCAN (every submit reads it); expired entries are pruned."""
+        keys = sorted(k.decode() for k in self.redis.zrange(FLEET_INDEX, 0, -1))
+        with self.redis.pipeline(transaction=False) as pipe:
+            for key in keys:
+                pipe.hgetall(key)
+            beats = pipe.execute()
+        workers, gone = [], []
+        for key, raw in zip(keys, beats, strict=True):
             if raw:
                 workers.append({k.decode(): v.decode() for k, v in raw.items()})
+            else:
+                gone.append(key)
+        if gone:  # only if still expired: a worker that was paused may have beaten again meanwhile
+            self.redis.eval(_PRUNE_GONE, len(gone) + 1, FLEET_INDEX, *gone)
         return workers
+
+
+_PRUNE_GONE = (  # KEYS[1]: the index; the rest: heartbeats found expired
+    "for i = 2, #KEYS do if redis.call('exists', KEYS[i]) == 0 then redis.call('zrem', KEYS[1], KEYS[i]) end end "
+    "return 0"
+)
 
 
 def route(job: Job, settings: Settings) -> str:

@@ -19,7 +19,7 @@ from typing import Any
 
 from kiq import redisconn
 from kiq.celeryconf import PRIORITY_STEPS, priority_lists
-from kiq.names import FLEET_INDEX_KEY, WEBHOOK_QUEUE, unacked_keys
+from kiq.names import FLEET_INDEX, WEBHOOK_QUEUE, unacked_keys
 from kiq.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -76,7 +76,7 @@ class QueueCollector:
         snap = Snapshot()
         broker = self.broker.pipeline(transaction=False)
         fleet = broker if self.results is self.broker else self.results.pipeline(transaction=False)
-        fleet.eval(FLEET_SCRIPT, 1, FLEET_INDEX_KEY, now - LIVE_S)
+        fleet.eval(FLEET_SCRIPT, 1, FLEET_INDEX, now - LIVE_S)
         for queue in [*queues, WEBHOOK_QUEUE]:
             for name in priority_lists(queue):
                 broker.llen(name)

@@ -18,8 +18,8 @@ from typing import Any
 from celery import Celery, Task
 from kombu import Exchange, Queue
 
-from kiq import leases, logs, safe_http, tracing
-from kiq.celeryconf import common_config
+from kiq import brokerformat, leases, logs, safe_http, tracing
+from kiq.celeryconf import WORKER_AMQP, common_config
 from kiq.errors import FetchUnavailable, InputError, SettingsError
 from kiq.names import WEBHOOK_QUEUE, WEBHOOK_TASK
 from kiq.settings import Settings
@@ -32,13 +32,14 @@ log = logging.getLogger(__name__)
 def create_webhook_app(settings: Settings) -> Celery:
     if not settings.webhook_secret:
         raise SettingsError("KIQ_WEBHOOK_SECRET must be set: webhooks are signed with it")
-    app = Celery("kiq-webhooks", set_as_current=False)
+    app = Celery("kiq-webhooks", set_as_current=False, amqp=WORKER_AMQP)  # leases as the job worker's
     app.conf.update(common_config(settings))
     app.conf.update(task_queues=[Queue(WEBHOOK_QUEUE, Exchange(WEBHOOK_QUEUE), routing_key=WEBHOOK_QUEUE)],
                     task_acks_late=True, worker_prefetch_multiplier=4)  # fmt: skip
     client = Client(settings, app=app)
     # Retries wait as ETA messages this worker holds unacknowledged: keep their leases like the job worker does.
     leases.install(app, lambda: leases.broker_redis(settings), settings.visibility_timeout_s)
+    brokerformat.install(app, lambda: leases.broker_redis(settings), [WEBHOOK_QUEUE], settings.visibility_timeout_s)
     limits = safe_http.HttpLimits(64 * 1024, settings.webhook_timeout_s, 0)
     policy = safe_http.AddressPolicy.parse(settings.fetch_allow)
 

@@ -34,6 +34,10 @@ class Proxy:
         if self._listener is not None:
             _close(self._listener)  # shutdown() wakes the thread blocked in accept(); close() alone does not
             self._listener = None
+        self.reset()
+
+    def reset(self) -> None:
+        """Cut the open connections and keep accepting new ones: a NAT or proxy reset, CLIENT KILL."""
         with self._lock:
             for conn in self._conns:
                 _close(conn)

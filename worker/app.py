@@ -9,17 +9,19 @@ from celery import Celery
 from celery.signals import worker_init, worker_shutdown
 from kombu import Exchange, Queue
 
-from kiq import leases
-from kiq.celeryconf import common_config
+from kiq import brokerformat, leases
+from kiq.celeryconf import WORKER_AMQP, common_config
 from kiq.errors import SettingsError
 from kiq.settings import Settings
 from worker import health, metrics, tasks
 from worker.fleet import Heartbeat
+from worker.limits import SpeedMeter
 from worker.runner import Runner
 
 
 def create_app(settings: Settings, runner: Runner | None = None) -> Celery:
-    app = Celery("kiq-worker")
+    # kiq's Redis transport (kiq/transport.py): leases on Redis's clock, none handed back on a reconnect.
+    app = Celery("kiq-worker", amqp=WORKER_AMQP)
     app.conf.update(common_config(settings))
     app.conf.task_queues = [Queue(name, Exchange(name), routing_key=name) for name in settings.consumed_queues]
     app.conf.update(
@@ -35,20 +37,25 @@ def create_app(settings: Settings, runner: Runner | None = None) -> Celery:
         task_send_sent_event=True,
     )
     runner = runner or Runner(settings)
-    observers = tasks.Observers()
+    observers = tasks.Observers(speed=SpeedMeter(settings))
     tasks.register(app, runner, settings, observers)
     # Short visibility timeout, renewed leases: a dead worker's jobs come back in about a minute, a live one's never.
     leases.install(app, lambda: leases.broker_redis(settings), settings.visibility_timeout_s)
+    brokerformat.install(
+        app, lambda: leases.broker_redis(settings), settings.consumed_queues, settings.visibility_timeout_s
+    )
 
     def start(sender: Any = None, **_: Any) -> None:
         if getattr(sender, "app", None) is not app:
             return
         _setup_or_exit(runner)
         metrics.MODEL_LOAD.set(runner.load_seconds)
+        assert runner.pipelines is not None
+        observers.speed.probe(runner.pipelines)  # before the first beat: submits read the speed from it
         metrics.serve(settings.metrics_port)
         health.serve(settings.health_port, health.Health(runner, sender, health.broker_client(settings)))
         observers.heartbeat = Heartbeat(
-            app.backend.client, sender.hostname, runner.device.name, settings.consumed_queues
+            app.backend.client, sender.hostname, runner.device.name, settings.consumed_queues, observers.speed.fields
         )
         observers.heartbeat.start()
 

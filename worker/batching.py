@@ -19,16 +19,16 @@ from typing import Any, NamedTuple
 
 from celery import Task
 
-from kiq import tracing
+from kiq import fencing, tracing
 from kiq.contract import Job, parse_job
 from kiq.errors import JobInvalid
 from kiq.names import GENERATE_TASK, TERMINAL_STATES
 from kiq.settings import Settings
 from kiq.status import JobResult
+from worker import fencing as stale_runs
 from worker.delivery import DeliveryGuard, watchdog
-from worker.limits import time_limits
 from worker.records import JobRecords, webhook_url
-from worker.runner import JobCancelled, Runner
+from worker.runner import JobCancelled, Runner, StaleDelivery
 
 log = logging.getLogger(__name__)
 
@@ -98,14 +98,15 @@ class DecoderBatch:
             tracing.begin(mate.job_id, tracing.message_headers(mate.request), _submitted_at(mate.request))
         members = [leader, *mates]
         log.info("decoder batch of %d: %s", len(members), [m.job_id for m in members])
-        items = [(m.job, self.records.context(m.job_id, time_limits(m.job, self.settings).soft_s)) for m in members]
-        hard = max(time_limits(m.job, self.settings).hard_s for m in members)
+        limits = [self.observers.speed.limits(m.job) for m in members]
+        items = [(m.job, self.records.context(m.job_id, lim.soft_s)) for m, lim in zip(members, limits, strict=True)]
+        hard = max(lim.hard_s for lim in limits)
         started = time.monotonic()
 
         def settled(i: int, outcome: JobResult | BaseException) -> None:
             if i > 0:
                 self._settle(mates[i - 1], outcome, time.monotonic() - started)
-            elif isinstance(outcome, JobCancelled):
+            elif isinstance(outcome, JobCancelled) and not isinstance(outcome, StaleDelivery):
                 self.records.revoked(leader.job_id)  # now, not when the batch ends; the task ends it as usual
 
         # A hung batch ends the process without recording anything: every job comes back and runs alone,
@@ -117,6 +118,12 @@ class DecoderBatch:
         return outcomes[0]
 
     def _settle(self, mate: Mate, outcome: JobResult | BaseException, seconds: float) -> None:
+        if isinstance(outcome, StaleDelivery):  # another delivery owns the mate now: write nothing about it
+            log.warning("%s; it left the decoder batch without writing", outcome)
+            stale_runs.let_go(mate.job_id)
+            fencing.release(mate.job_id)
+            self.observers.finished("stale", seconds)
+            return
         try:
             self.records.store(mate.job_id, outcome)
         except Exception as exc:  # noqa: BLE001 - one job's bookkeeping must not fail its mates
@@ -130,6 +137,7 @@ class DecoderBatch:
             timings = outcome.timings if isinstance(outcome, JobResult) else None
             self.observers.finished(name, seconds, timings, outcome if isinstance(outcome, BaseException) else None)
             self.records.notify(mate.job_id, webhook_url(mate.raw))
+            fencing.release(mate.job_id)  # its last write is made
 
 
 def _submitted_at(request: Any) -> Any:

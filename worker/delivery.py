@@ -10,7 +10,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+from kiq import fencing
 from kiq.errors import PoisonJob
+from kiq.names import fence_key
 from kiq.redisconn import REDIS_ERRORS, retrying
 
 log = logging.getLogger(__name__)
@@ -26,6 +28,7 @@ def deliveries_key(job_id: str) -> str:
 class Delivery:
     solo: int  # unfinished deliveries run alone, this one included if it runs alone
     batched: int  # unfinished deliveries as part of a decoder batch, this one included if batched
+    token: int = 0  # this delivery's fencing token: the job's deliveries so far, this one included
 
     @property
     def attempt(self) -> int:
@@ -39,6 +42,7 @@ class DeliveryGuard:
     died mid-job accumulate. Deaths inside a decoder batch are counted apart: they cannot say which job was to
     blame, so they only make the job run alone next time (`crashed_before`), where its own deaths count.
     Redis blips are retried for `redis_retry_s`; `end` never raises, so bookkeeping cannot fail a finished job.
+    `begin` also takes the delivery's fencing token and holds it for the process (kiq/fencing.py).
     """
 
     def __init__(self, redis: Any, max_deliveries: int, ttl_s: int, redis_retry_s: float = 30.0) -> None:
@@ -56,10 +60,14 @@ class DeliveryGuard:
             pipe.hincrby(key, "batched" if batched else "solo", 1)
             pipe.hgetall(key)
             pipe.expire(key, self.ttl_s)
+            pipe.incr(fence_key(job_id))
+            pipe.expire(fence_key(job_id), self.ttl_s)
             return pipe.execute()
 
-        counts = {k.decode() if isinstance(k, bytes) else k: int(v) for k, v in self._retrying(count)[1].items()}
-        delivery = Delivery(solo=counts.get("solo", 0), batched=counts.get("batched", 0))
+        done = self._retrying(count)
+        counts = {k.decode() if isinstance(k, bytes) else k: int(v) for k, v in done[1].items()}
+        delivery = Delivery(solo=counts.get("solo", 0), batched=counts.get("batched", 0), token=int(done[3]))
+        fencing.hold(job_id, delivery.token)
         if not batched and delivery.solo > self.max_deliveries:
             raise PoisonJob(
                 f"job {job_id} was delivered {delivery.attempt} times and its worker died each time before "
@@ -69,8 +77,10 @@ class DeliveryGuard:
         return delivery
 
     def end(self, job_id: str) -> None:
+        """Clear the count, unless a later delivery has begun (its count is its own)."""
+        token = fencing.held(job_id)
         try:
-            self._retrying(lambda: self.redis.delete(deliveries_key(job_id)))
+            self._retrying(lambda: fencing.delete_if_current(self.redis, job_id, token, deliveries_key(job_id)))
         except REDIS_ERRORS as exc:  # the count expires by itself; the job's outcome stands
             log.warning("could not clear the delivery count of %s: %s", job_id, exc)
 

@@ -2,6 +2,7 @@
 
 It skips a job whose final state is stored (a redelivery), counts the delivery (poison jobs), runs the job alone
 or leading a decoder batch, and queues the job's webhook once its outcome is decided — for every final state.
+A run found stale (a later delivery of its job began: kiq/fencing.py) stops and writes nothing, not even its end.
 """
 
 from __future__ import annotations
@@ -19,19 +20,22 @@ from kiq.contract import Job, parse_job
 from kiq.errors import KiqError, PipelineError
 from kiq.settings import Settings
 from worker import batching, metrics
+from worker import fencing as stale_runs
 from worker.delivery import DeliveryGuard, watchdog
 from worker.fleet import Heartbeat
-from worker.limits import time_limits
+from worker.limits import SpeedMeter
 from worker.records import JobRecords, webhook_url
-from worker.runner import JobCancelled, Runner
+from worker.runner import JobCancelled, Runner, StaleDelivery
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class Observers:
-    """Who hears about each job: the fleet heartbeat (set once the worker starts) and the metrics."""
+    """Who hears about each job: the fleet heartbeat (set once the worker starts), the metrics and the worker's
+    speed (its time limits come from it)."""
 
+    speed: SpeedMeter
     heartbeat: Heartbeat | None = None
 
     def started(self, job_id: str, submitted_at: Any) -> None:
@@ -63,17 +67,29 @@ class JobDelivery:
             return self._deliver(raw)
 
     def _deliver(self, raw: dict[str, Any]) -> dict[str, Any]:
+        if stale_runs.was_let_go(self.job_id):  # a batch mate whose batch delivery went stale: not ours any more
+            stale_runs.let_go(self.job_id)
+            raise Ignore()
         if self.records.final(self.job_id):
             raise Ignore()  # redelivered after its final state was stored (or cancelled while queued)
+        stale = False
         try:
-            return self._run(raw)
+            result = self._run(raw)
+            self.records.check_fence(self.job_id)  # the last check before Celery stores the result
+            return result
+        except StaleDelivery as exc:
+            stale = True
+            log.warning("%s; stopped without writing at %.3f", exc, time.time())
+            stale_runs.let_go(self.job_id)
+            raise Ignore() from None
         except (Ignore, KiqError):
             raise
         except Exception as exc:
             log.exception("job %s failed unexpectedly", self.job_id)
             raise PipelineError(f"unexpected {type(exc).__name__}: {exc}") from None
         finally:
-            self.records.notify(self.job_id, webhook_url(raw))
+            if not stale:
+                self.records.notify(self.job_id, webhook_url(raw))
 
     def _run(self, raw: dict[str, Any]) -> dict[str, Any]:
         job = parse_job(raw)
@@ -88,6 +104,9 @@ class JobDelivery:
             result = self._lead(job, raw, mates) if mates else self._alone(job, raw)
             outcome, timings = "success", result["timings"]
             return result
+        except StaleDelivery:
+            outcome = "stale"
+            raise
         except JobCancelled:
             outcome = "cancelled"
             self.records.revoked(self.job_id)
@@ -100,12 +119,14 @@ class JobDelivery:
             self.observers.finished(outcome, time.monotonic() - started, timings, error)
 
     def _alone(self, job: Job, raw: dict[str, Any]) -> dict[str, Any]:
-        limits = time_limits(job, self.settings)
+        limits = self.observers.speed.limits(job)
         ctx = self.records.context(self.job_id, limits.soft_s)
         if ctx.cancelled():
             raise JobCancelled(self.job_id)
         with watchdog(limits.hard_s, lambda: self.records.fail_hung(self.job_id, webhook_url(raw), limits.hard_s)):
-            return self.runner.run(job, ctx).model_dump(mode="json")
+            result = self.runner.run(job, ctx)
+        self.observers.speed.observe(job, result.timings)  # alone only: a batch's time is not one job's
+        return result.model_dump(mode="json")
 
     def _lead(self, job: Job, raw: dict[str, Any], mates: list[batching.Mate]) -> dict[str, Any]:
         batch = batching.DecoderBatch(self.runner, self.settings, self.records, self.guard, self.observers)

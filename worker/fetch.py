@@ -69,8 +69,9 @@ class Fetcher:
         if ref[:5].lower() == "data:":
             return base64.b64decode(ref.split(",", 1)[1])
         parts = urlsplit(ref)
-        if parts.scheme == "s3":
-            return self.storage.read(parts.netloc, parts.path.lstrip("/"), self.limits.max_bytes)
+        if parts.scheme == "s3":  # within the same time limit as an HTTP fetch
+            limit_s = self.limits.timeout_s if deadline is None else min(self.limits.timeout_s, _left(ref, deadline))
+            return self.storage.read(parts.netloc, parts.path.lstrip("/"), self.limits.max_bytes, limit_s)
         return safe_http.get(ref, self.limits.http, self.limits.policy, deadline)
 
 

@@ -11,18 +11,20 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable, Mapping
 from typing import Any
 
-from kiq.names import FLEET_INDEX_KEY, fleet_key
+from kiq.names import FLEET_INDEX, fleet_key
 from kiq.version import __version__
 
 log = logging.getLogger(__name__)
 INTERVAL_S = 5
-INDEX_KEEP_S = 60  # index entries of workers gone this long are removed
+INDEX_TTL_S = 24 * 3600  # the index outlives its last worker by a day; dead entries are pruned by readers
 
 
 class Heartbeat:
-    def __init__(self, redis: Any, hostname: str, device: str, queues: list[str]) -> None:
+    def __init__(self, redis: Any, hostname: str, device: str, queues: list[str],
+                 extra: Callable[[], Mapping[str, str | int | float]] = dict) -> None:  # fmt: skip
         # Keyed by process too: two workers that share a Celery nodename must not overwrite each other's beat.
         self.redis, self.key = redis, fleet_key(f"{hostname}:{os.getpid()}")
         self.fields: dict[str, str | int | float] = {
@@ -30,6 +32,7 @@ class Heartbeat:
             "pid": os.getpid(), "version": __version__,
             "current_job": "", "done": 0, "failed": 0,
         }  # fmt: skip
+        self.extra = extra  # read at every beat: fields that change on their own (the measured speed)
         self._stop = threading.Event()
         self._lock = threading.Lock()  # snapshot + write as one step: a stale periodic beat must not land last
 
@@ -47,7 +50,7 @@ class Heartbeat:
     def stop(self) -> None:
         self._stop.set()
         self.redis.delete(self.key)
-        self.redis.zrem(FLEET_INDEX_KEY, self.key)
+        self.redis.zrem(FLEET_INDEX, self.key)
 
     def _loop(self) -> None:
         while not self._stop.wait(INTERVAL_S):
@@ -57,11 +60,11 @@ class Heartbeat:
         with self._lock:
             self.fields.update(changes)
             try:
-                self.redis.hset(self.key, mapping={**self.fields, "seen_at": time.time()})
-                self.redis.expire(self.key, INTERVAL_S * 3)
-                # The index lets a metrics scrape find live workers in one command; dead entries age out here.
                 now = time.time()
-                self.redis.zadd(FLEET_INDEX_KEY, {self.key: now})
-                self.redis.zremrangebyscore(FLEET_INDEX_KEY, "-inf", now - INDEX_KEEP_S)
+                self.redis.hset(self.key, mapping={**self.fields, **self.extra(), "seen_at": now})
+                self.redis.expire(self.key, INTERVAL_S * 3)
+                # Readers list live workers from this index, never by SCAN (a submit reads it: kiq/limits.py).
+                self.redis.zadd(FLEET_INDEX, {self.key: now})
+                self.redis.expire(FLEET_INDEX, INDEX_TTL_S)
             except Exception as exc:  # noqa: BLE001 - a Redis blip must not disturb the job
                 log.warning("heartbeat failed: %s", exc)

@@ -1,7 +1,8 @@
 """What a worker writes about a job in Redis: its states, progress, cancel flag reads, webhook queueing.
 
 Every write names its job id and carries only that job's data (results are not extended), so a decoder batch
-can report for each of its jobs without one job's prompts or images landing in another's record.
+can report for each of its jobs without one job's prompts or images landing in another's record. Every write is
+fenced by the token the job's run holds (kiq/fencing.py), and every step checks it with the cancel flag.
 """
 
 from __future__ import annotations
@@ -11,13 +12,14 @@ import logging
 import socket
 from typing import Any
 
+from kiq import fencing
 from kiq.errors import JobTimeout
-from kiq.names import PROGRESS, TERMINAL_STATES, cancel_key, frames_key
+from kiq.names import PROGRESS, TERMINAL_STATES, cancel_key, fence_key, frames_key
 from kiq.redisconn import REDIS_ERRORS as _BACKEND_ERRORS
 from kiq.settings import Settings
 from kiq.status import ImageRef, JobResult, Progress
 from kiq.webhooks import queue_webhook
-from worker.runner import JobCancelled, JobContext
+from worker.runner import JobCancelled, JobContext, StaleDelivery
 from worker.throttle import ProgressThrottle
 
 log = logging.getLogger(__name__)
@@ -35,6 +37,8 @@ class JobRecords:
         self.backend.store_result(job_id, meta, "STARTED")
 
     def store(self, job_id: str, outcome: JobResult | BaseException) -> None:
+        if isinstance(outcome, StaleDelivery):
+            return  # another delivery owns the job now: its outcome is the one that counts
         if isinstance(outcome, JobResult):
             self.backend.mark_as_done(job_id, outcome.model_dump(mode="json"))
         elif isinstance(outcome, JobCancelled):
@@ -54,13 +58,25 @@ class JobRecords:
 
     def notify(self, job_id: str, webhook_url: str | None) -> None:
         """Queue the job's one webhook (the webhook worker waits for the final state before it posts)."""
-        queue_webhook(self.app, self.backend.client, job_id, webhook_url, self.settings.result_ttl_s)
+        token = fencing.held(job_id)
+        queue_webhook(self.app, self.backend.client, job_id, webhook_url, self.settings.result_ttl_s, token)
+
+    def check_fence(self, job_id: str) -> None:
+        """Raise StaleDelivery if a later delivery of the job began than the one this process runs."""
+        try:
+            current = self.backend.client.get(fence_key(job_id))
+        except _BACKEND_ERRORS:
+            return  # the fenced writes still refuse a stale run's output
+        _raise_if_stale(job_id, fencing.held(job_id), current)
 
     def context(self, job_id: str, limit_s: float) -> JobContext:
         throttle = ProgressThrottle(self.settings.progress_interval_ms / 1000)
         sent = [0]  # frames already in a written progress
+        client, token = self.backend.client, fencing.held(job_id)
+        checked: list[Progress] = []  # the last progress point found current, for the stale run's log
 
-        def report(progress: Progress) -> None:
+        def report(progress: Progress) -> None:  # called once the step's checks passed
+            checked[:] = [progress]
             if not throttle.due(progress):  # cancel and time limits are still checked at every step
                 return
             try:
@@ -69,22 +85,31 @@ class JobRecords:
             except _BACKEND_ERRORS as exc:  # progress is best effort: a Redis blip must not fail the job
                 log.warning("could not report progress of %s: %s", job_id, exc)
 
-        def cancelled() -> bool:
+        def cancelled() -> bool:  # at every step: the cancel flag and the fence, in one round trip
             try:
-                return bool(self.backend.client.exists(cancel_key(job_id)))
+                pipe = client.pipeline(transaction=False)
+                flag, current = pipe.exists(cancel_key(job_id)).get(fence_key(job_id)).execute()
             except _BACKEND_ERRORS:
-                return False
+                return False  # the fenced writes still refuse a stale run's output
+            _raise_if_stale(job_id, token, current, checked[0] if checked else None)
+            return bool(flag)
 
         def record_frames(frames: list[ImageRef]) -> None:
             # Overwritten whole, so a redelivered sweep lists only its own run's frames.
             payload = json.dumps([f.model_dump(mode="json") for f in frames])
             try:
-                self.backend.client.set(frames_key(job_id), payload, ex=self.settings.result_ttl_s)
+                fencing.set_if_current(client, job_id, token, frames_key(job_id), payload, self.settings.result_ttl_s)
             except _BACKEND_ERRORS as exc:  # like progress: best effort
                 log.warning("could not record the frames of %s: %s", job_id, exc)
 
         return JobContext(job_id=job_id, report=report, cancelled=cancelled, limit_s=limit_s,
-                          record_frames=record_frames)  # fmt: skip
+                          record_frames=record_frames, fence=lambda: self.check_fence(job_id))  # fmt: skip
+
+
+def _raise_if_stale(job_id: str, token: int | None, current: Any, last: Progress | None = None) -> None:
+    if fencing.is_stale(current, token):
+        where = f", after {last.stage} step {last.step} of {last.total}" if last is not None else ""
+        raise StaleDelivery(f"delivery {token} of {job_id} is stale: delivery {int(current)} began{where}")
 
 
 def wire_progress(progress: Progress, sent: int) -> dict[str, Any]:

@@ -33,6 +33,15 @@ class JobCancelled(Exception):
     """Raised between denoising steps once the job's cancel flag is set; not a failure."""
 
 
+class StaleDelivery(JobCancelled):
+    """Raised at a step or before an upload once a later delivery of the job has begun (kiq/fencing.py): this run
+    stops like a cancelled one, but writes nothing, not even its end."""
+
+
+def _unfenced() -> None:
+    pass
+
+
 @dataclass(frozen=True)
 class JobContext:
     job_id: str
@@ -40,6 +49,7 @@ class JobContext:
     cancelled: Callable[[], bool]
     limit_s: float = math.inf  # the soft time limit, checked at every progress point
     record_frames: Callable[[list[ImageRef]], None] | None = None  # keeps a sweep's frames past cancel/failure
+    fence: Callable[[], None] = _unfenced  # raises StaleDelivery once a later delivery of the job has begun
 
     deadline: float = field(init=False)  # time.monotonic() at which the soft limit runs out
     frames: list[ImageRef] = field(init=False, default_factory=list)  # a sweep's frames uploaded so far
@@ -197,15 +207,17 @@ class Runner:
             blobs = [encode(image, job.output_format) for image in images]
         with timed(timings, "upload"):
             ctx.progress("upload", 0, len(blobs))
-            refs = [self.upload(ctx.job_id, n, blob, job, prepared.seed) for n, blob in enumerate(blobs)]
+            seed, fence = prepared.seed, ctx.fence
+            refs = [self.upload(ctx.job_id, n, blob, job, seed, fence=fence) for n, blob in enumerate(blobs)]
         if self.pipelines is not None:
             metrics.observe_pipelines(self.pipelines.caches(), self.pipelines.memory_bytes())
         return JobResult(images=refs, seed=prepared.seed, device=self.device.name, timings=timings)
 
     def upload(self, job_id: str, n: int | str, blob: bytes, job: Job, seed: int, fmt: str | None = None,
-               content_type: str | None = None) -> ImageRef:  # fmt: skip
+               content_type: str | None = None, fence: Callable[[], None] = _unfenced) -> ImageRef:  # fmt: skip
         """Put one output at <prefix><job id>/<n>.<format>: keyed by the task id, so a redelivered job overwrites
-        its own objects instead of adding more."""
+        its own objects instead of adding more. `fence` is checked before every attempt: a stale run puts nothing
+        (but a put already under way when a newer run begins may still land)."""
         fmt = fmt or job.output_format
         key = f"{self.settings.s3_prefix}{job_id}/{n}.{fmt}"
         metadata = object_metadata(job, job_id, seed)
@@ -213,8 +225,13 @@ class Runner:
             metadata["kiq-frame"] = str(n)
         bound = self.settings.s3_retry_s
         body_type = content_type or _CONTENT_TYPES[fmt]
+
+        def put() -> str:
+            fence()
+            return self.storage.put(key, blob, body_type, metadata)
+
         try:
-            uri = with_retries(lambda: self.storage.put(key, blob, body_type, metadata), within_s=bound)
+            uri = with_retries(put, within_s=bound)
         except StorageUnavailable as exc:
             raise StorageUnavailable(f"{exc} (still failing after {bound:g} s of retries)") from None
         return ImageRef(uri=uri, url=self.storage.presign(key), width=job.width, height=job.height, format=fmt)

@@ -106,7 +106,7 @@ class SweepRun:
                 with _adding(timings, "encode"):
                     blob = encode(decoded[row], job.output_format)
                 with _adding(timings, "upload"):
-                    ctx.frame_done(self.runner.upload(ctx.job_id, k, blob, job, prepared.seed))
+                    ctx.frame_done(self.runner.upload(ctx.job_id, k, blob, job, prepared.seed, fence=ctx.fence))
         return images
 
     def _decode(self, embeds: list[Any], negative: Any, seed: int, on_step: Any) -> dict[int, Any]:
@@ -126,7 +126,7 @@ class SweepRun:
             self.ctx.progress("upload", len(images), len(images) + 1)
             blob = encode_animation(images, spec)
             return self.runner.upload(self.ctx.job_id, "animation", blob, self.job, prepared.seed, fmt=spec.format,
-                                      content_type=CONTENT_TYPES[spec.format])  # fmt: skip
+                                      content_type=CONTENT_TYPES[spec.format], fence=self.ctx.fence)  # fmt: skip
 
 
 @contextmanager

@@ -20,7 +20,19 @@ from tests.helpers import ALLOWED_HOST
 SECRET = "kiq-test-SECRET-7c1e9a0b4d"
 os.environ["AWS_ACCESS_KEY_ID"] = "kiq-test-key-id"
 os.environ["AWS_SECRET_ACCESS_KEY"] = SECRET
-REDIS_URL = os.environ.get("KIQ_TEST_REDIS_URL", "redis://127.0.0.1:6379/13")
+
+
+def _test_databases() -> tuple[str, str]:
+    """This test process's Redis database and a spare one (DB - 1) of its own. Under pytest-xdist each worker
+    process (gw0, gw1) gets two databases apart (13/12, then 15/14), since the session flushes its own."""
+    base = os.environ.get("KIQ_TEST_REDIS_URL", "redis://127.0.0.1:6379/13")
+    prefix, db = base.rsplit("/", 1)
+    index = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw") or 0)
+    own = int(db) + 2 * index
+    return f"{prefix}/{own}", f"{prefix}/{own - 1}"
+
+
+REDIS_URL, SPARE_REDIS_URL = _test_databases()
 
 pytestmark = pytest.mark.integration
 
@@ -59,6 +71,7 @@ def env(stack, logs, tiny_models) -> dict[str, str]:
         "KIQ_FETCH_ALLOW": ALLOWED_HOST,
         "KIQ_FETCH_TIMEOUT_S": "2",
         "KIQ_FETCH_RETRIES": "1",
+        "KIQ_SPEED_PROBE_S": "1",  # the warm-up probe at 64x64 only: a second per worker start
     }
     devstack.ensure_bucket(endpoint, "kiq-test", "us-east-1")
     return env

@@ -16,6 +16,7 @@ from kiq.names import VISIBILITY_TIMEOUTS_KEY, unacked_keys
 from kiq.settings import Settings
 from producer import devstack
 from tests.helpers import calling_server, image_bytes
+from tests.integration.conftest import SPARE_REDIS_URL
 from tests.integration.jobs import read_object, tiny_job
 from tests.integration.test_faults import (
     FAST_REDELIVERY,
@@ -166,7 +167,7 @@ def test_the_sweep_of_another_timeouts_index_takes_only_leases_older_than_that_t
 
 
 def test_a_timeout_unseen_for_a_day_is_forgotten_only_once_its_index_is_gone(settings):
-    url = settings.broker_url.rsplit("/", 1)[0] + "/12"  # a database of its own: no session worker sweeps there
+    url = SPARE_REDIS_URL  # a database of its own: no session worker sweeps there
     db = redis.Redis.from_url(url)
     db.flushdb()
     gone, held = 7.25, 8.25

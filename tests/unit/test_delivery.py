@@ -35,6 +35,20 @@ class FakeRedis:
     def expire(self, key, ttl):
         pass
 
+    def incr(self, key):
+        self.data[key] = self.data.get(key, 0) + 1
+        return self.data[key]
+
+    def register_script(self, script):
+        assert "DEL" in script  # the guard's one script: its count's DEL behind the fencing guard, never stale here
+
+        def run(keys, args):
+            self._check()
+            self.data.pop(keys[0], None)
+            return 1
+
+        return run
+
     def exists(self, key):
         self._check()
         return int(key in self.data)

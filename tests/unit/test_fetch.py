@@ -86,7 +86,7 @@ def test_undecodable_bytes_are_not_echoed_back(fetcher):
 
 
 class BrokenStorage(MemoryStorage):
-    def read(self, bucket, key, max_bytes):
+    def read(self, bucket, key, max_bytes, timeout_s=None):
         raise RuntimeError("the client library fell over")
 
 

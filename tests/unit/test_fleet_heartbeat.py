@@ -23,9 +23,6 @@ class SlowRedis:
     def zadd(self, key, mapping):
         pass
 
-    def zremrangebyscore(self, key, low, high):
-        pass
-
     def zrem(self, key, member):
         pass
 

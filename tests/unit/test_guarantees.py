@@ -50,7 +50,7 @@ class FakeRedis:
     def __init__(self):
         self.data = {}
 
-    def set(self, key, value, nx=False, ex=None):
+    def set(self, key, value, nx=False, ex=None, px=None):
         if nx and key in self.data:
             return None
         self.data[key] = value
@@ -83,12 +83,15 @@ class IndexRedis:
         self.scores.update({m: mapping[m] for m in changed})
         return len(changed)
 
+    def time(self):
+        return 1_700_000_000, 250_000  # Redis's clock, whatever this host's says
+
 
 def test_leases_renew_held_messages_and_never_revive_acked_ones():
     redis = IndexRedis({"t1": 0.0, "t2": 0.0})
     keeper = LeaseKeeper(redis, lambda: [("unacked_index", "t1"), ("unacked_index", "gone")], interval_s=60)
     assert keeper.renew() == 1
-    assert redis.scores["t1"] > 1e9 and redis.scores["t2"] == 0.0 and "gone" not in redis.scores
+    assert redis.scores["t1"] == 1_700_000_000.25 and redis.scores["t2"] == 0.0 and "gone" not in redis.scores
     assert renew_interval_s(60) == 10 and renew_interval_s(6) == 1
 
 

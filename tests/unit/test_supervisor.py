@@ -79,9 +79,12 @@ def test_routing():
 
 def test_fleet_table():
     workers = [{"hostname": "kiq@h-cpu0", "device": "cpu:0", "current_job": "", "done": "3", "failed": "1",
-                "started_at": "1000", "queues": "kiq"}]  # fmt: skip
+                "started_at": "1000", "queues": "kiq", "decoder_step_s": "31.4159", "speed_source": "jobs"},
+               {"hostname": "kiq@old", "device": "cpu:1", "done": "0", "failed": "0", "started_at": "1000"},
+               ]  # fmt: skip
     table = render_fleet(workers, now=1000 + 3725)
-    assert "kiq@h-cpu0  cpu:0   idle" in table and "1h02m" in table and table.endswith("1 worker(s)")
+    assert "kiq@h-cpu0  cpu:0   idle" in table and "1h02m" in table and table.endswith("2 worker(s)")
+    assert "31.4 (jobs)" in table and "STEP S @768²" in table
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")

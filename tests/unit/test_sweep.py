@@ -9,6 +9,7 @@ import pytest
 from PIL import Image
 
 from kiq.contract import parse_job
+from kiq.limits import Speed, expected_seconds
 from kiq.settings import Settings
 from kiq.status import ImageRef, JobResult, JobStatus
 from kiq.sweep import frame_weights
@@ -16,7 +17,6 @@ from producer.client import to_status
 from producer.progress import ProgressBar, render
 from worker.animation import encode_animation, sequence
 from worker.batching import find_mates
-from worker.limits import expected_seconds
 from worker.sweep import effective_weights, slerp_coefficients
 
 TWO = [{"text": "a cat", "weight": 1.0}, {"text": "a dog", "weight": 0.0}]
@@ -67,8 +67,8 @@ def test_the_time_limit_grows_with_frames():
     settings = Settings()
     plain = parse_job({"inputs": TWO, "height": 64, "width": 64})
     prior = plain.prior_steps * 3 * settings.prior_step_s  # two texts and the negative
-    decoder = expected_seconds(plain, settings) - prior
-    assert expected_seconds(sweep_job(), settings) == pytest.approx(prior + 5 * decoder)
+    decoder = expected_seconds(plain, Speed.reference(settings)) - prior
+    assert expected_seconds(sweep_job(), Speed.reference(settings)) == pytest.approx(prior + 5 * decoder)
 
 
 def test_a_sweep_never_joins_a_cross_job_decoder_batch():

@@ -1,0 +1,154 @@
+"""The broker transport of kiq's workers: kombu's Redis transport, with leases that trust one clock and outlive a
+reconnect. The broker URL stays `redis://`, `rediss://` or `sentinel://`, so plain Celery clients share it.
+
+- One clock. kombu scores a delivery in the unacked index with the host's clock, and each sweep hands back what
+  is older than its own host's clock minus the visibility timeout: a worker minutes ahead took live jobs, one
+  behind kept dead ones. Here both read Redis's `TIME` (kiq's lease renewals and sweeps do too, kiq/leases.py).
+- Connection churn. When a worker's broker connection drops while Redis stays up (CLIENT KILL, a Sentinel
+  failover, a proxy or NAT reset), Celery reconnects and kombu's old channel puts every unacknowledged message
+  back on its queue — jobs the threads pool is still running, and batch mates it has claimed. Here the old channel
+  hands back only what this process no longer holds (`hold_while`); the rest stays unacknowledged, its lease
+  renewed (`kept_leases`), until the job's own ack, which still goes through the old channel's Redis pool.
+
+Uses kombu internals (pinned in pyproject.toml; tests/unit/test_transport.py fails if they change):
+`QoS._delivered`, `_vrestore_count`, `_remove_from_indices`, `restore_by_tag`, `Mutex`/`MutexHeld`,
+`Channel.pool` after close, `Connection.get_transport_cls`.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from celery.app.amqp import AMQP as CeleryAMQP
+from kombu import Connection as KombuConnection
+from kombu.transport import redis
+from kombu.transport.virtual import QoS as VirtualQoS
+from kombu.utils.json import dumps
+
+log = logging.getLogger(__name__)
+
+
+def server_time(client: Any) -> float:
+    """Redis's clock, in seconds: the one clock every lease score and sweep is compared against."""
+    seconds, microseconds = client.time()
+    return int(seconds) + int(microseconds) / 1e6
+
+
+_holding: list[Callable[[], Iterable[str]]] = []
+_kept: dict[str, tuple[str, Any]] = {}  # delivery tag -> (unacked index key, message), kept across a reconnect
+_kept_lock = threading.Lock()
+
+
+def hold_while(held_tags: Callable[[], Iterable[str]]) -> None:
+    """Name the delivery tags this process still runs or waits for; a closing channel keeps their messages."""
+    _holding[:] = [held_tags]
+
+
+def kept_leases() -> list[tuple[str, str]]:
+    """(unacked index key, delivery tag) of messages held across a reconnect and not yet acknowledged."""
+    with _kept_lock:
+        for tag in [tag for tag, (_, message) in _kept.items() if message.acknowledged]:
+            del _kept[tag]
+        return [(index, tag) for tag, (index, _) in _kept.items()]
+
+
+def _held_now() -> set[str]:
+    return {str(tag) for held in _holding for tag in held()}
+
+
+class QoS(redis.QoS):
+    """kombu's Redis ack emulation, scored by Redis's clock, keeping what the process holds when it closes."""
+
+    def append(self, message: Any, delivery_tag: str) -> None:
+        info = message.delivery_info
+        with self.channel.conn_or_acquire() as client:
+            now = server_time(client)
+            payload = dumps([message._raw, info["exchange"], info["routing_key"]])
+            client.pipeline().zadd(self.unacked_index_key, {delivery_tag: now}).hset(
+                self.unacked_key, delivery_tag, payload
+            ).execute()
+        VirtualQoS.append(self, message, delivery_tag)
+
+    def restore_visible(self, start: int = 0, num: int = 10, interval: int = 10) -> None:
+        """kombu 5.7's, with the cutoff taken from Redis's clock."""
+        self._vrestore_count += 1
+        if (self._vrestore_count - 1) % (interval or 1):
+            return
+        with self.channel.conn_or_acquire() as client:
+            ceil = server_time(client) - self.visibility_timeout
+            try:
+                with redis.Mutex(client, self.unacked_mutex_key, self.unacked_mutex_expire):
+                    visible = client.zrange(self.unacked_index_key, ceil, 0, desc=True, byscore=True,
+                                            offset=num and start, num=num, withscores=True)  # fmt: skip
+                    for tag, _ in visible or []:
+                        self.restore_by_tag(tag, client)
+            except redis.MutexHeld:
+                pass
+
+    def restore_unacked(self, client: Any = None) -> None:
+        """On close (a reconnect, or the process ending): hand back only what nothing here still runs or awaits."""
+        held = _held_now() if self._delivered else set()
+        index = self.channel.global_keyprefix + self.unacked_index_key
+        kept = 0
+        with self.channel.conn_or_acquire(client) as client:  # also gives the closed channel a pool for late acks
+            for tag, message in list(self._delivered.items()):
+                if tag in held:
+                    with _kept_lock:
+                        _kept[tag] = (index, message)
+                    kept += 1
+                else:
+                    self.restore_by_tag(tag, client=client)
+        self._delivered.clear()
+        if kept:
+            log.info("kept %d message(s) this worker still runs or holds; their leases are renewed until acked", kept)
+
+    def ack(self, delivery_tag: str) -> None:
+        super().ack(delivery_tag)
+        _release(delivery_tag)
+
+    def reject(self, delivery_tag: str, requeue: bool = False) -> None:
+        super().reject(delivery_tag, requeue=requeue)
+        _release(delivery_tag)
+
+
+def _release(delivery_tag: str) -> None:
+    with _kept_lock:
+        _kept.pop(delivery_tag, None)
+
+
+class Channel(redis.Channel):
+    QoS = QoS
+
+
+class Transport(redis.Transport):
+    Channel = Channel
+
+
+class SentinelChannel(redis.SentinelChannel):
+    QoS = QoS
+
+
+class SentinelTransport(redis.SentinelTransport):
+    Channel = SentinelChannel
+
+
+_OURS: dict[type, type] = {redis.Transport: Transport, redis.SentinelTransport: SentinelTransport}
+
+
+class Connection(KombuConnection):
+    """A kombu Connection that swaps in kiq's Redis transports. The URL's scheme still picks the transport (also
+    after a failover switches hosts) and still sets TLS for `rediss://`."""
+
+    def get_transport_cls(self) -> type:
+        cls = super().get_transport_cls()
+        return _OURS.get(cls, cls)
+
+
+class AMQP(CeleryAMQP):
+    """Celery's broker glue with kiq's Connection: `Celery(..., amqp="kiq.transport:AMQP")`."""
+
+    Connection = Connection
+    BrokerConnection = Connection

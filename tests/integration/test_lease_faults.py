@@ -1,0 +1,97 @@
+"""The lease renewer against faults that end in silence (issue 20, defects 3 and 4): a half-open connection
+must fail a renewal within its interval, and a worker whose renewals keep failing must stop taking jobs, say
+why, and take them again once renewals succeed — with a real worker, its lease connection silenced by a proxy
+while its broker connection works."""
+
+import threading
+import time
+import uuid
+from urllib.parse import urlsplit
+
+from kiq import leases, redisconn
+from kiq.settings import Settings
+from producer import devstack
+from producer.client import Client
+from tests.blackhole import SilencingProxy
+from tests.integration.conftest import REDIS_URL
+from tests.integration.jobs import tiny_job
+
+# How the proxy tells the lease connection from the broker's: its client name, or (a worker without one) the
+# renewal itself, the only ZADD ... XX anyone sends.
+LEASE_MARKERS = (b"kiq-leases", b"\r\nXX\r\n")
+REDIS = urlsplit(REDIS_URL)
+
+
+def proxied_url(proxy: SilencingProxy) -> str:
+    return f"redis://127.0.0.1:{proxy.port}{REDIS.path}"
+
+
+def timed_renew(keeper: leases.LeaseKeeper, give_up_s: float = 60) -> tuple[object, float]:
+    """(what renew() returned or raised, seconds it took); renew() runs in a thread so a hang cannot hang the test."""
+    outcome: list = []
+
+    def renew():
+        start = time.monotonic()
+        try:
+            result = keeper.renew()
+        except Exception as exc:  # noqa: BLE001 - the outcome under test
+            result = exc
+        outcome.append((result, time.monotonic() - start))
+
+    thread = threading.Thread(target=renew, daemon=True)
+    thread.start()
+    thread.join(give_up_s)
+    assert outcome, f"renew() still blocked after {give_up_s} s on a half-open connection"
+    return outcome[0]
+
+
+def test_a_renewal_on_a_half_open_connection_fails_within_the_renewal_interval(env):
+    proxy = SilencingProxy(REDIS.port or 6379)
+    proxy.start()
+    try:
+        settings = Settings.from_env({**env, "KIQ_BROKER_URL": proxied_url(proxy), "KIQ_VISIBILITY_TIMEOUT_S": "6"})
+        interval = leases.renew_interval_s(settings.visibility_timeout_s)
+        held = [(f"kiq:test-index:{uuid.uuid4().hex}", "tag")]
+        keeper = leases.LeaseKeeper(leases.broker_redis(settings), lambda: held, interval)
+        assert timed_renew(keeper)[0] == 0  # connected; nothing to renew under that tag
+        proxy.silence()  # the peer goes quiet: no reset, no FIN, as after a host loss or a partition
+        for attempt in ("on the open connection", "on a new one"):
+            result, took = timed_renew(keeper)
+            assert isinstance(result, redisconn.REDIS_ERRORS), (attempt, result)
+            assert took < interval, f"{attempt}: renew() took {took:.1f} s to fail, past the {interval:g} s interval"
+        proxy.unsilence()
+        assert timed_renew(keeper)[0] == 0  # and it recovers by itself
+    finally:
+        proxy.stop()
+
+
+def test_a_worker_whose_leases_cannot_be_renewed_stops_taking_jobs_says_why_and_resumes(env, spawn_worker):
+    proxy = SilencingProxy(REDIS.port or 6379, markers=LEASE_MARKERS)
+    proxy.start()
+    try:
+        queue = f"kiq-lease-fault-{uuid.uuid4().hex[:8]}"
+        overrides = {"KIQ_QUEUE": queue, "KIQ_BROKER_URL": proxied_url(proxy), "KIQ_VISIBILITY_TIMEOUT_S": "6"}
+        client = Client(Settings.from_env({**env, "KIQ_QUEUE": queue}))  # straight to Redis
+        worker, log = spawn_worker("lease-fault", **overrides)
+        proxy.silence()
+        held = client.submit(tiny_job(decoder_steps=12))  # runs while its lease cannot be renewed
+
+        def text():
+            return log.read_text(errors="replace")
+
+        try:
+            devstack.wait_until(lambda: "stops taking jobs" in text(), 30, "the worker to stop taking jobs")
+        except devstack.StackError:
+            failed = text().count("could not renew message leases")
+            raise AssertionError(f"{failed} failed renewals logged, yet the worker never stopped taking jobs") from None
+        assert "ERROR" in next(line for line in text().splitlines() if "stops taking jobs" in line)
+        waiting = client.submit(tiny_job(seed=2))
+        assert client.wait(held, timeout=120).state == "SUCCESS"
+        time.sleep(4)
+        assert client.status(waiting).state == "PENDING" and waiting not in text()  # not even received
+        proxy.unsilence()
+        devstack.wait_until(lambda: "taking jobs again" in text(), 30, "the worker to take jobs again")
+        assert client.wait(waiting, timeout=60).state == "SUCCESS"
+        assert worker.poll() is None
+    finally:
+        proxy.stop()

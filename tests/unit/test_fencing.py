@@ -1,0 +1,224 @@
+"""Fencing tokens against the real Redis (KIQ_TEST_REDIS_URL): a stale run's writes are refused in the same
+script that would make them; the Celery and kombu parts the worker relies on to let go of a stale message."""
+
+import inspect
+import json
+import os
+import uuid
+from types import SimpleNamespace
+
+import pytest
+import redis
+from celery import Celery
+
+from kiq import fencing
+from kiq.contract import parse_job
+from kiq.events import EventsBackend, events_key
+from kiq.names import fence_key, frames_key
+from kiq.settings import Settings
+from kiq.status import ImageRef, Progress
+from kiq.webhooks import queue_webhook, queued_key
+from worker import fencing as stale_runs
+from worker.delivery import DeliveryGuard, deliveries_key
+from worker.records import JobRecords
+from worker.runner import JobCancelled, Runner, StaleDelivery
+from worker.storage import MemoryStorage
+
+REDIS_URL = os.environ.get("KIQ_TEST_REDIS_URL", "redis://127.0.0.1:6379/13")
+
+
+@pytest.fixture
+def db():
+    client = redis.Redis.from_url(REDIS_URL)
+    keys = []
+    yield client, keys
+    if keys:
+        client.delete(*keys)
+
+
+@pytest.fixture
+def job(db):
+    """A fresh job id whose keys are deleted after the test; no token held by this process afterwards."""
+    _, keys = db
+    job_id = f"fence-{uuid.uuid4().hex}"
+    keys += [fence_key(job_id), f"celery-task-meta-{job_id}", events_key(job_id), frames_key(job_id),
+             queued_key(job_id), deliveries_key(job_id)]  # fmt: skip
+    yield job_id
+    fencing.release(job_id)
+
+
+@pytest.fixture
+def refusals(monkeypatch):
+    seen = []
+    monkeypatch.setattr(fencing, "on_refused", seen.append)
+    return seen
+
+
+def backend():
+    app = Celery("fencing-test", set_as_current=False)
+    return EventsBackend(app=app, url=REDIS_URL)
+
+
+def take(client, job_id):
+    """What DeliveryGuard.begin does for a delivery of the job elsewhere: the next token."""
+    return int(client.incr(fence_key(job_id)))
+
+
+def test_a_stale_runs_state_write_is_refused_whole_and_a_current_ones_lands(db, job, refusals):
+    client, _ = db
+    results = backend()
+    fencing.hold(job, take(client, job))  # delivery 1, ours
+    results.store_result(job, {"hostname": "a"}, "STARTED")
+    assert client.xlen(events_key(job)) == 1
+    take(client, job)  # delivery 2 began elsewhere
+    results.store_result(job, {"stage": "decoder", "step": 3, "total": 9}, "PROGRESS")
+    results.store_result(job, {"images": []}, "SUCCESS")
+    assert json.loads(client.get(f"celery-task-meta-{job}"))["status"] == "STARTED"  # neither the state ...
+    assert client.xlen(events_key(job)) == 1  # ... nor the event
+    assert refusals == [job, job]
+    fencing.hold(job, 2)  # now as delivery 2 (a later token than the count is fine too)
+    results.store_result(job, {"images": []}, "SUCCESS")
+    assert json.loads(client.get(f"celery-task-meta-{job}"))["status"] == "SUCCESS"
+    assert client.xlen(events_key(job)) == 2 and refusals == [job, job]
+
+
+def test_writes_without_a_held_token_or_without_a_count_are_not_fenced(db, job, refusals):
+    client, _ = db
+    results = backend()
+    results.store_result(job, {"hostname": "api"}, "STARTED")  # the API's writes hold no token
+    fencing.hold(job, 5)  # a count lost with Redis's data: nothing says a newer run exists
+    results.store_result(job, {"stage": "fetch", "step": 0, "total": 1}, "PROGRESS")
+    assert client.xlen(events_key(job)) == 2 and not refusals
+
+
+def test_set_and_delete_if_current(db, job, refusals):
+    client, _ = db
+    take(client, job)
+    key = frames_key(job)
+    assert fencing.set_if_current(client, job, 1, key, "one", 60)
+    assert not fencing.set_if_current(client, job, 1, key, "two", 60, nx=True)  # NX: already there
+    assert refusals == []  # NX declining is not a refusal
+    take(client, job)
+    assert not fencing.set_if_current(client, job, 1, key, "stale", 60)
+    assert client.get(key) == b"one" and refusals == [job]
+    assert 0 < client.ttl(key) <= 60
+    assert fencing.set_if_current(client, job, 2, key, "current", 60)
+    assert not fencing.delete_if_current(client, job, 1, key) and client.get(key) == b"current"
+    assert fencing.delete_if_current(client, job, 2, key) and not client.exists(key)
+
+
+class FakeApp:
+    def __init__(self):
+        self.sent = []
+
+    def send_task(self, name, args, queue, task_id, headers=None):
+        self.sent.append(task_id)
+
+
+def test_a_stale_run_does_not_queue_the_jobs_one_webhook(db, job, refusals):
+    client, _ = db
+    app = FakeApp()
+    take(client, job), take(client, job)
+    assert not queue_webhook(app, client, job, "https://example.com/hook", 60, token=1)
+    assert app.sent == [] and not client.exists(queued_key(job))
+    assert queue_webhook(app, client, job, "https://example.com/hook", 60, token=2)
+    assert not queue_webhook(app, client, job, "https://example.com/hook", 60, token=2)  # once
+    assert len(app.sent) == 1
+
+
+def test_each_delivery_takes_the_next_token_and_a_stale_end_leaves_the_newer_count(db, job):
+    client, _ = db
+    guard = DeliveryGuard(client, max_deliveries=5, ttl_s=60)
+    first = guard.begin(job)
+    assert fencing.held(job) == first.token == 1 and 0 < client.ttl(fence_key(job)) <= 60
+    second = DeliveryGuard(client, max_deliveries=5, ttl_s=60).begin(job)  # another worker, same process here
+    assert second.token == 2 and second.attempt == 2
+    fencing.hold(job, first.token)  # back to the first run's view
+    guard.end(job)  # the stale run's end: the newer delivery's count stays
+    assert client.hget(deliveries_key(job), "solo") == b"2"
+    fencing.hold(job, second.token)
+    guard.end(job)
+    assert not client.exists(deliveries_key(job))
+
+
+def settings():
+    return Settings(progress_interval_ms=0, result_ttl_s=60)
+
+
+def test_the_step_check_and_the_upload_check_stop_a_stale_run_before_it_writes(db, job, refusals):
+    client, _ = db
+    fencing.hold(job, take(client, job))
+    records = JobRecords(backend(), None, settings())
+    ctx = records.context(job, 60)
+    ctx.progress("decoder", 1, 9)  # current: reported
+    ctx.frame_done(ImageRef(uri="s3://b/k", url="u", width=1, height=1, format="png"))
+    take(client, job)
+    with pytest.raises(StaleDelivery, match="stale"):
+        ctx.progress("decoder", 2, 9)
+    assert issubclass(StaleDelivery, JobCancelled)  # so it leaves the pipelines and batches as a cancel does
+    storage = MemoryStorage()
+    runner = Runner(settings(), storage=storage, pipelines=SimpleNamespace())
+    with pytest.raises(StaleDelivery):
+        runner.upload(job, 0, b"png", parse_job({"inputs": [{"text": "a", "weight": 1.0}]}), 1, fence=ctx.fence)
+    assert storage.objects == {}
+    ctx.frame_done(ImageRef(uri="s3://b/k2", url="u", width=1, height=1, format="png"))  # refused
+    assert len(json.loads(client.get(frames_key(job)))) == 1
+    records.store(job, StaleDelivery("stale"))  # writes nothing
+    metas = [json.loads(f[b"meta"])["status"] for _, f in client.xrange(events_key(job))]
+    assert metas == ["PROGRESS"] and Progress(**json.loads(client.get(f"celery-task-meta-{job}"))["result"]).step == 1
+
+
+def test_letting_go_settles_the_message_in_this_process_only(monkeypatch):
+    from celery.worker import state
+
+    delivered = {"tag-a": object(), "tag-b": object()}
+    channel = SimpleNamespace(qos=SimpleNamespace(_delivered=delivered))
+
+    def request(job_id, tag):
+        return SimpleNamespace(
+            id=job_id, acknowledged=False, message=SimpleNamespace(channel=channel, delivery_tag=tag)
+        )
+
+    running, reserved = request("a", "tag-a"), request("b", "tag-b")
+    monkeypatch.setattr(state, "active_requests", [running])
+    monkeypatch.setattr(state, "reserved_requests", [reserved])
+    stale_runs.let_go("a")
+    stale_runs.let_go("b")
+    assert running.acknowledged and reserved.acknowledged and delivered == {}
+    assert not stale_runs.was_let_go("a")  # it runs now: nothing to remember
+    assert stale_runs.was_let_go("b") and not stale_runs.was_let_go("b")  # its turn, once
+
+
+def test_the_celery_and_kombu_parts_used_to_let_go_are_still_there():
+    """worker/fencing.py leans on these; if a Celery or kombu release changes them, this fails loudly."""
+    from celery.worker import request, state
+    from kombu.transport.redis import QoS
+
+    assert "if not self.acknowledged" in inspect.getsource(request.Request.acknowledge)
+    assert "return self.acknowledge()" in inspect.getsource(request.Request.on_failure)  # Ignore: acknowledge
+    assert isinstance(request.Request.message, property) and request.Request.acknowledged is False
+    assert hasattr(state, "active_requests") and hasattr(state, "reserved_requests")
+    assert "_delivered" in inspect.getsource(QoS.restore_unacked)  # what the restore at shutdown walks
+    assert "self._delivered" in inspect.getsource(QoS.__mro__[1].__init__)
+
+
+def test_a_stale_batch_mate_leaves_the_batch_without_writing_and_its_own_turn_does_not_run_it(monkeypatch):
+    from celery.worker import state
+
+    from worker.batching import DecoderBatch, Mate
+
+    class Untouchable:
+        def __getattr__(self, name):
+            raise AssertionError(f"a stale mate must not {name}")
+
+    finished = []
+    observers = SimpleNamespace(finished=lambda outcome, seconds, timings=None: finished.append(outcome))
+    batch = DecoderBatch(None, settings(), Untouchable(), Untouchable(), observers)
+    message = SimpleNamespace(channel=SimpleNamespace(qos=SimpleNamespace(_delivered={"tag": 1})), delivery_tag="tag")
+    mate = SimpleNamespace(id="mate-1", acknowledged=False, message=message)
+    monkeypatch.setattr(state, "active_requests", [])
+    monkeypatch.setattr(state, "reserved_requests", [mate])
+    fencing.hold("mate-1", 1)
+    batch._settle(Mate("mate-1", None, {}), StaleDelivery("delivery 1 of mate-1 is stale"), 1.0)
+    assert finished == ["stale"] and fencing.held("mate-1") is None and mate.acknowledged
+    assert stale_runs.was_let_go("mate-1")  # its own turn is skipped

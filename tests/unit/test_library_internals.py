@@ -1,0 +1,130 @@
+"""Every private (or unpublished) kombu and Celery name kiq relies on, with the signature kiq calls it with.
+
+kiq pins kombu and Celery to the minor releases tested here (pyproject.toml). A release that renames or changes
+one of these fails this test, loudly, instead of a lease renewal failing in production (issue 20, defect 4).
+Where kiq copies kombu's code (kiq.leases._IndexQoS.restore_by_tag) the test also checks what it copied."""
+
+import inspect
+import tomllib
+from pathlib import Path
+from types import SimpleNamespace
+from weakref import WeakSet
+
+import celery
+import kombu
+import pytest
+from celery.backends.redis import RedisBackend
+from celery.utils.imports import symbol_by_name
+from celery.worker import state
+from celery.worker.consumer import Consumer
+from celery.worker.request import Request
+from kombu.messaging import Consumer as KombuConsumer
+from kombu.transport import redis as kombu_redis
+from kombu.transport import virtual
+from packaging.requirements import Requirement
+
+from kiq import leases
+
+
+def params(func) -> list[str]:
+    return list(inspect.signature(func).parameters)
+
+
+PINNED = {"kombu": "5.7", "celery": "5.6"}  # the minors this file checks
+
+
+def test_the_package_pins_kombu_and_celery_to_the_tested_minors_and_they_are_installed():
+    pyproject = tomllib.loads((Path(__file__).parents[2] / "pyproject.toml").read_text())
+    requirements = {r.name: r for r in map(Requirement, pyproject["project"]["dependencies"])}
+    for name, minor in PINNED.items():
+        assert name in requirements, f"{name} is not pinned in pyproject.toml"
+        major, low = map(int, minor.split("."))
+        allowed = requirements[name].specifier
+        assert f"{minor}.0" in allowed and f"{major}.{low + 1}.0" not in allowed and f"{minor}.99" in allowed, (
+            f"{name}: {allowed} is not the tested minor {minor}"
+        )
+    assert kombu.__version__.startswith("5.7."), kombu.__version__
+    assert celery.__version__.startswith("5.6."), celery.__version__
+
+
+@pytest.mark.parametrize(
+    ("owner", "name", "expected"),
+    [
+        (kombu_redis.QoS, "restore_visible", ["self", "start", "num", "interval"]),
+        (kombu_redis.QoS, "restore_by_tag", ["self", "tag", "client", "leftmost"]),
+        (kombu_redis.QoS, "_remove_from_indices", ["self", "delivery_tag", "pipe"]),
+        (
+            kombu_redis.Channel,
+            "_do_restore_message",
+            ["self", "payload", "exchange", "routing_key", "pipe", "leftmost"],
+        ),
+        (kombu_redis.Channel, "conn_or_acquire", ["self", "client"]),
+        (virtual.QoS, "__init__", ["self", "channel", "prefetch_count"]),
+        (Consumer, "call_soon", ["self", "p", "args", "kwargs"]),
+        (KombuConsumer, "cancel_by_queue", ["self", "queue"]),
+        (KombuConsumer, "add_queue", ["self", "queue"]),
+        (KombuConsumer, "consuming_from", ["self", "queue"]),
+        (RedisBackend, "_set", ["self", "key", "value"]),
+        (RedisBackend, "on_task_call", ["self", "producer", "task_id"]),
+    ],
+)
+def test_methods_kiq_calls_or_overrides_keep_their_signature(owner, name, expected):
+    assert params(getattr(owner, name)) == expected
+
+
+def test_kombu_redis_channel_and_qos_attributes():
+    for name in ("unacked_key", "unacked_index_key", "unacked_mutex_key", "unacked_mutex_expire",
+                 "unacked_restore_limit", "global_keyprefix", "visibility_timeout", "client"):  # fmt: skip
+        assert hasattr(kombu_redis.Channel, name), name
+    assert kombu_redis.Channel.QoS is kombu_redis.QoS
+    assert "self._qos = None" in inspect.getsource(virtual.Channel.__init__)  # held_by_consumer reads channel._qos
+    for name in ("unacked_key", "unacked_index_key", "unacked_mutex_key", "unacked_mutex_expire",
+                 "visibility_timeout"):  # fmt: skip
+        assert hasattr(kombu_redis.QoS, name), name  # _IndexQoS overrides each on its instance
+    qos = kombu_redis.QoS(SimpleNamespace())
+    qos._on_collect.cancel()  # _IndexQoS cancels kombu's restore-at-exit this way
+    assert isinstance(qos._delivered, dict)  # the delivery tags held_by_consumer renews
+
+
+def test_kombu_sweep_goes_through_restore_by_tag_as_index_qos_overrides_it():
+    """_IndexQoS counts what it hands back in its own restore_by_tag, a copy of kombu's: restore_visible must
+    still call it per tag, and kombu's own must still do what the copy does."""
+    assert "self.restore_by_tag(tag, client)" in inspect.getsource(kombu_redis.QoS.restore_visible)
+    kombu_own = inspect.getsource(kombu_redis.QoS.restore_by_tag)
+    for step in ("pipe.hget(self.unacked_key, tag)", "pipe.multi()", "self._remove_from_indices(tag, pipe)",
+                 "self.channel._do_restore_message(M, EX, RK, pipe, leftmost)",
+                 "client.transaction(restore_transaction, self.unacked_key)"):  # fmt: skip
+        assert step in kombu_own, step
+    assert issubclass(leases._IndexQoS, kombu_redis.QoS)
+
+
+def test_celery_worker_state_and_requests():
+    assert isinstance(state.active_requests, WeakSet) and isinstance(state.reserved_requests, WeakSet)
+    for name in ("id", "name", "args", "message"):  # held_by_consumer, batching's find_mates
+        assert hasattr(Request, name), name
+    assert symbol_by_name("celery.worker.consumer.tasks:Tasks")  # the Leases bootstep requires it
+
+
+def test_celery_queue_selection_kiq_pauses_intake_with():
+    app = celery.Celery(set_as_current=False)
+    app.conf.task_queues = [kombu.Queue("a"), kombu.Queue("b")]
+    queues = app.amqp.queues
+    assert set(queues.consume_from) == {"a", "b"}
+    paused = queues["a"]
+    queues.deselect("a")
+    assert set(queues.consume_from) == {"b"}  # what a reconnecting Tasks step consumes
+    assert [q.name for q in app.amqp.TaskConsumer(None, auto_declare=False).queues] == ["b"]
+    queues.select_add(paused)
+    assert set(queues.consume_from) == {"a", "b"}
+
+
+def test_kombu_redis_names_kiq_builds_itself():
+    """kiq.celeryconf.priority_lists and kiq.brokerformat name kombu's priority lists and binding tables."""
+    from kiq.brokerformat import BINDING_PATTERNS
+    from kiq.celeryconf import KOMBU_SEP, priority_lists
+
+    assert kombu_redis.Channel.sep == KOMBU_SEP
+    assert kombu_redis.Channel.keyprefix_queue == "_kombu.binding.%s"
+    assert BINDING_PATTERNS[0] == kombu_redis.Channel.keyprefix_queue % "*"
+    assert 'f"{queue}{self.sep}{pri}"' in inspect.getsource(kombu_redis.Channel._q_for_pri)
+    assert priority_lists("kiq") == ["kiq", f"kiq{KOMBU_SEP}3", f"kiq{KOMBU_SEP}6", f"kiq{KOMBU_SEP}9"]

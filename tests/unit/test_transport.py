@@ -1,0 +1,83 @@
+"""kiq's broker transport (kiq/transport.py) leans on kombu and Celery internals: each one it uses must still be
+there, and the kombu methods it rewrites must still be the ones it was written against. A failure here means a
+kombu or Celery upgrade changed them: read the new code and port kiq/transport.py before moving the pin."""
+
+import hashlib
+import inspect
+import time
+from types import SimpleNamespace
+
+import celery.app.amqp
+import kombu
+from celery import Celery
+from kombu.asynchronous.timer import Timer
+from kombu.transport import redis
+from kombu.transport.virtual import base
+
+from kiq import transport
+from kiq.celeryconf import WORKER_AMQP
+from kiq.leases import held_tags
+
+# sha256 (first 16 hex digits) of the kombu methods kiq.transport.QoS replaces, as of kombu 5.7.0.
+REWRITTEN = {"append": "35c655f6ecc62fe6", "restore_visible": "d4a4a40a3eaf9f23", "restore_unacked": "8954efef014d546e"}
+
+
+def digest(function):
+    return hashlib.sha256(inspect.getsource(function).encode()).hexdigest()[:16]
+
+
+def test_the_kombu_methods_kiq_rewrites_are_the_ones_it_was_written_against():
+    assert kombu.__version__.startswith("5.7."), kombu.__version__  # pyproject.toml pins the minor
+    assert {name: digest(getattr(redis.QoS, name)) for name in REWRITTEN} == REWRITTEN
+
+
+def test_every_kombu_internal_kiq_uses_is_there():
+    for name in ("Mutex", "MutexHeld", "QoS", "Channel", "Transport", "SentinelChannel", "SentinelTransport"):
+        assert hasattr(redis, name), name
+    for name in ("_remove_from_indices", "restore_by_tag", "pipe_or_acquire", "unacked_key", "unacked_index_key",
+                 "unacked_mutex_key", "unacked_mutex_expire", "visibility_timeout"):  # fmt: skip
+        assert hasattr(redis.QoS, name), name
+    qos = redis.QoS(SimpleNamespace(do_restore=True))
+    assert isinstance(qos._delivered, dict) and qos._vrestore_count == 0 and hasattr(qos, "_on_collect")
+    qos._on_collect.cancel()
+    for name in ("conn_or_acquire", "pool", "_pool", "global_keyprefix", "_do_restore_message",
+                 "unacked_restore_limit"):  # fmt: skip
+        assert hasattr(redis.Channel, name), name
+    # A closing channel hands its unacknowledged messages to QoS.restore_unacked, once.
+    assert "restore_unacked_once" in inspect.getsource(base.Channel.close)
+    assert "self.restore_unacked()" in inspect.getsource(base.QoS.restore_unacked_once)
+    assert "self._pool" in inspect.getsource(redis.Channel.pool.fget)  # a closed channel keeps the pool it made
+    assert hasattr(kombu.Connection, "get_transport_cls") and "get_transport_cls()" in inspect.getsource(
+        kombu.Connection.create_transport
+    )
+    assert hasattr(kombu.Message, "acknowledged") and "delivery_info" in kombu.Message.__slots__
+    assert "self._raw = payload" in inspect.getsource(base.Message.__init__)  # what the unacked hash stores
+    assert issubclass(transport.AMQP, celery.app.amqp.AMQP) and celery.app.amqp.AMQP.Connection is kombu.Connection
+
+
+def test_workers_get_kiqs_transport_for_their_broker_url_and_producers_kombus():
+    app = Celery("t", amqp=WORKER_AMQP, set_as_current=False)
+    sentinels = "sentinel://127.0.0.1:26379;sentinel://127.0.0.1:26380/0"
+    for url, ours in (("redis://127.0.0.1:6379/0", transport.Transport),
+                      ("rediss://127.0.0.1:6380/0", transport.Transport),
+                      (sentinels, transport.SentinelTransport)):  # fmt: skip
+        connection = app.connection_for_write(url)
+        assert connection.get_transport_cls() is ours
+        assert connection.clone().get_transport_cls() is ours  # Celery's pools clone it
+        assert connection.transport_cls == url.split(":", 1)[0]  # the scheme still names it (TLS, failover)
+    assert app.connection_for_write("rediss://127.0.0.1:6380/0").ssl  # kombu's default for rediss is kept
+    producer = Celery("p", set_as_current=False).connection_for_write("redis://127.0.0.1:6379/0")
+    assert producer.get_transport_cls() is redis.Transport
+    assert transport.Channel.QoS is transport.QoS and transport.SentinelChannel.QoS is transport.QoS
+
+
+def test_a_closing_channel_keeps_what_the_consumer_runs_reserves_or_schedules(monkeypatch):
+    def request(tag):
+        return SimpleNamespace(message=SimpleNamespace(delivery_tag=tag))
+
+    monkeypatch.setattr("kiq.leases._requests", lambda: [request("running"), request("reserved")])
+    timer = Timer()  # Celery schedules an ETA request as call_at(eta, apply_eta_task, (request,))
+    timer.call_at(time.time() + 60, print, (request("eta"),), priority=6)
+    timer.call_after(5, print)  # something else on the timer
+    assert held_tags(SimpleNamespace(timer=timer)) == {"running", "reserved", "eta"}
+    assert held_tags(SimpleNamespace()) == {"running", "reserved"}

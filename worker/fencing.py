@@ -1,0 +1,64 @@
+"""What a worker does once a run of its own is found stale (kiq/fencing.py): let go of the job's message.
+
+A message handed out again keeps its delivery tag, so the newer delivery's lease lives under the same tag in
+kombu's unacked hash and index. Acknowledging (or rejecting) the stale copy would delete that lease, and a crash
+of the newer run would then lose the job. So the stale copy is settled in this process only: dropped from the
+channel's delivered map (no renewal, no restore at shutdown) and marked acknowledged for Celery, which then sends
+no ack. Uses Celery's `Request.acknowledged`/`.message`, `celery.worker.state` and kombu's `QoS._delivered` (as
+kiq/leases.py does; tests/unit/test_fencing.py checks them on the pinned versions).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from typing import Any
+
+from kiq import fencing
+
+log = logging.getLogger(__name__)
+_LET_GO_MAX = 1024  # reserved (prefetched) jobs let go of before their turn; their turn removes them
+_let_go: OrderedDict[str, None] = OrderedDict()
+
+
+def let_go(job_id: str) -> None:
+    """Settle this process's copies of the job's message without telling the broker."""
+    from celery.worker import state
+
+    for request in [*_copy(state.active_requests), *_copy(state.reserved_requests)]:
+        if request.id != job_id or request.acknowledged:
+            continue
+        _settle_locally(request.message)
+        request.acknowledged = True  # Celery acks only requests not acknowledged yet
+        if request in state.reserved_requests:  # a batch mate: its own turn must not run it again
+            _let_go[job_id] = None
+            while len(_let_go) > _LET_GO_MAX:
+                _let_go.popitem(last=False)
+
+
+def was_let_go(job_id: str) -> bool:
+    """True once, on the turn of a reserved job whose message was let go of."""
+    return _let_go.pop(job_id, False) is None
+
+
+def _settle_locally(message: Any) -> None:
+    try:
+        # What kombu's acknowledgement does in this process, without its Redis calls: the tag leaves the channel's
+        # delivered map, so neither the lease keeper nor the restore at shutdown touches the newer delivery's lease.
+        message.channel.qos._delivered.pop(message.delivery_tag, None)
+    except Exception as exc:  # noqa: BLE001 - a channel closed by a reconnect: nothing left to settle
+        log.warning("could not let go of message %s locally: %s", getattr(message, "delivery_tag", "?"), exc)
+
+
+def _copy(items: Any) -> list[Any]:
+    for _ in range(3):  # the consumer thread may add or remove requests while we copy
+        try:
+            return list(items)
+        except RuntimeError:
+            continue
+    return []
+
+
+def install() -> None:
+    """A write refused for a stale run lets go of the job's message (before Celery would ack it)."""
+    fencing.on_refused = let_go
