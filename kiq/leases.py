@@ -36,6 +36,7 @@ from kiq.transport import QoS as KiqQoS
 from kiq.transport import hold_while, kept_leases, server_time
 
 log = logging.getLogger(__name__)
+renewal_failures = [0]  # failed renewal rounds in this process since start: worker/metrics.py exports it
 
 
 def renew_interval_s(visibility_timeout_s: float) -> float:
@@ -88,6 +89,7 @@ class LeaseKeeper:
                 self.renew()
             except Exception as exc:  # noqa: BLE001 - a Redis blip: keep trying, the lease has slack for it
                 log.warning("could not renew message leases: %s", exc)
+                renewal_failures[0] += 1
                 self._failed(exc)
             else:
                 self._renewed()

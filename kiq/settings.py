@@ -48,6 +48,10 @@ class Settings:
     large_pixels: int = 1024 * 1024
     device_runtime_id: int = -1  # the id the framework is given; -1: KIQ_DEVICE_ID (0 under *_VISIBLE_DEVICES)
     metrics_port: int = 0  # Prometheus metrics on this port; 0: off
+    log_format: str = "text"  # json: one JSON object per line, with job ids, secrets scrubbed (kiq/logs.py)
+    tracing: str = ""  # OpenTelemetry (the otel extra): otlp (OTEL_EXPORTER_OTLP_* variables) or file:PATH; empty: off
+    health_port: int = 0  # worker probes /healthz and /readyz on this port (supervisor: + device id); 0: off
+    metrics_queues: str = ""  # comma-separated queues the queue metrics always report (beside KIQ_QUEUE, tenants')
     restart_max: int = 5  # a supervised worker that dies this often within KIQ_RESTART_WINDOW_S is left down
     restart_window_s: float = 300.0
     shutdown_grace_s: float = 600.0  # SIGTERM: time for running jobs to finish before children are killed
@@ -101,6 +105,10 @@ class Settings:
         if self.device_target not in ("Ascend", "CPU", "GPU"):
             raise SettingsError(f"{env_name('device_target')} must be Ascend, CPU or GPU, got {self.device_target!r}")
         _check_backend(self.backend, self.device_target)
+        if self.tracing and self.tracing != "otlp" and not self.tracing.startswith("file:"):
+            raise SettingsError(f"{env_name('tracing')} must be otlp, file:PATH or empty, got {self.tracing!r}")
+        if self.log_format not in ("text", "json"):
+            raise SettingsError(f"{env_name('log_format')} must be text or json, got {self.log_format!r}")
         for name in ("queue", "large_queue", *(["worker_queues"] if self.worker_queues else [])):
             for queue in filter(None, getattr(self, name).split(",")):
                 if not QUEUE_NAME.fullmatch(queue.strip()):
@@ -182,7 +190,7 @@ class Settings:
 
 _NON_NEGATIVE = (
     "device_id", "fetch_max_redirects", "fetch_retries", "s3_retry_s", "time_limit_grace_s", "metrics_port",
-    "embed_cache_mb", "decoder_batch_wait_ms", "speed_probe_s",
+    "embed_cache_mb", "decoder_batch_wait_ms", "speed_probe_s", "health_port",
     "shutdown_grace_s", "redis_retry_s", "progress_interval_ms", "submit_replicas", "submit_replica_timeout_ms",
 )  # fmt: skip
 _POSITIVE = (

@@ -16,7 +16,7 @@ import uuid
 from collections.abc import Mapping
 from typing import Any
 
-from kiq import fencing
+from kiq import fencing, tracing
 from kiq.names import WEBHOOK_QUEUE, WEBHOOK_TASK
 
 log = logging.getLogger(__name__)
@@ -76,7 +76,8 @@ def queue_webhook(app: Any, redis: Any, job_id: str, url: str | None, ttl_s: int
     except Exception as exc:  # noqa: BLE001 - Redis down: fall through and send; the receiver dedupes
         log.warning("could not mark the webhook of %s as queued: %s", job_id, exc)
     try:
-        app.send_task(WEBHOOK_TASK, args=[job_id, url], queue=WEBHOOK_QUEUE, task_id=delivery_id(job_id))
+        app.send_task(WEBHOOK_TASK, args=[job_id, url], queue=WEBHOOK_QUEUE, task_id=delivery_id(job_id),
+                      headers=tracing.inject({"kiq_submitted_at": time.time()}))  # fmt: skip
         return True
     except Exception as exc:  # noqa: BLE001
         log.error("could not queue the webhook of %s: %s", job_id, exc)

@@ -16,7 +16,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
 
-from kiq import redisconn
+from kiq import logs, redisconn, tracing
 from kiq.contract import Job, validation_errors
 from kiq.errors import InvalidEventId, JobTooLong, StorageError, SubmitAbandoned, UnknownJob
 from kiq.event_reads import parse_event_id
@@ -26,6 +26,7 @@ from kiq.s3 import input_prefix, presign, put, s3_client
 from kiq.settings import Settings
 from kiq.status import JobList, JobStatus, State
 from kiq.version import __version__
+from producer import metrics
 from producer.bodylimit import BodyLimit
 from producer.client import Client
 from producer.events import EventHub, job_events
@@ -86,6 +87,8 @@ def create_api(settings: Settings, client: Client | None = None, s3: Any = None)
             await hubs[0].close()
 
     app.add_middleware(BodyLimit, max_bytes=settings.api_max_body_bytes)
+    tracing.instrument(app)
+    metrics.install(app, settings, client, {q for t in tenants.by_key.values() for q in t.queues})
 
     @app.exception_handler(Rejected)
     async def rejected(_: Request, exc: Rejected) -> JSONResponse:
@@ -524,4 +527,5 @@ def openapi_with_job_schema(app: FastAPI) -> dict[str, Any]:
 def run_api(settings: Settings) -> None:
     import uvicorn
 
-    uvicorn.run(create_api(settings), host=settings.api_host, port=settings.api_port, log_level="info")
+    uvicorn.run(create_api(settings), host=settings.api_host, port=settings.api_port, log_level="info",
+                **logs.uvicorn_options(settings))  # fmt: skip

@@ -20,6 +20,7 @@ from kiq.status import JobStatus
 from kiq.version import __version__
 
 EXIT_FAILED, EXIT_INVALID, EXIT_TIMEOUT, EXIT_UNKNOWN = 1, 2, 3, 4
+EXPORTER_PORT = 9808
 # A command whose optional dependencies are missing names the extra that brings them (top-level module -> extra).
 EXTRAS = {
     **dict.fromkeys(("fastapi", "uvicorn", "starlette", "multipart", "python_multipart"), "api"),
@@ -85,6 +86,12 @@ def build_parser() -> argparse.ArgumentParser:
     api.add_argument("--host", help="listen on this address (overrides KIQ_API_HOST)")
     api.add_argument("--port", type=int, help="listen on this port (overrides KIQ_API_PORT)")
     api.set_defaults(handler=cmd_api)
+    exporter = sub.add_parser("exporter", help="serve the queue metrics (as the API's /metrics) for Prometheus")
+    exporter.add_argument("--host", default="0.0.0.0", help="listen on this address (default: all)")
+    exporter.add_argument(
+        "--port", type=int, help=f"listen on this port (default: KIQ_METRICS_PORT, else {EXPORTER_PORT})"
+    )
+    exporter.set_defaults(handler=cmd_exporter)
     hooks = sub.add_parser("webhook-worker", help="deliver webhooks (a light Celery worker, threads pool)")
     hooks.set_defaults(handler=cmd_webhook_worker)
     tiny = sub.add_parser("make-tiny-models", help="write random-weight pipelines to DIR/prior and DIR/decoder")
@@ -154,11 +161,26 @@ def cmd_worker(args: argparse.Namespace, extra: list[str]) -> int:
 
 
 def cmd_api(args: argparse.Namespace, _: list[str]) -> int:
+    from kiq import logs, tracing
     from producer.api import run_api
 
     settings = Settings.from_env()
+    logs.setup(settings, "api")
+    tracing.setup(settings, "api")
     overrides = {k: v for k, v in (("api_host", args.host), ("api_port", args.port)) if v is not None}
     run_api(dataclasses.replace(settings, **overrides))
+    return 0
+
+
+def cmd_exporter(args: argparse.Namespace, _: list[str]) -> int:
+    from kiq import logs
+    from producer.metrics import run_exporter
+    from producer.tenants import Tenants
+
+    settings = Settings.from_env()
+    logs.setup(settings, "exporter")
+    queues = {q for t in Tenants.from_settings(settings).by_key.values() for q in t.queues}
+    run_exporter(settings, args.port or settings.metrics_port or EXPORTER_PORT, args.host, queues)
     return 0
 
 

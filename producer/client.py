@@ -14,7 +14,7 @@ from typing import Any
 from celery import Celery
 from celery.result import AsyncResult
 
-from kiq import redisconn, s3
+from kiq import logs, redisconn, s3, tracing
 from kiq.celeryconf import PRIORITY_STEPS, common_config, priority_lists
 from kiq.contract import MAX_PRIORITY, Job, parse_job
 from kiq.errors import TransientError, UnknownJob, WaitTimeout
@@ -91,14 +91,17 @@ class Client:
         try:
             if before_publish is not None:
                 before_publish()
-            self.app.send_task(
-                GENERATE_TASK, args=[parsed.model_dump(mode="json")], task_id=job_id,
-                queue=route(parsed, self.settings), priority=MAX_PRIORITY - parsed.priority,
-                headers={"kiq_submitted_at": time.time()},
-            )  # fmt: skip
+            with tracing.span("submit", {"kiq.job_id": job_id}):
+                self.app.send_task(
+                    GENERATE_TASK, args=[parsed.model_dump(mode="json")], task_id=job_id,
+                    queue=route(parsed, self.settings), priority=MAX_PRIORITY - parsed.priority,
+                    headers=tracing.inject({"kiq_submitted_at": time.time(), "kiq_owner": owner}),
+                )  # fmt: skip
         except Exception:
             self._forget(job_id, owner)
             raise
+        with logs.context(job_id=job_id, tenant=owner):
+            log.info("job queued on %s at priority %d", route(parsed, self.settings), parsed.priority)
         self._replicate(job_id)
         return job_id
 

@@ -18,7 +18,7 @@ from typing import Any
 from celery import Celery, Task
 from kombu import Exchange, Queue
 
-from kiq import brokerformat, leases, safe_http
+from kiq import brokerformat, leases, logs, safe_http, tracing
 from kiq.celeryconf import WORKER_AMQP, common_config
 from kiq.errors import FetchUnavailable, InputError, SettingsError
 from kiq.names import WEBHOOK_QUEUE, WEBHOOK_TASK
@@ -46,6 +46,11 @@ def create_webhook_app(settings: Settings) -> Celery:
 
     @app.task(name=WEBHOOK_TASK, bind=True, max_retries=None)
     def deliver(self: Task, job_id: str, url: str, first_try_at: float | None = None) -> dict[str, Any]:
+        trace = tracing.message_headers(self.request)
+        with logs.context(job_id=job_id), tracing.job(self.request.id, trace, name="webhook delivery"):
+            return _deliver(self, job_id, url, first_try_at)
+
+    def _deliver(self: Task, job_id: str, url: str, first_try_at: float | None) -> dict[str, Any]:
         first = first_try_at or time.time()
         status = client.status(job_id)
         if not status.done:  # queued the moment the job ended; its result may land a moment later
@@ -53,7 +58,7 @@ def create_webhook_app(settings: Settings) -> Celery:
         body = status.model_dump_json(exclude_none=True).encode()
         delivery = self.request.id
         headers = {"Content-Type": "application/json", SIGNATURE_HEADER: sign(settings.webhook_secret, body, delivery),
-                   JOB_HEADER: job_id, DELIVERY_HEADER: delivery}  # fmt: skip
+                   JOB_HEADER: job_id, DELIVERY_HEADER: delivery, **tracing.inject({})}  # fmt: skip
         try:
             code = safe_http.post(url, body, headers, limits, policy)
         except FetchUnavailable as exc:
@@ -80,6 +85,8 @@ def _retry(task: Task, job_id: str, url: str, first: float, settings: Settings, 
 
 
 def run_webhook_worker(settings: Settings, extra_args: list[str]) -> None:
+    logs.setup_celery(settings, "webhook-worker")
+    tracing.setup(settings, "webhook-worker")
     app = create_webhook_app(settings)
     app.worker_main(["worker", "--pool=threads", "--concurrency=8", "--hostname=kiq-webhooks@%h",
                      "--loglevel=INFO", *extra_args])  # fmt: skip

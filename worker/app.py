@@ -13,7 +13,7 @@ from kiq import brokerformat, leases
 from kiq.celeryconf import WORKER_AMQP, common_config
 from kiq.errors import SettingsError
 from kiq.settings import Settings
-from worker import metrics, tasks
+from worker import health, metrics, tasks
 from worker.fleet import Heartbeat
 from worker.limits import SpeedMeter
 from worker.runner import Runner
@@ -56,6 +56,7 @@ def create_app(settings: Settings, runner: Runner | None = None) -> Celery:
         assert runner.pipelines is not None
         observers.speed.probe(runner.pipelines)  # before the first beat: submits read the speed from it
         metrics.serve(settings.metrics_port)
+        health.serve(settings.health_port, health.Health(runner, sender, health.broker_client(settings)))
         observers.heartbeat = Heartbeat(
             app.backend.client, sender.hostname, runner.device.name, settings.consumed_queues, observers.speed.fields
         )

@@ -19,7 +19,7 @@ from typing import Any, NamedTuple
 
 from celery import Task
 
-from kiq import fencing
+from kiq import fencing, tracing
 from kiq.contract import Job, parse_job
 from kiq.errors import JobInvalid
 from kiq.names import GENERATE_TASK, TERMINAL_STATES
@@ -37,6 +37,7 @@ class Mate(NamedTuple):
     job_id: str
     job: Job
     raw: dict[str, Any]
+    request: Any = None  # the mate's reserved Celery request (its trace headers, its submit time)
 
 
 def shape(job: Job) -> tuple[int, int, int, float, int]:
@@ -74,7 +75,7 @@ def _reserved_mates(task: Task, leader: Job, limit: int, may_join: Callable[[str
         if task.backend.get_task_meta(request.id)["status"] in TERMINAL_STATES or not may_join(request.id):
             refused.add(request.id)
             continue
-        mates.append(Mate(request.id, job, request.args[0]))
+        mates.append(Mate(request.id, job, request.args[0], request))
         if len(mates) == limit:
             break
     return mates
@@ -94,6 +95,7 @@ class DecoderBatch:
             delivery = self.guard.begin(mate.job_id, batched=True)
             self.records.started(mate.job_id, delivery.attempt, batched=True)
             self.observers.started(mate.job_id, None)
+            tracing.begin(mate.job_id, tracing.message_headers(mate.request), _submitted_at(mate.request))
         members = [leader, *mates]
         log.info("decoder batch of %d: %s", len(members), [m.job_id for m in members])
         limits = [self.observers.speed.limits(m.job) for m in members]
@@ -128,9 +130,16 @@ class DecoderBatch:
             # Its own turn finds no final state and runs it again (outputs are idempotent by job id).
             log.error("could not store the outcome of %s: %s", mate.job_id, exc)
         finally:
+            tracing.end(mate.job_id)
             self.guard.end(mate.job_id)
             name = "success" if isinstance(outcome, JobResult) else "cancelled" if isinstance(outcome, JobCancelled) \
                 else "failure"  # fmt: skip
-            self.observers.finished(name, seconds, outcome.timings if isinstance(outcome, JobResult) else None)
+            timings = outcome.timings if isinstance(outcome, JobResult) else None
+            self.observers.finished(name, seconds, timings, outcome if isinstance(outcome, BaseException) else None)
             self.records.notify(mate.job_id, webhook_url(mate.raw))
             fencing.release(mate.job_id)  # its last write is made
+
+
+def _submitted_at(request: Any) -> Any:
+    raw = getattr(request, "request_dict", None)
+    return raw.get("kiq_submitted_at") if isinstance(raw, dict) else None

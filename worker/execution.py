@@ -15,6 +15,7 @@ from typing import Any
 from celery import Task
 from celery.exceptions import Ignore
 
+from kiq import logs, tracing
 from kiq.contract import Job, parse_job
 from kiq.errors import KiqError, PipelineError
 from kiq.settings import Settings
@@ -42,8 +43,9 @@ class Observers:
         if self.heartbeat is not None:
             self.heartbeat.job_started(job_id)
 
-    def finished(self, outcome: str, seconds: float, timings: dict[str, float] | None = None) -> None:
-        metrics.job_finished(outcome, seconds, timings)
+    def finished(self, outcome: str, seconds: float, timings: dict[str, float] | None = None,
+                 error: BaseException | None = None) -> None:  # fmt: skip
+        metrics.job_finished(outcome, seconds, timings, error)
         if self.heartbeat is not None:
             self.heartbeat.job_finished(ok=outcome == "success")
 
@@ -58,6 +60,13 @@ class JobDelivery:
         )
 
     def run(self, raw: dict[str, Any]) -> dict[str, Any]:
+        request = self.task.request
+        owner, submitted_at = getattr(request, "kiq_owner", None), getattr(request, "kiq_submitted_at", None)
+        with logs.context(job_id=self.job_id, tenant=owner, device=self.runner.device.name), \
+                tracing.job(self.job_id, tracing.message_headers(request), submitted_at):  # fmt: skip
+            return self._deliver(raw)
+
+    def _deliver(self, raw: dict[str, Any]) -> dict[str, Any]:
         if stale_runs.was_let_go(self.job_id):  # a batch mate whose batch delivery went stale: not ours any more
             stale_runs.let_go(self.job_id)
             raise Ignore()
@@ -88,7 +97,7 @@ class JobDelivery:
         alone = self.guard.crashed_before(self.job_id)
         mates = [] if alone else batching.find_mates(self.task, job, self.settings, self._may_join)
         delivery = self.guard.begin(self.job_id, batched=bool(mates))
-        started, outcome, timings = time.monotonic(), "failure", None
+        started, outcome, timings, error = time.monotonic(), "failure", None, None
         self.observers.started(self.job_id, getattr(self.task.request, "kiq_submitted_at", None))
         try:
             self.records.started(self.job_id, delivery.attempt, batched=bool(mates))
@@ -102,9 +111,12 @@ class JobDelivery:
             outcome = "cancelled"
             self.records.revoked(self.job_id)
             raise Ignore() from None
+        except BaseException as exc:
+            error = exc
+            raise
         finally:
             self.guard.end(self.job_id)
-            self.observers.finished(outcome, time.monotonic() - started, timings)
+            self.observers.finished(outcome, time.monotonic() - started, timings, error)
 
     def _alone(self, job: Job, raw: dict[str, Any]) -> dict[str, Any]:
         limits = self.observers.speed.limits(job)

@@ -5,7 +5,9 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from prometheus_client import Counter, Gauge, Histogram, start_http_server
+from prometheus_client import REGISTRY, Counter, Gauge, Histogram, start_http_server
+
+from kiq.errors import KiqError
 
 log = logging.getLogger(__name__)
 _SECONDS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 900, 3600)
@@ -19,14 +21,36 @@ CACHE = Gauge("kiq_cache_lookups", "Embedding cache lookups since start", ["cach
 DEVICE_MEMORY = Gauge("kiq_device_memory_bytes", "Device memory allocated by the framework (where reported)")
 
 
+FAILURES = Counter("kiq_job_failures_total", "Failed jobs by error type (kiq/errors.py)", ["type"])
+
+
+class _LeaseRenewalFailures:
+    """kiq/leases.py counts failed renewal rounds (Redis unreachable); a job's lease has slack for a few."""
+
+    def collect(self) -> Any:
+        from prometheus_client.core import CounterMetricFamily
+
+        from kiq import leases
+
+        yield CounterMetricFamily("kiq_lease_renewal_failures", "Failed lease renewal rounds of this worker",
+                                  value=leases.renewal_failures[0])  # fmt: skip
+
+
+REGISTRY.register(_LeaseRenewalFailures())  # type: ignore[arg-type]
+
+
 def serve(port: int) -> None:
     if port:
         start_http_server(port)
         log.info("Prometheus metrics on :%d/metrics", port)
 
 
-def job_finished(outcome: str, seconds: float, timings: dict[str, float] | None) -> None:
+def job_finished(outcome: str, seconds: float, timings: dict[str, float] | None,
+                 error: BaseException | None = None) -> None:  # fmt: skip
     JOBS.labels(outcome).inc()
+    if outcome == "failure":
+        # kiq's own error types; anything else ends as the PipelineError the task reports (worker/execution.py)
+        FAILURES.labels(type(error).__name__ if isinstance(error, KiqError) else "PipelineError").inc()
     JOB_SECONDS.observe(seconds)
     for stage, value in (timings or {}).items():
         STAGE_SECONDS.labels(stage).observe(value)

@@ -12,6 +12,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
+from kiq import tracing
 from kiq.contract import Job, JobInput, seed_for
 from kiq.errors import JobError, JobTimeout, PipelineError, StorageUnavailable
 from kiq.settings import Settings
@@ -123,7 +124,8 @@ class Runner:
         batch = _BatchOutcomes(len(items), settled)
         prepared: dict[int, Prepared] = {}
         for i, (job, ctx) in enumerate(items):
-            outcome = _own_outcome(lambda job=job, ctx=ctx: self.prepare(job, ctx))
+            with tracing.within(ctx.job_id):  # each job's stages in its own trace
+                outcome = _own_outcome(lambda job=job, ctx=ctx: self.prepare(job, ctx))
             if isinstance(outcome, Prepared):
                 prepared[i] = outcome
             else:
@@ -150,7 +152,7 @@ class Runner:
         rows = [DecoderRow(prepared[i].embeds[0], prepared[i].embeds[1], rng(prepared[i].seed)) for i in live]
         start = time.perf_counter()
         try:
-            with model_errors():
+            with model_errors(), tracing.decoder_batch([items[i][1].job_id for i in live]):
                 images = self.pipelines.decode_batch(rows, decoder_params(items[live[0]][0]), on_step)
         except JobError as exc:
             for i in batch.open(live):
@@ -161,7 +163,8 @@ class Runner:
             i = live[row]
             if batch.outcomes[i] is None:
                 prepared[i].timings["decoder"] = seconds
-                batch.settle(i, _own_outcome(lambda i=i, image=image: self.finish(prepared[i], [image])))
+                with tracing.within(items[i][1].job_id):
+                    batch.settle(i, _own_outcome(lambda i=i, image=image: self.finish(prepared[i], [image])))
 
     def prepare(self, job: Job, ctx: JobContext) -> Prepared:
         """Fetch the references and run the prior: everything up to the decoder."""
@@ -191,7 +194,8 @@ class Runner:
         if item.text is not None:
             return item.text
         try:
-            return self.fetcher.image(item.image or "", deadline=ctx.deadline)
+            with tracing.span("fetch input", {"kiq.input": n}):
+                return self.fetcher.image(item.image or "", deadline=ctx.deadline)
         except JobError:
             ctx.check_time()  # a fetch cut short by the job's own limit is a JobTimeout, not a fetch failure
             raise
@@ -265,7 +269,8 @@ def decoder_params(job: Job) -> DecoderParams:
 def timed(timings: dict[str, float], stage: str) -> Iterator[None]:
     start = time.perf_counter()
     try:
-        yield
+        with tracing.stage(stage):
+            yield
     finally:
         timings[stage] = round(time.perf_counter() - start, 4)
 

@@ -19,6 +19,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from kiq import logs
 from kiq.errors import SettingsError
 from kiq.settings import Settings
 
@@ -48,6 +49,8 @@ def child_env(base: Mapping[str, str], settings: Settings, device: int) -> dict[
         env["KIQ_DEVICE_RUNTIME_ID"] = "0"
     if settings.metrics_port:
         env["KIQ_METRICS_PORT"] = str(settings.metrics_port + device)
+    if settings.health_port:
+        env["KIQ_HEALTH_PORT"] = str(settings.health_port + device)
     return env
 
 
@@ -164,5 +167,6 @@ class Supervisor:
 
 
 def supervise(settings: Settings, devices: str, argv: list[str]) -> int:
+    logs.setup(settings, "supervisor")  # JSON mode; else the basicConfig below
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s: %(levelname)s/supervisor] %(message)s")
     return Supervisor(settings, parse_devices(devices), argv, os.environ).run()

@@ -111,7 +111,7 @@ class FakeApp:
     def __init__(self):
         self.sent = []
 
-    def send_task(self, name, args, queue, task_id):
+    def send_task(self, name, args, queue, task_id, headers=None):
         self.sent.append(task_id)
 
 

@@ -40,7 +40,7 @@ class FakeApp:
     def __init__(self, fail=False):
         self.sent, self.fail = [], fail
 
-    def send_task(self, name, args, queue, task_id):
+    def send_task(self, name, args, queue, task_id, headers=None):
         if self.fail:
             raise ConnectionError("broker down")
         self.sent.append((name, args, queue, task_id))

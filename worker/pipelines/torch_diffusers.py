@@ -139,6 +139,11 @@ class DiffusersPipelines:
     def caches(self) -> dict[str, Any]:
         return {"image": self.fast_prior.image_cache, "text": self.fast_prior.text_cache}
 
+    def probe(self) -> None:
+        """For the readiness probe: returns once the GPU has done its queued work (a wedged GPU never does)."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
     def memory_bytes(self) -> float:
         return float(torch.cuda.memory_allocated(self.device)) if self.device.type == "cuda" else float("nan")
 
