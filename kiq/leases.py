@@ -109,6 +109,26 @@ class LeaseKeeper:
                 self.on_safe()
 
 
+def lapse_after_s(visibility_timeout_s: float) -> float:
+    """How long without a successful renewal before this process treats its leases as lost and stops its jobs: two
+    thirds of the timeout, so that it has stopped before another worker can take them (at the timeout plus a sweep;
+    the third left over covers the renewal's own round trip, bounded by the leases' socket timeouts)."""
+    return visibility_timeout_s * 2 / 3
+
+
+_process_keeper: list[tuple[LeaseKeeper, float]] = []  # this worker process's keeper and its lapse bound
+
+
+def lapsed() -> float | None:
+    """Seconds since this worker process last renewed its leases, once past `lapse_after_s`; else None (also in a
+    process without a keeper). Read at every denoising step: a run whose lease may be taken stops (self-fencing)."""
+    if not _process_keeper:
+        return None
+    keeper, bound_s = _process_keeper[0]
+    age_s = time.monotonic() - keeper.last_renewed
+    return age_s if age_s > bound_s else None
+
+
 class OtherIndexes:
     """Hands back the jobs of dead workers whose visibility timeout is not ours, as a worker of theirs would.
 
@@ -363,6 +383,7 @@ def install(app: Any, redis_factory: Callable[[], Any], visibility_timeout_s: fl
                 self.keeper = LeaseKeeper(redis_factory(), held, interval, visibility_timeout_s / 2,
                                           *_stop_taking_jobs(Intake(c), visibility_timeout_s))  # fmt: skip
                 self.keeper.start()
+                _process_keeper[:] = [(self.keeper, lapse_after_s(visibility_timeout_s))]
                 log.info("renewing message leases every %.1f s", interval)
             if self.others is None:
                 # Its own connection, used by its thread alone; a socket timeout so a half-open Redis ends a sweep.

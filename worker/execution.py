@@ -24,7 +24,7 @@ from worker import fencing as stale_runs
 from worker.delivery import DeliveryGuard, watchdog
 from worker.fleet import Heartbeat
 from worker.limits import SpeedMeter
-from worker.records import JobRecords, webhook_url
+from worker.records import JobRecords, checks_client, webhook_url
 from worker.runner import JobCancelled, Runner, StaleDelivery
 
 log = logging.getLogger(__name__)
@@ -54,7 +54,7 @@ class JobDelivery:
     def __init__(self, task: Task, runner: Runner, settings: Settings, observers: Observers) -> None:
         self.task, self.runner, self.settings, self.observers = task, runner, settings, observers
         self.job_id: str = task.request.id
-        self.records = JobRecords(task.backend, task.app, settings)
+        self.records = JobRecords(task.backend, task.app, settings, checks_client(settings))
         self.guard = DeliveryGuard(
             task.backend.client, settings.max_deliveries, settings.result_ttl_s, settings.redis_retry_s
         )

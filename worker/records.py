@@ -12,8 +12,9 @@ import logging
 import socket
 from typing import Any
 
-from kiq import fencing
+from kiq import fencing, leases, redisconn
 from kiq.errors import JobTimeout
+from kiq.leases import lease_sockets
 from kiq.names import PROGRESS, TERMINAL_STATES, cancel_key, fence_key, frames_key
 from kiq.redisconn import REDIS_ERRORS as _BACKEND_ERRORS
 from kiq.settings import Settings
@@ -25,9 +26,24 @@ from worker.throttle import ProgressThrottle
 log = logging.getLogger(__name__)
 
 
+_CHECKS: dict[str, Any] = {}  # this process's client for the per-step checks, by results server
+
+
+def checks_client(settings: Settings) -> Any:
+    """The per-step cancel and fence reads' client: one per process, with the leases' socket timeouts, so that a
+    step on a worker cut off from Redis fails its check within a second or two instead of blocking in TCP
+    retransmits (and then meets `leases.lapsed`), rather than waiting for the partition to heal."""
+    server = settings.results_server
+    if server.raw not in _CHECKS:
+        options = {**lease_sockets(settings.visibility_timeout_s), "client_name": "kiq-checks"}
+        _CHECKS[server.raw] = redisconn.connect(server, settings, **options)
+    return _CHECKS[server.raw]
+
+
 class JobRecords:
-    def __init__(self, backend: Any, app: Any, settings: Settings) -> None:
+    def __init__(self, backend: Any, app: Any, settings: Settings, checks: Any = None) -> None:
         self.backend, self.app, self.settings = backend, app, settings
+        self.checks = checks if checks is not None else backend.client  # per-step reads (see checks_client)
 
     def final(self, job_id: str) -> bool:
         return self.backend.get_task_meta(job_id)["status"] in TERMINAL_STATES
@@ -64,9 +80,10 @@ class JobRecords:
     def check_fence(self, job_id: str) -> None:
         """Raise StaleDelivery if a later delivery of the job began than the one this process runs."""
         try:
-            current = self.backend.client.get(fence_key(job_id))
+            current = self.checks.get(fence_key(job_id))
         except _BACKEND_ERRORS:
-            return  # the fenced writes still refuse a stale run's output
+            _raise_if_lapsed(job_id)
+            return  # a blip: the fenced writes still refuse a stale run's output
         _raise_if_stale(job_id, fencing.held(job_id), current)
 
     def context(self, job_id: str, limit_s: float) -> JobContext:
@@ -86,11 +103,13 @@ class JobRecords:
                 log.warning("could not report progress of %s: %s", job_id, exc)
 
         def cancelled() -> bool:  # at every step: the cancel flag and the fence, in one round trip
+            _raise_if_lapsed(job_id, checked[0] if checked else None)
             try:
-                pipe = client.pipeline(transaction=False)
+                pipe = self.checks.pipeline(transaction=False)
                 flag, current = pipe.exists(cancel_key(job_id)).get(fence_key(job_id)).execute()
             except _BACKEND_ERRORS:
-                return False  # the fenced writes still refuse a stale run's output
+                _raise_if_lapsed(job_id, checked[0] if checked else None)
+                return False  # a blip: the fenced writes still refuse a stale run's output
             _raise_if_stale(job_id, token, current, checked[0] if checked else None)
             return bool(flag)
 
@@ -104,6 +123,18 @@ class JobRecords:
 
         return JobContext(job_id=job_id, report=report, cancelled=cancelled, limit_s=limit_s,
                           record_frames=record_frames, fence=lambda: self.check_fence(job_id))  # fmt: skip
+
+
+def _raise_if_lapsed(job_id: str, last: Progress | None = None) -> None:
+    """Self-fencing: a run whose worker has not renewed its leases for two thirds of the visibility timeout stops
+    before another worker can take its job (its message stays unacked and comes back through a sweep)."""
+    age_s = leases.lapsed()
+    if age_s is not None:
+        where = f", after {last.stage} step {last.step} of {last.total}" if last is not None else ""
+        raise StaleDelivery(
+            f"the leases of {job_id} were last renewed {age_s:.1f} s ago: another worker may take it; "
+            f"stopping this run{where}"
+        )
 
 
 def _raise_if_stale(job_id: str, token: int | None, current: Any, last: Progress | None = None) -> None:

@@ -222,3 +222,22 @@ def test_a_stale_batch_mate_leaves_the_batch_without_writing_and_its_own_turn_do
     batch._settle(Mate("mate-1", None, {}), StaleDelivery("delivery 1 of mate-1 is stale"), 1.0)
     assert finished == ["stale"] and fencing.held("mate-1") is None and mate.acknowledged
     assert stale_runs.was_let_go("mate-1")  # its own turn is skipped
+
+
+def test_a_run_whose_leases_lapsed_stops_at_its_next_step_even_when_redis_is_unreachable(job, monkeypatch):
+    """Self-fencing: cut off from Redis, a worker cannot see a newer token, so it stops once its own leases are
+    two thirds of the timeout old, before another worker can take the job."""
+    from kiq import leases
+
+    keeper = leases.LeaseKeeper(redis=None, held=list, interval_s=1.0)
+    monkeypatch.setattr(leases, "_process_keeper", [(keeper, leases.lapse_after_s(6))])
+    unreachable = redis.Redis(host="127.0.0.1", port=1, **leases.lease_sockets(6))  # as checks_client; nothing there
+    records = JobRecords(backend(), Celery("fencing-test", set_as_current=False), Settings(), unreachable)
+    ctx = records.context(job, limit_s=60)
+    keeper.last_renewed -= 1.0  # renewed a second ago: a Redis blip is not a lapse
+    assert ctx.cancelled() is False
+    keeper.last_renewed -= 4.0  # 5 s without a renewal, past 4 s (two thirds of 6)
+    with pytest.raises(StaleDelivery, match="last renewed"):
+        ctx.cancelled()
+    with pytest.raises(StaleDelivery):
+        records.check_fence(job)
