@@ -78,7 +78,7 @@ def test_each_gpu_worker_reserves_its_own_gpu_in_the_gpu_profile():
 
 
 def test_metrics_ports_do_not_collide():
-    published = [p.split(":")[0] for name, s in SERVICES.items() if name.startswith("worker-") for p in s["ports"]]
+    published = [p.rsplit(":", 1)[0] for name, s in SERVICES.items() if name.startswith("worker-") for p in s["ports"]]
     assert len(published) == len(set(published)) == len(NPUS) + len(GPUS) + 1  # + worker-cpu
 
 
