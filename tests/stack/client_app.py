@@ -9,6 +9,8 @@ import argparse
 import http.server
 import io
 import json
+import os
+import signal
 import subprocess
 import sys
 import threading
@@ -97,6 +99,14 @@ def download(api: httpx.Client, path: str, s3_port: int) -> Image.Image:
     return Image.open(io.BytesIO(got.content))
 
 
+def crash(engine: str, container: str) -> None:
+    """SIGKILL the container's main process from the host, as the OOM killer would: to the engine this is a crash,
+    and the restart policy applies (`kill` through the engine counts as stopped by the user: no restart)."""
+    pid = int(subprocess.check_output([engine, "inspect", "-f", "{{.State.Pid}}", container], text=True))
+    os.kill(pid, signal.SIGKILL)
+    print(f"stack-test: SIGKILLed {container}'s main process (pid {pid}) mid-job", flush=True)
+
+
 def main() -> int:
     args = parse_args()
     api = httpx.Client(base_url=args.api, headers={"Authorization": f"Bearer {args.key}"}, timeout=30)
@@ -123,8 +133,7 @@ def main() -> int:
     killed = api.post("/v1/jobs", json=tiny_job(decoder_steps=args.kill_steps, webhook_url=hook_url)).json()["id"]
     wait_state(api, killed, args.job_timeout, {"STARTED", "PROGRESS", *TERMINAL})
     check(api.get(f"/v1/jobs/{killed}").json()["state"] not in TERMINAL, f"job {killed} running when killed")
-    subprocess.run([*args.kill.split(), args.worker_container], check=True)
-    print(f"stack-test: SIGKILLed {args.worker_container} mid-job", flush=True)
+    crash(args.engine, args.worker_container)
     done = wait_state(api, killed, args.job_timeout + args.restart_timeout)
     check(done["state"] == "SUCCESS", f"killed job {killed} finished after the restart: {done['state']}")
     time.sleep(5)  # a second (duplicate) finish would send a second webhook
@@ -151,7 +160,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--hook-port", type=int, default=8765)
     parser.add_argument("--s3-port", type=int, default=9000)
     parser.add_argument("--worker-container", required=True)
-    parser.add_argument("--kill", default="podman kill --signal KILL")
+    parser.add_argument("--engine", default="podman", help="podman or docker: to find the container's pid")
     parser.add_argument("--kill-steps", type=int, default=400)
     parser.add_argument("--job-timeout", type=float, default=300)
     parser.add_argument("--restart-timeout", type=float, default=300)
