@@ -27,9 +27,14 @@ RUN --mount=type=secret,id=ca --mount=type=cache,target=/root/.cache/pip \
  && /opt/kiq/bin/pip uninstall -y -q pip
 
 FROM ${BASE_IMAGE}
+# Shared libraries the wheels need from the system (CANN ships them).
+ARG RUNTIME_PACKAGES=""
+RUN if [ -n "$RUNTIME_PACKAGES" ]; then apt-get update -qq \
+      && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $RUNTIME_PACKAGES \
+      && rm -rf /var/lib/apt/lists/*; fi
 # No compilers or pip cache here: only the built venv is copied. Models: a mounted cache at /models (HF_HOME), or
 # tiny random-weight ones written to /var/lib/kiq/tiny by `kiq make-tiny-models`.
-RUN useradd --system --uid 10001 --create-home --home-dir /home/kiq kiq \
+RUN useradd --uid 10001 --create-home --home-dir /home/kiq kiq \
  && mkdir -p /models /var/lib/kiq/tiny /cache/torchinductor && chown kiq:kiq /var/lib/kiq/tiny /cache/torchinductor
 COPY --from=build /opt/kiq /opt/kiq
 ENV PATH=/opt/kiq/bin:$PATH PYTHONUNBUFFERED=1 HF_HOME=/models/hf KIQ_DEVICE_TARGET=Ascend
