@@ -31,7 +31,7 @@ FROM ${BASE_IMAGE}
 ARG RUNTIME_PACKAGES=""
 RUN if [ -n "$RUNTIME_PACKAGES" ]; then apt-get update -qq \
       && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $RUNTIME_PACKAGES \
-      && rm -rf /var/lib/apt/lists/*; fi
+      && apt-get clean && rm -rf /var/lib/apt/lists/*; fi
 # No compilers or pip cache here: only the built venv is copied. Models: a mounted cache at /models (HF_HOME), or
 # tiny random-weight ones written to /var/lib/kiq/tiny by `kiq make-tiny-models`.
 RUN useradd --uid 10001 --create-home --home-dir /home/kiq kiq \

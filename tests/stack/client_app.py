@@ -75,6 +75,12 @@ def wait_state(api: httpx.Client, job_id: str, timeout: float, states: set[str] 
     raise SystemExit(f"stack-test: FAIL job {job_id} not in {states} after {timeout:g} s")
 
 
+def submit(api: httpx.Client, job: dict[str, Any]) -> str:
+    answer = api.post("/v1/jobs", json=job)
+    check(answer.status_code == 202, f"submit: {answer.status_code} {answer.text[:300]}")
+    return answer.json()["id"]
+
+
 def follow_events(api: httpx.Client, job_id: str, timeout: float) -> list[str]:
     states = []
     with api.stream("GET", f"/v1/jobs/{job_id}/events", timeout=timeout) as stream:
@@ -115,8 +121,8 @@ def main() -> int:
     hook_url = f"http://{args.hook_host}:{args.hook_port}/hook"
 
     started = time.monotonic()
-    first = api.post("/v1/jobs", json=tiny_job(webhook_url=hook_url)).json()["id"]
-    others = [api.post("/v1/jobs", json=tiny_job(seed=s)).json()["id"] for s in (1, 2)]
+    first = submit(api, tiny_job(webhook_url=hook_url))
+    others = [submit(api, tiny_job(seed=s)) for s in (1, 2)]
     states = follow_events(api, first, args.job_timeout)
     check(states[-1] == "SUCCESS", f"event stream of {first}: {' -> '.join(states)}")
     for job_id in others:
@@ -130,7 +136,7 @@ def main() -> int:
     image = download(api, f"/v1/jobs/{first}/images/0", args.s3_port)
     check(image.size == (64, 64), f"image through the 307: {image.format} {image.size}")
 
-    killed = api.post("/v1/jobs", json=tiny_job(decoder_steps=args.kill_steps, webhook_url=hook_url)).json()["id"]
+    killed = submit(api, tiny_job(decoder_steps=args.kill_steps, webhook_url=hook_url))
     wait_state(api, killed, args.job_timeout, {"STARTED", "PROGRESS", *TERMINAL})
     check(api.get(f"/v1/jobs/{killed}").json()["state"] not in TERMINAL, f"job {killed} running when killed")
     crash(args.engine, args.worker_container)
@@ -142,7 +148,7 @@ def main() -> int:
     sweep = tiny_job(prior_steps=2, decoder_steps=2, sweep={"to": [0.0, 1.0], "frames": 3},
                      inputs=[{"text": "a cat", "weight": 1.0}, {"text": "a dog", "weight": 0.0}],
                      animation={"format": "gif", "fps": 4})  # fmt: skip
-    sweep_id = api.post("/v1/jobs", json=sweep).json()["id"]
+    sweep_id = submit(api, sweep)
     status = wait_state(api, sweep_id, args.job_timeout)
     check(status["state"] == "SUCCESS" and len(status["result"]["images"]) == 3, f"sweep {sweep_id}: 3 frames")
     gif = download(api, f"/v1/jobs/{sweep_id}/animation", args.s3_port)
