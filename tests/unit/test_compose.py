@@ -236,3 +236,8 @@ def test_each_image_installs_its_target_extra():
         assert f"ARG EXTRAS={extra}\n" in Path(name).read_text()
     assert "ARG RUNTIME_PACKAGES=libgomp1\n" in Path("Dockerfile.cpu").read_text()  # MindSpore's CPU build needs it
     assert "KIQ_BACKEND=diffusers" in Path("Dockerfile.cuda").read_text()
+
+
+def test_kiq_containers_run_under_an_init_that_forwards_sigterm():
+    kiq = ["api", "webhook-worker", "worker-cpu"] + [f"worker-npu{n}" for n in NPUS] + [f"worker-gpu{n}" for n in GPUS]
+    assert all(SERVICES[name].get("init") is True for name in kiq)
