@@ -86,7 +86,7 @@ def follow_events(api: httpx.Client, job_id: str, timeout: float) -> list[str]:
     with api.stream("GET", f"/v1/jobs/{job_id}/events", timeout=timeout) as stream:
         for line in stream.iter_lines():
             if line.startswith("data:"):
-                state = json.loads(line[5:])["status"]["state"]
+                state = json.loads(line[5:])["state"]  # each data is the status JSON
                 if not states or states[-1] != state:
                     states.append(state)
                 if state in TERMINAL:
