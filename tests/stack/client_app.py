@@ -167,7 +167,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--s3-port", type=int, default=9000)
     parser.add_argument("--worker-container", required=True)
     parser.add_argument("--engine", default="podman", help="podman or docker: to find the container's pid")
-    parser.add_argument("--kill-steps", type=int, default=400)
+    parser.add_argument("--kill-steps", type=int, default=40)  # long enough to be mid-job when killed
     parser.add_argument("--job-timeout", type=float, default=300)
     parser.add_argument("--restart-timeout", type=float, default=300)
     return parser.parse_args()
