@@ -62,7 +62,8 @@ class Settings:
     embed_cache_mb: int = 256  # image-embedding and text-prior caches (with the fast prior); 0: off
     api_host: str = "127.0.0.1"
     api_port: int = 8000
-    api_keys: str = ""  # comma-separated bearer keys; empty: the API is open (a warning at start)
+    api_keys: str = ""  # comma-separated bearer keys; empty (and no tenants): the API is open to everyone
+    api_open: bool = False  # serve an API without keys on an address beyond loopback (refused unless set)
     api_tenants: str = ""  # JSON (or a path to a JSON file): tenants with their key, queues, priority, s3 reads
     api_max_priority: int = 5  # the highest priority a tenant may ask for unless its entry says more
     api_max_body_bytes: int = 32 * 1024 * 1024

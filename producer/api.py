@@ -2,6 +2,7 @@
 replicas can sit behind a load balancer. See docs/api/index.md for curl examples."""
 
 import hashlib
+import ipaddress
 import json
 import logging
 import threading
@@ -18,7 +19,7 @@ from pydantic import BaseModel, ValidationError
 
 from kiq import logs, redisconn, tracing
 from kiq.contract import Job, validation_errors
-from kiq.errors import InvalidEventId, JobTooLong, StorageError, SubmitAbandoned, UnknownJob
+from kiq.errors import InvalidEventId, JobTooLong, SettingsError, StorageError, SubmitAbandoned, UnknownJob
 from kiq.event_reads import parse_event_id
 from kiq.events import events_key
 from kiq.names import idempotency_key
@@ -524,8 +525,29 @@ def openapi_with_job_schema(app: FastAPI) -> dict[str, Any]:
     return schema
 
 
+def check_exposure(settings: Settings) -> None:
+    """Refuse an API without keys on an address others can reach, unless KIQ_API_OPEN says it is meant."""
+    if settings.api_open or not Tenants.from_settings(settings).open or _is_loopback(settings.api_host):
+        return
+    raise SettingsError(
+        f"KIQ_API_HOST={settings.api_host} listens beyond loopback and KIQ_API_KEYS and KIQ_API_TENANTS are empty: "
+        "anyone who reaches it could submit jobs. Set KIQ_API_KEYS (or KIQ_API_TENANTS), or KIQ_API_OPEN=1 to "
+        "serve it open on purpose"
+    )
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a name: it may resolve to any interface
+
+
 def run_api(settings: Settings) -> None:
     import uvicorn
 
+    check_exposure(settings)
     uvicorn.run(create_api(settings), host=settings.api_host, port=settings.api_port, log_level="info",
                 **logs.uvicorn_options(settings))  # fmt: skip

@@ -82,3 +82,42 @@ def test_api_host_and_port_flags_override_the_settings(monkeypatch):
     assert (seen[0].api_host, seen[0].api_port) == ("0.0.0.0", 8080)
     assert cli.main(["api"]) == 0
     assert (seen[1].api_host, seen[1].api_port) == ("127.0.0.1", 9000)
+
+
+def test_api_bound_beyond_loopback_without_keys_refuses_to_start():
+    # The real command, no Redis or S3 needed: it must stop before serving anything.
+    env = {k: v for k, v in __import__("os").environ.items() if not k.startswith("KIQ_")}
+    done = subprocess.run(
+        [sys.executable, "-m", "producer.cli", "api", "--host", "0.0.0.0", "--port", "1"],
+        capture_output=True, text=True, env=env, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == cli.EXIT_INVALID, done.stderr
+    assert "KIQ_API_KEYS" in done.stderr and "KIQ_API_OPEN=1" in done.stderr and "0.0.0.0" in done.stderr
+
+
+@pytest.mark.parametrize(
+    ("env", "opens"),
+    [
+        ({"KIQ_API_HOST": "0.0.0.0"}, False),
+        ({"KIQ_API_HOST": "::"}, False),
+        ({"KIQ_API_HOST": "kiq-api"}, False),  # a name may resolve anywhere
+        ({"KIQ_API_HOST": "0.0.0.0", "KIQ_API_OPEN": "1"}, True),
+        ({"KIQ_API_HOST": "0.0.0.0", "KIQ_API_KEYS": "k1"}, True),
+        ({"KIQ_API_HOST": "0.0.0.0", "KIQ_API_TENANTS": '{"tenants": [{"key": "k2"}]}'}, True),
+        ({"KIQ_API_HOST": "127.0.0.1"}, True),
+        ({"KIQ_API_HOST": "127.0.0.2"}, True),
+        ({"KIQ_API_HOST": "::1"}, True),
+        ({"KIQ_API_HOST": "localhost"}, True),
+    ],
+)
+def test_an_open_api_is_served_only_on_loopback_or_on_purpose(env, opens):
+    from kiq.errors import SettingsError
+    from kiq.settings import Settings
+    from producer.api import check_exposure
+
+    settings = Settings.from_env(env)
+    if opens:
+        check_exposure(settings)
+    else:
+        with pytest.raises(SettingsError, match="KIQ_API_OPEN=1"):
+            check_exposure(settings)
