@@ -147,3 +147,15 @@ def redis_databases() -> tuple[str, str]:
     index = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw") or 0)
     own = int(db) + 2 * index
     return f"{prefix}/{own}", f"{prefix}/{own - 1}"
+
+
+def wait_state(api, job_id: str, headers: dict[str, str] | None = None,
+               states: tuple[str, ...] = ("SUCCESS", "FAILURE", "REVOKED"), timeout: float = 120) -> dict:  # fmt: skip
+    """Poll `GET /v1/jobs/{id}` through an httpx client until the job reaches one of `states`."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        status = api.get(f"/v1/jobs/{job_id}", headers=headers).json()
+        if status["state"] in states:
+            return status
+        time.sleep(0.1)
+    raise AssertionError(f"{job_id} never reached {states}")

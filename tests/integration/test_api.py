@@ -20,7 +20,7 @@ from kiq.settings import Settings
 from kiq.webhooks import InvalidSignature, verify
 from producer import devstack
 from producer.api import create_api
-from tests.helpers import Receiver, image_bytes
+from tests.helpers import Receiver, image_bytes, wait_state
 from tests.integration.jobs import image_input, tiny_job
 from tests.proxy import Proxy
 
@@ -50,16 +50,6 @@ def api(api_env, logs, worker):
     with devstack.Stack() as stack, start_api(stack, api_env, logs / "api.log") as http:
         stack.spawn([*devstack.kiq_command(), "webhook-worker"], logs / "webhooks.log", api_env)
         yield http
-
-
-def wait_state(api, job_id, headers, states=("SUCCESS", "FAILURE", "REVOKED"), timeout=120):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        status = api.get(f"/v1/jobs/{job_id}", headers=headers).json()
-        if status["state"] in states:
-            return status
-        time.sleep(0.1)
-    raise AssertionError(f"{job_id} never reached {states}")
 
 
 def test_submit_json_poll_and_follow_the_image_redirect(api):

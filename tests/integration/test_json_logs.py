@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from producer import devstack
-from tests.helpers import ALLOWED_HOST, data_uri, image_bytes
+from tests.helpers import ALLOWED_HOST, data_uri, image_bytes, wait_state
 from tests.integration.conftest import SECRET as AWS_SECRET
 from tests.integration.jobs import tiny_job
 
@@ -47,16 +47,6 @@ def json_stack(env, logs, tmp_path_factory):
         )
 
 
-def wait_done(http, job_id, timeout=180):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        status = http.get(f"/v1/jobs/{job_id}").json()
-        if status["state"] in ("SUCCESS", "FAILURE", "REVOKED"):
-            return status
-        time.sleep(0.5)
-    raise AssertionError(f"job {job_id} did not finish")
-
-
 def json_lines(path):
     lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     parsed = []
@@ -76,8 +66,8 @@ def test_json_logs_parse_carry_the_ids_and_never_the_secrets(json_stack):
     leaky = f"http://kiq:{REDIS_PASSWORD}@{ALLOWED_HOST}:9/{AWS_SECRET}.png?key={API_KEY}"
     bad = http.post("/v1/jobs", json=tiny_job({"image": leaky, "weight": 1.0}))
     assert bad.status_code == 202, bad.text
-    assert wait_done(http, ok.json()["id"])["state"] == "SUCCESS"
-    assert wait_done(http, bad.json()["id"])["state"] == "FAILURE"
+    assert wait_state(http, ok.json()["id"], timeout=180)["state"] == "SUCCESS"
+    assert wait_state(http, bad.json()["id"], timeout=180)["state"] == "FAILURE"
     time.sleep(1)  # the last lines of the worker's log pipe
     worker_lines, worker = json_lines(worker_log)
     api_lines, api = json_lines(api_log)

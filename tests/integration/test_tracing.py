@@ -15,7 +15,7 @@ from kiq.names import GENERATE_TASK
 from kiq.settings import Settings
 from producer import devstack
 from producer.client import Client
-from tests.helpers import Receiver, http_server, image_bytes
+from tests.helpers import Receiver, http_server, image_bytes, wait_state
 from tests.integration.jobs import tiny_job
 
 STAGES = {"fetch", "fetch input", "prior", "decoder", "encode", "upload"}
@@ -43,16 +43,6 @@ def traceparent() -> tuple[str, str, str]:
     return f"00-{trace_id}-{parent}-01", trace_id, parent
 
 
-def wait_done(http, job_id, timeout=180):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        status = http.get(f"/v1/jobs/{job_id}").json()
-        if status["state"] in ("SUCCESS", "FAILURE", "REVOKED"):
-            return status
-        time.sleep(0.3)
-    raise AssertionError(f"job {job_id} did not finish")
-
-
 def read_spans(path, until=lambda spans: True, timeout=20):
     deadline = time.monotonic() + timeout
     while True:
@@ -73,7 +63,7 @@ def test_one_trace_from_the_request_through_the_worker_to_the_webhook(traced):
         job = tiny_job({"image": f"{site}/in.png", "weight": 0.5}, {"text": "a cat", "weight": 0.5},
                        webhook_url=receiver.url)  # fmt: skip
         job_id = http.post("/v1/jobs", json=job, headers={"traceparent": header}).json()["id"]
-        assert wait_done(http, job_id)["state"] == "SUCCESS"
+        assert wait_state(http, job_id, timeout=180)["state"] == "SUCCESS"
         wanted = {"POST /v1/jobs", "submit", "queue wait", "job", *STAGES, "webhook delivery"}
         spans = read_spans(path, lambda t: wanted <= {s["name"] for s in t[trace_id]})[trace_id]
         deadline = time.monotonic() + 30
@@ -99,7 +89,7 @@ def test_batch_mates_link_their_decoder_span_to_the_leaders(traced):
     headers = [traceparent() for _ in range(2)]
     ids = [http.post("/v1/jobs", json=tiny_job(seed=n), headers={"traceparent": h}).json()["id"]
            for n, (h, _, _) in enumerate(headers)]  # fmt: skip
-    assert [wait_done(http, job_id)["state"] for job_id in ids] == ["SUCCESS", "SUCCESS"]
+    assert [wait_state(http, job_id, timeout=180)["state"] for job_id in ids] == ["SUCCESS", "SUCCESS"]
     trace_ids = [t for _, t, _ in headers]
     done = lambda t: all({"decoder", "upload"} <= {s["name"] for s in t[x]} for x in trace_ids)  # noqa: E731
     by_trace = read_spans(path, done)
