@@ -33,6 +33,7 @@ from worker.device import DeviceConfig
 from worker.pipelines import base
 from worker.runner import JobContext, Runner
 from worker.storage import MemoryStorage
+from worker.sweep import run_job
 
 STAGES = ("prior", "text_encoder", "image_encoder", "unet")
 CACHE_BYTES = 256 * 1024 * 1024  # KIQ_EMBED_CACHE_MB's default
@@ -120,7 +121,7 @@ def main() -> int:
 
     def swept(batch: int) -> Any:
         sweeper = Runner(replace(settings, decoder_batch=batch), storage=storage, pipelines=counted.pipelines)
-        return lambda: sweeper.run(parse_job(sweep), context(f"sweep-{batch}")).timings
+        return lambda: run_job(sweeper, parse_job(sweep), context(f"sweep-{batch}")).timings
 
     rows = []
     for label, cache, run in ((f"{args.frames} separate jobs, caches off", 0, separate),

@@ -11,7 +11,7 @@ from dataclasses import dataclass, fields
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
-from kiq import redisconn
+from kiq import redisurl
 from kiq.errors import SettingsError
 from kiq.names import DEFAULT_QUEUE, QUEUE_NAME
 
@@ -96,9 +96,9 @@ class Settings:
     visibility_timeout_s: float = 60.0  # a dead worker's jobs come back after this; live workers renew leases
 
     def __post_init__(self) -> None:
-        redisconn.parse(self.broker_url, env_name("broker_url"))
+        redisurl.parse(self.broker_url, env_name("broker_url"))
         if self.result_backend:
-            redisconn.parse(self.result_backend, env_name("result_backend"))
+            redisurl.parse(self.result_backend, env_name("result_backend"))
         if not self.sentinel_master.strip():
             raise SettingsError(f"{env_name('sentinel_master')} must not be empty")
         if self.s3_endpoint_url:
@@ -138,12 +138,12 @@ class Settings:
         return self.result_backend or self.broker_url
 
     @property
-    def broker_server(self) -> redisconn.RedisURL:
-        return redisconn.parse(self.broker_url, env_name("broker_url"))
+    def broker_server(self) -> redisurl.RedisURL:
+        return redisurl.parse(self.broker_url, env_name("broker_url"))
 
     @property
-    def results_server(self) -> redisconn.RedisURL:
-        return redisconn.parse(self.backend_url, env_name("result_backend" if self.result_backend else "broker_url"))
+    def results_server(self) -> redisurl.RedisURL:
+        return redisurl.parse(self.backend_url, env_name("result_backend" if self.result_backend else "broker_url"))
 
     @property
     def s3_read_prefixes(self) -> list[tuple[str, str]]:
@@ -243,5 +243,5 @@ def _check_backend(backend: str, target: str) -> None:
 def _check_url(name: str, url: str, schemes: tuple[str, ...]) -> None:
     parts = urlsplit(url)
     if parts.scheme not in schemes or not parts.hostname:
-        shown = redisconn.redact(url)
+        shown = redisurl.redact(url)
         raise SettingsError(f"{env_name(name)} must be a {'/'.join(schemes)} URL with a host, got {shown!r}")

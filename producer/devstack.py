@@ -101,14 +101,14 @@ def redis_ping(url: str) -> bool:
 
 def ensure_redis(stack: Stack, url: str, log_dir: Path) -> None:
     """Start a throwaway redis-server for a loopback URL when none answers there."""
-    from kiq import redisconn
+    from kiq import redisurl
 
     if redis_ping(url):
         return
     parts = urlsplit(url)
     local = parts.scheme == "redis" and parts.hostname in ("localhost", "127.0.0.1")
     if not local or shutil.which("redis-server") is None:
-        shown = redisconn.redact(url)
+        shown = redisurl.redact(url)
         raise StackError(f"no Redis answers at {shown}, and kiq can only start one locally (needs redis-server)")
     log = log_dir / "redis.log"
     argv = [

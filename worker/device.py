@@ -1,4 +1,5 @@
-"""Which device this process runs on, and with which backend; the backend binds its framework to it."""
+"""Which device this process runs on, and with which backend (plain data; `worker.pipelines.base.configure` binds the
+backend's framework to it)."""
 
 from __future__ import annotations
 
@@ -32,10 +33,3 @@ class DeviceConfig:
     @property
     def runtime(self) -> int:
         return self.device_id if self.runtime_id < 0 else self.runtime_id
-
-
-def configure(config: DeviceConfig) -> None:
-    """Bind the backend's framework to the device; call once, before any model is built."""
-    from worker.pipelines.base import backend_module
-
-    backend_module(config.backend).configure(config)

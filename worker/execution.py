@@ -19,7 +19,7 @@ from kiq import logs, tracing
 from kiq.contract import Job, parse_job
 from kiq.errors import KiqError, PipelineError
 from kiq.settings import Settings
-from worker import batching, metrics
+from worker import batching, metrics, sweep
 from worker import fencing as stale_runs
 from worker.delivery import DeliveryGuard, watchdog
 from worker.fleet import Heartbeat
@@ -124,7 +124,7 @@ class JobDelivery:
         if ctx.cancelled():
             raise JobCancelled(self.job_id)
         with watchdog(limits.hard_s, lambda: self.records.fail_hung(self.job_id, webhook_url(raw), limits.hard_s)):
-            result = self.runner.run(job, ctx)
+            result = sweep.run_job(self.runner, job, ctx)
         self.observers.speed.observe(job, result.timings)  # alone only: a batch's time is not one job's
         return result.model_dump(mode="json")
 

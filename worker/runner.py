@@ -104,10 +104,9 @@ class Runner:
         self.load_seconds = time.perf_counter() - start
 
     def run(self, job: Job, ctx: JobContext) -> JobResult:
+        """A plain job; a sweep runs through `worker.sweep.run_job` (which calls this for plain jobs)."""
         if job.sweep is not None:
-            from worker.sweep import SweepRun
-
-            return SweepRun(self, job, ctx).run()
+            raise TypeError(f"{ctx.job_id} is a sweep: run it through worker.sweep.run_job")
         prepared = self.prepare(job, ctx)
         with timed(prepared.timings, "decoder"), model_errors():
             on_step = lambda step, total: ctx.progress("decoder", step, total)  # noqa: E731

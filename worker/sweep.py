@@ -1,7 +1,7 @@
 """One sweep job: the conditions embedded once, one cheap mix per frame, frames through the decoder in batches.
 
 Every frame starts from the same decoder noise: each decoder row gets a fresh generator from the job's seed, as
-the plain job's decoder does, so frame k is the plain job with frame k's weights (tests/unit/test_sweep_exact.py).
+the plain job's decoder does, so frame k is the plain job with frame k's weights (tests/integration/test_sweep_exact.py).
 Each frame is uploaded as soon as its batch is decoded and listed in the job's progress; the animation is encoded
 and uploaded at the end. A cancel stops the sweep at its next denoising step; the frames uploaded stay listed.
 """
@@ -59,6 +59,11 @@ def effective_weights(job: Job, parts: Sequence[np.ndarray]) -> list[list[float]
         weights.append(list(keyframes[j]) if c_b == 0 else list(keyframes[j + 1]) if c_a == 0 else
                        [c_a * x + c_b * y for x, y in zip(keyframes[j], keyframes[j + 1], strict=True)])  # fmt: skip
     return weights
+
+
+def run_job(runner: Runner, job: Job, ctx: JobContext) -> JobResult:
+    """A job of either kind: a sweep through SweepRun, a plain job through the runner."""
+    return SweepRun(runner, job, ctx).run() if job.sweep is not None else runner.run(job, ctx)
 
 
 class SweepRun:

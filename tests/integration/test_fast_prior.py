@@ -16,10 +16,11 @@ CASES = [
 @pytest.fixture(scope="module")
 def pipelines(tiny_models):
     from worker import device
+    from worker.pipelines import base
     from worker.pipelines.mindspore_mindone import MindonePipelines
 
     config = device.DeviceConfig("CPU", 0)
-    device.configure(config)
+    base.configure(config)
     return MindonePipelines.load(*map(str, tiny_models), config, fast_prior=True, cache_mb=0)
 
 

@@ -18,8 +18,9 @@ def direct_call(prior_dir, decoder_dir, conditions, weights, job):
     from transformers import CLIPImageProcessor
 
     from worker import device
+    from worker.pipelines import base
 
-    device.configure(device.DeviceConfig(target="CPU", device_id=0))  # CPU kernels only; no model code
+    base.configure(device.DeviceConfig(target="CPU", device_id=0))  # CPU kernels only; no model code
     processor = CLIPImageProcessor.from_pretrained(prior_dir, subfolder="image_processor")
     prior = KandinskyV22PriorPipeline.from_pretrained(prior_dir, image_processor=processor, mindspore_dtype=ms.float32)
     prior.prior.set_default_attn_processor()

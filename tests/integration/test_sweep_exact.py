@@ -23,6 +23,7 @@ from worker.device import DeviceConfig
 from worker.pipelines import base
 from worker.runner import JobCancelled, JobContext, Runner
 from worker.storage import MemoryStorage
+from worker.sweep import run_job
 
 pytest.importorskip("torch")
 
@@ -90,7 +91,7 @@ def test_each_frame_is_the_plain_job_with_its_weights(runner, mix):
     animation = {"format": "gif", "fps": 10, "boomerang": True}
     job = parse_job({**SWEEP, "sweep": {**SWEEP["sweep"], "mix": mix}, "animation": animation})
     events = []
-    result = runner.run(job, context(f"sweep-{mix}", events))
+    result = run_job(runner, job, context(f"sweep-{mix}", events))
     assert [i.uri for i in result.images] == [f"s3://out/jobs/sweep-{mix}/{k}.png" for k in range(FRAMES)]
     weights = result.frame_weights
     assert [weights[k] for k in (0, 2, 4)] == [[1.0, 0.0, 0.0], [0.2, 0.8, 0.0], [0.0, 0.3, 0.7]]  # keyframes exactly
@@ -129,7 +130,7 @@ def test_a_cancelled_sweep_stops_and_keeps_its_uploaded_frames(runner):
     ctx = context("sweep-cancel", events, cancel_at=2)
     ctx = JobContext(job_id=ctx.job_id, report=ctx.report, cancelled=ctx.cancelled, record_frames=recorded.append)
     with pytest.raises(JobCancelled):
-        runner.run(parse_job({**SWEEP, "animation": {"format": "gif"}}), ctx)
+        run_job(runner, parse_job({**SWEEP, "animation": {"format": "gif"}}), ctx)
     keys = sorted(k for b, k in runner.storage.objects if k.startswith("jobs/sweep-cancel/"))
     assert keys == ["jobs/sweep-cancel/0.png", "jobs/sweep-cancel/1.png"]
     assert [len(r) for r in recorded] == [1, 2] and [f.uri for f in ctx.frames] == [

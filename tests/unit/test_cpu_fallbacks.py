@@ -9,8 +9,9 @@ ms = pytest.importorskip("mindspore")
 from mindspore import mint  # noqa: E402
 
 from worker import device  # noqa: E402
+from worker.pipelines import base  # noqa: E402
 
-device.configure(device.DeviceConfig(target="CPU", device_id=0))
+base.configure(device.DeviceConfig(target="CPU", device_id=0))
 RNG = np.random.default_rng(0)
 
 

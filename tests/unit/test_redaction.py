@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from kiq import redisconn
+from kiq import redisurl
 from kiq.errors import SettingsError
 from kiq.settings import Settings
 
@@ -28,7 +28,7 @@ PASSWORD = "hunter2-Pl4nted-pw"
     ],
 )
 def test_redact_masks_every_password_and_keeps_the_rest(raw, shown):
-    assert redisconn.redact(raw) == shown
+    assert redisurl.redact(raw) == shown
 
 
 @pytest.mark.parametrize(

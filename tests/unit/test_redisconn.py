@@ -3,7 +3,7 @@
 import pytest
 from kombu import Connection
 
-from kiq import redisconn
+from kiq import redisconn, redisurl
 from kiq.celeryconf import common_config
 from kiq.errors import SettingsError
 from kiq.settings import Settings
@@ -12,7 +12,7 @@ SENTINELS = "sentinel://:s3cret@10.0.0.1:26379;sentinel://10.0.0.2:26380;sentine
 
 
 def test_sentinel_url_lists_every_sentinel_with_one_database_and_password():
-    url = redisconn.parse(SENTINELS, "KIQ_BROKER_URL")
+    url = redisurl.parse(SENTINELS, "KIQ_BROKER_URL")
     assert url.sentinel and url.db == 4 and url.password == "s3cret"
     assert url.hosts == (("10.0.0.1", 26379), ("10.0.0.2", 26380), ("10.0.0.3", 26379))
     assert url.celery_url() == (
@@ -22,7 +22,7 @@ def test_sentinel_url_lists_every_sentinel_with_one_database_and_password():
 
 def test_plain_url_is_passed_through_unchanged():
     raw = "rediss://:pw@redis.internal:6380/2?ssl_cert_reqs=required"
-    url = redisconn.parse(raw, "KIQ_BROKER_URL")
+    url = redisurl.parse(raw, "KIQ_BROKER_URL")
     assert not url.sentinel and url.celery_url() == raw and url.db == 2
 
 

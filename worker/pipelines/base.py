@@ -100,6 +100,11 @@ def backend_module(backend: str) -> Any:
         ) from exc
 
 
+def configure(config: DeviceConfig) -> None:
+    """Bind the backend's framework to the device; call once, before any model is built."""
+    backend_module(config.backend).configure(config)
+
+
 def load(settings: Settings, device: DeviceConfig) -> Pipelines:
     """Bind the backend's framework to the device, then load both pipelines from KIQ_PRIOR_MODEL/KIQ_DECODER_MODEL."""
     module = backend_module(device.backend)

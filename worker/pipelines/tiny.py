@@ -24,9 +24,10 @@ def make_tiny_models(out_dir: str | Path, seed: int = 0) -> tuple[Path, Path]:
     from mindone.diffusers.utils import logging
 
     from worker import device
+    from worker.pipelines import base
 
     logging.set_verbosity_error()  # save_pretrained logs the whole image processor it cannot save
-    device.configure(device.DeviceConfig(target="CPU", device_id=0))
+    base.configure(device.DeviceConfig(target="CPU", device_id=0))
     out = Path(out_dir)
     prior_dir, decoder_dir = out / "prior", out / "decoder"
     _seed_everything(seed)
