@@ -30,8 +30,7 @@ import boto3
 import httpx
 import redis
 
-from kiq.events import events_key
-from kiq.names import job_record_key
+from kiq.names import events_key, job_record_key
 from kiq.settings import Settings
 from kiq.status import ImageRef, JobResult, Progress
 from producer import devstack

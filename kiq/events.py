@@ -22,7 +22,7 @@ from typing import Any
 from celery.backends.redis import RedisBackend, SentinelBackend
 
 from kiq import fencing
-from kiq.names import TERMINAL_STATES
+from kiq.names import TERMINAL_STATES, events_channel, events_key
 
 # KEYS: meta key, stream key, event channel. ARGV: meta, ttl (0 = none), the stream's ttl (0 = none), its cap.
 # Run behind fencing.GUARD, which takes the fence key and the token last.
@@ -43,16 +43,6 @@ DONE_STREAM_TTL_S = 3600
 # A stream's bound in entries: at most minutes of a job's history (progress is written at most twice a second, plus
 # a write per sweep frame), and small since a progress event carries only the frames new since the last one.
 STREAM_MAXLEN = 1000
-
-
-def events_key(job_id: str) -> str:
-    """The job's event stream (one entry per state write)."""
-    return f"kiq:events:{job_id}"
-
-
-def events_channel(job_id: str) -> str:
-    """Where each event is published as "<stream id> <meta JSON>"."""
-    return f"kiq:events:{job_id}:live"
 
 
 def event_order(event_id: str) -> tuple[int, int]:

@@ -65,3 +65,23 @@ def unacked_keys(visibility_timeout_s: float) -> dict[str, str]:
         "unacked_index_key": f"kiq:unacked_index:{tag}",
         "unacked_mutex_key": f"kiq:unacked_mutex:{tag}",
     }
+
+
+def deliveries_key(job_id: str) -> str:
+    """Deliveries of the job that started and never finished (a hash: solo, batched); cleared at every finish."""
+    return f"kiq:deliveries:{job_id}"
+
+
+def webhook_queued_key(job_id: str) -> str:
+    """Set once the job's one webhook is queued, so a redelivered job does not queue it again."""
+    return f"kiq:webhook:{job_id}"
+
+
+def events_key(job_id: str) -> str:
+    """The job's event stream (one entry per state write)."""
+    return f"kiq:events:{job_id}"
+
+
+def events_channel(job_id: str) -> str:
+    """Where each event is published as "<stream id> <meta JSON>"."""
+    return f"kiq:events:{job_id}:live"

@@ -93,28 +93,40 @@ class QoS(redis.QoS):
         held = _held_now() if self._delivered else set()
         index = self.channel.global_keyprefix + self.unacked_index_key
         kept = 0
-        with self.channel.conn_or_acquire(client) as client:  # also gives the closed channel a pool for late acks
-            for tag, message in list(self._delivered.items()):
+        delivered = list(self._delivered.items())
+        with _kept_lock:  # every held tag is kept before any Redis call, so a failing hand-back cannot drop one
+            for tag, message in delivered:
                 if tag in held:
-                    with _kept_lock:
-                        _kept[tag] = (index, message)
+                    _kept[tag] = (index, message)
                     kept += 1
-                else:
-                    self.restore_by_tag(tag, client=client)
-        self._delivered.clear()
+        try:
+            with self.channel.conn_or_acquire(client) as client:  # also gives the closed channel a pool for late acks
+                for tag, _ in delivered:
+                    if tag not in held:
+                        self._hand_back(tag, client)
+        finally:
+            self._delivered.clear()
         if kept:
             log.info("kept %d message(s) this worker still runs or holds; their leases are renewed until acked", kept)
 
+    def _hand_back(self, tag: str, client: Any) -> None:
+        try:
+            self.restore_by_tag(tag, client=client)
+        except Exception as exc:  # noqa: BLE001 - Redis is usually why we reconnect: the sweep hands it back later
+            log.warning("could not hand back message %s on close (the sweep will, after the timeout): %s", tag, exc)
+
     def ack(self, delivery_tag: str) -> None:
         super().ack(delivery_tag)
-        _release(delivery_tag)
+        forget(delivery_tag)
 
     def reject(self, delivery_tag: str, requeue: bool = False) -> None:
         super().reject(delivery_tag, requeue=requeue)
-        _release(delivery_tag)
+        forget(delivery_tag)
 
 
-def _release(delivery_tag: str) -> None:
+def forget(delivery_tag: str) -> None:
+    """Stop renewing a kept message's lease: it was acked or rejected, or its run let go of it (a stale or
+    self-fenced run, worker/fencing.py), so its lease must lapse for the sweep to hand it back."""
     with _kept_lock:
         _kept.pop(delivery_tag, None)
 

@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from kiq import fencing, tracing
-from kiq.names import WEBHOOK_QUEUE, WEBHOOK_TASK
+from kiq.names import WEBHOOK_QUEUE, WEBHOOK_TASK, webhook_queued_key
 
 log = logging.getLogger(__name__)
 SIGNATURE_HEADER = "X-Kiq-Signature"
@@ -60,10 +60,6 @@ def _mac(secret: str, stamp: int, delivery: str, body: bytes) -> str:
     return hmac.new(secret.encode(), f"{stamp}.{delivery}.".encode() + body, hashlib.sha256).hexdigest()
 
 
-def queued_key(job_id: str) -> str:
-    return f"kiq:webhook:{job_id}"
-
-
 def queue_webhook(app: Any, redis: Any, job_id: str, url: str | None, ttl_s: int, token: int | None = None) -> bool:
     """Queue the job's one webhook unless someone already has, or the run holding fencing `token` is stale (its
     early webhook would wait for a final state that the newer run may take longer than its retries to write);
@@ -71,7 +67,7 @@ def queue_webhook(app: Any, redis: Any, job_id: str, url: str | None, ttl_s: int
     if not url:
         return False
     try:
-        if not fencing.set_if_current(redis, job_id, token, queued_key(job_id), "1", ttl_s, nx=True):
+        if not fencing.set_if_current(redis, job_id, token, webhook_queued_key(job_id), "1", ttl_s, nx=True):
             return False
     except Exception as exc:  # noqa: BLE001 - Redis down: fall through and send; the receiver dedupes
         log.warning("could not mark the webhook of %s as queued: %s", job_id, exc)
@@ -82,7 +78,7 @@ def queue_webhook(app: Any, redis: Any, job_id: str, url: str | None, ttl_s: int
     except Exception as exc:  # noqa: BLE001
         log.error("could not queue the webhook of %s: %s", job_id, exc)
         try:
-            redis.delete(queued_key(job_id))
+            redis.delete(webhook_queued_key(job_id))
         except Exception:  # noqa: BLE001 - best effort
             pass
         return False

@@ -21,8 +21,7 @@ from kiq import logs, redisconn, tracing
 from kiq.contract import Job, validation_errors
 from kiq.errors import InvalidEventId, JobTooLong, SettingsError, StorageError, SubmitAbandoned, UnknownJob
 from kiq.event_reads import parse_event_id
-from kiq.events import events_key
-from kiq.names import idempotency_key
+from kiq.names import events_key, idempotency_key
 from kiq.s3 import input_prefix, presign, put, s3_client
 from kiq.settings import Settings
 from kiq.status import JobList, JobStatus, State

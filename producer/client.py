@@ -19,7 +19,6 @@ from kiq.celeryconf import PRIORITY_STEPS, common_config, priority_lists
 from kiq.contract import MAX_PRIORITY, Job, parse_job
 from kiq.errors import TransientError, UnknownJob, WaitTimeout
 from kiq.event_reads import PAGE_SCRIPT, page_args, parse_event_id, parse_page, parse_snapshot
-from kiq.events import events_key
 from kiq.limits import check_feasible, live_worker
 from kiq.names import (
     FLEET_INDEX,
@@ -27,6 +26,7 @@ from kiq.names import (
     PROGRESS,
     SUBMITS_KEY,
     cancel_key,
+    events_key,
     frames_key,
     job_record_key,
     jobs_index_key,  # fmt: skip

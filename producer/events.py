@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from kiq.event_reads import PAGE_SCRIPT, Page, page_args, parse_page, parse_snapshot
-from kiq.events import event_order, events_channel, events_key
-from kiq.names import frames_key
+from kiq.events import event_order
+from kiq.names import events_channel, events_key, frames_key
 
 log = logging.getLogger("kiq.api.events")
 RESYNC = ("", b"")  # told to a listener after a reconnect or at its bound: read the stream again from its last id

@@ -12,16 +12,12 @@ from typing import Any, TypeVar
 
 from kiq import fencing
 from kiq.errors import PoisonJob
-from kiq.names import fence_key
+from kiq.names import deliveries_key, fence_key
 from kiq.redisconn import REDIS_ERRORS, retrying
 
 log = logging.getLogger(__name__)
 WATCHDOG_EXIT_CODE = 75
 T = TypeVar("T")
-
-
-def deliveries_key(job_id: str) -> str:
-    return f"kiq:deliveries:{job_id}"
 
 
 @dataclass(frozen=True)

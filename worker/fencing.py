@@ -14,7 +14,7 @@ import logging
 from collections import OrderedDict
 from typing import Any
 
-from kiq import fencing
+from kiq import fencing, transport
 
 log = logging.getLogger(__name__)
 _LET_GO_MAX = 1024  # reserved (prefetched) jobs let go of before their turn; their turn removes them
@@ -42,6 +42,7 @@ def was_let_go(job_id: str) -> bool:
 
 
 def _settle_locally(message: Any) -> None:
+    transport.forget(getattr(message, "delivery_tag", None))  # kept across a reconnect: its lease must lapse too
     try:
         # What kombu's acknowledgement does in this process, without its Redis calls: the tag leaves the channel's
         # delivered map, so neither the lease keeper nor the restore at shutdown touches the newer delivery's lease.

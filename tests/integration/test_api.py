@@ -336,7 +336,8 @@ def test_events_stream_states_progress_and_the_final_status_then_resume_without_
 
 
 def test_a_finished_jobs_stream_is_kept_an_hour_then_a_resume_gets_the_final_status(api, client):
-    from kiq.events import DONE_STREAM_TTL_S, events_key
+    from kiq.events import DONE_STREAM_TTL_S
+    from kiq.names import events_key
 
     job_id = api.post("/v1/jobs", json=tiny_job(decoder_steps=2), headers=A).json()["id"]
     events, _ = read_events(api, job_id, A)

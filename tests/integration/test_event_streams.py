@@ -20,8 +20,7 @@ import redis.asyncio
 import uvicorn
 
 from kiq.errors import InvalidEventId
-from kiq.events import events_channel, events_key
-from kiq.names import job_record_key
+from kiq.names import events_channel, events_key, job_record_key
 from kiq.settings import Settings
 from kiq.status import ImageRef, JobResult
 from producer import devstack

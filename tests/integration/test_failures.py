@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from kiq.names import GENERATE_TASK
+from kiq.names import GENERATE_TASK, job_record_key
 from tests.helpers import http_server, image_bytes
 from tests.integration.jobs import tiny_job
 
@@ -46,7 +46,7 @@ def test_bad_reference_fails_specifically_and_worker_serves_next(worker, client,
 def test_invalid_job_is_refused_at_submit_and_nothing_is_enqueued(
     env, worker, client, redis_client, settings, tmp_path
 ):
-    before = sorted(redis_client.scan_iter("kiq:job:*"))
+    before = sorted(redis_client.scan_iter(job_record_key("*")))
     path = tmp_path / "bad.json"
     path.write_text(json.dumps(tiny_job(height=100, inputs=[{"text": "a", "weight": float("nan")}])))
     done = subprocess.run([sys.executable, "-m", "producer.cli", "submit", str(path)], env=env, capture_output=True,
@@ -54,14 +54,14 @@ def test_invalid_job_is_refused_at_submit_and_nothing_is_enqueued(
     assert done.returncode == 2 and done.stdout == ""
     assert "inputs.0.weight: Input should be a finite number" in done.stderr
     assert "height: Input should be a multiple of 64" in done.stderr
-    assert sorted(redis_client.scan_iter("kiq:job:*")) == before
+    assert sorted(redis_client.scan_iter(job_record_key("*"))) == before
     assert redis_client.llen(settings.queue) == 0
 
 
 def test_invalid_raw_message_fails_in_the_worker_with_job_invalid(worker, client):
     # A producer that skips validation (or an older client) must not crash the worker.
     result = client.app.send_task(GENERATE_TASK, args=[{"inputs": [], "height": 7}], queue=client.settings.queue)
-    client.redis.set(f"kiq:job:{result.id}", json.dumps({"owner": "", "webhook_url": ""}))
+    client.redis.set(job_record_key(result.id), json.dumps({"owner": "", "webhook_url": ""}))
     failed = client.wait(result.id, timeout=60)
     assert failed.state == "FAILURE" and failed.error.type == "JobInvalid"
     assert "inputs: List should have at least 1 item" in failed.error.message

@@ -10,6 +10,7 @@ import uuid
 
 import pytest
 
+from kiq.names import deliveries_key
 from kiq.settings import Settings
 from kiq.webhooks import verify
 from producer import devstack
@@ -64,7 +65,7 @@ def test_sigkill_mid_denoising_then_restart_completes_exactly_once(env, spawn_wo
     assert final.state == "SUCCESS", final.error
     assert sorted(objects_of(s3, settings, job_id)) == [f"jobs/{job_id}/0.png", f"jobs/{job_id}/1.png"]
     assert count_in_logs([first_log, second_log], f"[{job_id}] succeeded") == 1
-    assert not redis_client.exists(f"kiq:deliveries:{job_id}")
+    assert not redis_client.exists(deliveries_key(job_id))
 
 
 @pytest.fixture

@@ -9,8 +9,8 @@ import time
 
 import pytest
 
-from kiq.events import event_order, events_key
-from kiq.names import unacked_keys
+from kiq.events import event_order
+from kiq.names import events_key, unacked_keys
 from producer import devstack
 from tests.integration.jobs import tiny_job
 from tests.integration.test_faults import (

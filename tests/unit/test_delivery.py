@@ -4,6 +4,7 @@ import pytest
 
 from kiq.contract import parse_job
 from kiq.errors import FetchUnavailable, NotAnImage, PoisonJob
+from kiq.names import deliveries_key
 from kiq.settings import Settings
 from worker.delivery import DeliveryGuard, watchdog
 from worker.limits import time_limits
@@ -98,7 +99,7 @@ def test_bookkeeping_rides_out_a_redis_blip_and_end_never_raises():
     assert guard.begin("a").attempt == 1
     redis.down = 2
     guard.end("a")
-    assert "kiq:deliveries:a" not in redis.data
+    assert deliveries_key("a") not in redis.data
     guard.begin("b")
     redis.down = 10**6
     quick = DeliveryGuard(redis, max_deliveries=3, ttl_s=60, redis_retry_s=0.3)

@@ -12,14 +12,14 @@ from celery import Celery
 
 from kiq import fencing
 from kiq.contract import parse_job
-from kiq.events import EventsBackend, events_key
-from kiq.names import fence_key, frames_key
+from kiq.events import EventsBackend
+from kiq.names import deliveries_key, events_key, fence_key, frames_key, webhook_queued_key
 from kiq.settings import Settings
 from kiq.status import ImageRef, Progress
-from kiq.webhooks import queue_webhook, queued_key
+from kiq.webhooks import queue_webhook
 from tests.helpers import redis_databases
 from worker import fencing as stale_runs
-from worker.delivery import DeliveryGuard, deliveries_key
+from worker.delivery import DeliveryGuard
 from worker.records import JobRecords
 from worker.runner import JobCancelled, Runner, StaleDelivery
 from worker.storage import MemoryStorage
@@ -42,7 +42,7 @@ def job(db):
     _, keys = db
     job_id = f"fence-{uuid.uuid4().hex}"
     keys += [fence_key(job_id), f"celery-task-meta-{job_id}", events_key(job_id), frames_key(job_id),
-             queued_key(job_id), deliveries_key(job_id)]  # fmt: skip
+             webhook_queued_key(job_id), deliveries_key(job_id)]  # fmt: skip
     yield job_id
     fencing.release(job_id)
 
@@ -120,7 +120,7 @@ def test_a_stale_run_does_not_queue_the_jobs_one_webhook(db, job, refusals):
     app = FakeApp()
     take(client, job), take(client, job)
     assert not queue_webhook(app, client, job, "https://example.com/hook", 60, token=1)
-    assert app.sent == [] and not client.exists(queued_key(job))
+    assert app.sent == [] and not client.exists(webhook_queued_key(job))
     assert queue_webhook(app, client, job, "https://example.com/hook", 60, token=2)
     assert not queue_webhook(app, client, job, "https://example.com/hook", 60, token=2)  # once
     assert len(app.sent) == 1

@@ -11,6 +11,7 @@ from kiq.celeryconf import broker_transport_options
 from kiq.contract import parse_job
 from kiq.errors import SettingsError
 from kiq.leases import LeaseKeeper, held_by_consumer, parse_timeout, renew_interval_s
+from kiq.names import webhook_queued_key
 from kiq.settings import Settings
 from kiq.webhooks import InvalidSignature, delivery_id, queue_webhook, sign, verify
 from producer.api import IdempotencyClaim, Rejected
@@ -69,7 +70,7 @@ def test_each_job_queues_at_most_one_webhook_whoever_ends_it():
                                                                        delivery_id("j"))]  # fmt: skip
     broken = FakeApp(fail=True)
     assert not queue_webhook(broken, redis, "m", "https://example.com/hook", 60)
-    assert "kiq:webhook:m" not in redis.data  # a webhook that could not be queued may be queued again
+    assert webhook_queued_key("m") not in redis.data  # a webhook that could not be queued may be queued again
 
 
 class IndexRedis:

@@ -81,3 +81,17 @@ def test_a_closing_channel_keeps_what_the_consumer_runs_reserves_or_schedules(mo
     timer.call_after(5, print)  # something else on the timer
     assert held_tags(SimpleNamespace(timer=timer)) == {"running", "reserved", "eta"}
     assert held_tags(SimpleNamespace()) == {"running", "reserved"}
+
+
+def test_a_kept_message_whose_run_let_go_of_it_is_no_longer_renewed(monkeypatch):
+    """A run that stops as stale (or self-fenced) after a reconnect kept its message: the lease must lapse, or the
+    sweep never hands the job back (found by review: the job stayed STARTED until the worker restarted)."""
+    from worker import fencing as stale_runs
+
+    monkeypatch.setattr(transport, "_kept", {})
+    message = SimpleNamespace(delivery_tag="tag-1", acknowledged=False,
+                              channel=SimpleNamespace(qos=SimpleNamespace(_delivered={})))  # fmt: skip
+    transport._kept["tag-1"] = ("kiq:unacked_index:60s", message)
+    assert transport.kept_leases() == [("kiq:unacked_index:60s", "tag-1")]
+    stale_runs._settle_locally(message)
+    assert transport.kept_leases() == []
