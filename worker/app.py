@@ -47,6 +47,7 @@ def create_app(settings: Settings, runner: Runner | None = None) -> Celery:
     brokerformat.install(
         app, lambda: leases.broker_redis(settings), settings.consumed_queues, settings.visibility_timeout_s
     )
+    health.install(app)  # the probes' proof that the consumer's loop turns
 
     def start(sender: Any = None, **_: Any) -> None:
         if getattr(sender, "app", None) is not app:

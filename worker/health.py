@@ -25,26 +25,50 @@ STALL_S = 300.0
 BUSY_S = 30.0  # an idle loop turns every second or so; one quiet this long is not consuming
 
 
+_turns = [0.0]  # monotonic time of the consumer loop's last turn (0: not started)
+
+
+def _turn() -> None:
+    _turns[0] = time.monotonic()
+
+
+def install(app: Any) -> None:
+    """A consumer bootstep that marks each turn of the consumer's own loop, every second. Registered again at every
+    consumer (re)start: a broker reconnect clears the loop's timers, and a probe reading a stale mark would call
+    every idle worker wedged after a Redis failover."""
+    from celery import bootsteps
+
+    class Turns(bootsteps.StartStopStep):
+        requires = ("celery.worker.consumer.tasks:Tasks",)
+
+        def __init__(self, c: Any, **kwargs: Any) -> None:
+            super().__init__(c, **kwargs)
+            self.tref: Any = None
+
+        def start(self, c: Any) -> None:
+            self.stop(c)
+            _turn()
+            self.tref = c.timer.call_repeatedly(1.0, _turn)
+
+        def stop(self, c: Any) -> None:
+            if self.tref is not None:
+                self.tref.cancel()
+                self.tref = None
+
+    app.steps["consumer"].add(Turns)
+
+
 class Health:
     def __init__(self, runner: Any, worker: Any, broker: Any) -> None:
-        from celery.signals import worker_ready
-
         self.runner, self.worker, self.broker = runner, worker, broker  # broker: a Redis client with short timeouts
         self._lock = threading.Lock()
         self._device: tuple[float, str] = (0.0, "not probed")
         self._probing = False
         self.failures = 0
-        self.turned_at = 0.0  # monotonic time of the consumer loop's last turn
-        worker_ready.connect(self._on_ready, weak=False)
 
-    def _on_ready(self, sender: Any = None, **_: Any) -> None:
-        hub = getattr(getattr(sender, "controller", None), "hub", None)
-        if hub is not None and getattr(sender, "controller", None) is self.worker:
-            self._turn()
-            hub.call_repeatedly(1.0, self._turn)  # runs in the consumer's own loop: proof that it turns
-
-    def _turn(self) -> None:
-        self.turned_at = time.monotonic()
+    @property
+    def turned_at(self) -> float:
+        return _turns[0]
 
     def live(self) -> tuple[bool, dict[str, str]]:
         consumer = self._consumer() or "starting"
