@@ -116,15 +116,27 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, ensure_ascii=False)
 
     def raw(self, line: str, stream: str = "output") -> str:
-        """A line some library wrote to stdout/stderr; a line that is already one of ours passes as it is."""
+        """A line some library wrote to stdout/stderr; a JSON object passes as one line, redacted like every other."""
         if line.startswith("{"):
             try:
-                if isinstance(json.loads(line), dict):
-                    return line
+                parsed = json.loads(line)
             except ValueError:
-                pass
+                parsed = None
+            if isinstance(parsed, dict):
+                return json.dumps(_redacted(parsed, self.redact), ensure_ascii=False)
         record = logging.LogRecord(stream, logging.INFO, "", 0, line.rstrip("\r"), None, None)
         return self.format(record)
+
+
+def _redacted(value: Any, redact: Redactor) -> Any:
+    """Every string inside a JSON value redacted (its keys too): the value stays JSON whatever the redaction does."""
+    if isinstance(value, str):
+        return redact(value)
+    if isinstance(value, dict):
+        return {redact(str(k)): _redacted(v, redact) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_redacted(v, redact) for v in value]
+    return value
 
 
 class _Handler(logging.Handler):

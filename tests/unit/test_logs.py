@@ -55,6 +55,13 @@ def test_raw_output_lines_become_json_and_ours_pass_through():
     assert formatter.raw(ours) == ours
 
 
+def test_a_json_line_from_a_library_is_redacted_too():
+    formatter = logs.JsonFormatter("worker", logs.Redactor(["s3cr3t-Planted"]))
+    leaked = json.dumps({"message": "token s3cr3t-Planted", "extra": {"url": "redis://:s3cr3t-Planted@h:6379/0"}})
+    line = formatter.raw(leaked)
+    assert "s3cr3t-Planted" not in line and json.loads(line)["message"] == "token ***"
+
+
 def test_text_mode_changes_nothing_and_bad_formats_are_refused():
     assert logs.setup(Settings(), "api") is False
     assert logs.uvicorn_options(Settings()) == {}
