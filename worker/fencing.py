@@ -25,12 +25,15 @@ def let_go(job_id: str) -> None:
     """Settle this process's copies of the job's message without telling the broker."""
     from celery.worker import state
 
-    for request in [*_copy(state.active_requests), *_copy(state.reserved_requests)]:
+    active = _copy(state.active_requests)
+    for request in [*active, *_copy(state.reserved_requests)]:
         if request.id != job_id or request.acknowledged:
             continue
         _settle_locally(request.message)
         request.acknowledged = True  # Celery acks only requests not acknowledged yet
-        if request in state.reserved_requests:  # a batch mate: its own turn must not run it again
+        # A batch mate still waiting for its turn: that turn must not run it. Not the running request (Celery lists
+        # it as reserved too): marking it would make every later delivery of the job be let go of in turn, forever.
+        if request not in active and request in state.reserved_requests:
             _let_go[job_id] = None
             while len(_let_go) > _LET_GO_MAX:
                 _let_go.popitem(last=False)

@@ -74,7 +74,7 @@ def test_a_worker_whose_leases_cannot_be_renewed_stops_taking_jobs_says_why_and_
         client = Client(Settings.from_env({**env, "KIQ_QUEUE": queue}))  # straight to Redis
         worker, log = spawn_worker("lease-fault", **overrides)
         proxy.silence()
-        held = client.submit(tiny_job(decoder_steps=12))  # runs while its lease cannot be renewed
+        held = client.submit(tiny_job(decoder_steps=60))  # starts while its lease cannot be renewed
 
         def text():
             return log.read_text(errors="replace")
@@ -86,12 +86,18 @@ def test_a_worker_whose_leases_cannot_be_renewed_stops_taking_jobs_says_why_and_
             raise AssertionError(f"{failed} failed renewals logged, yet the worker never stopped taking jobs") from None
         assert "ERROR" in next(line for line in text().splitlines() if "stops taking jobs" in line)
         waiting = client.submit(tiny_job(seed=2))
-        assert client.wait(held, timeout=120).state == "SUCCESS"
+        # Its lease can be taken by any other worker now: the run stops at its next step (self-fencing, two thirds of
+        # the timeout after the last renewal) instead of running on, and writes nothing.
+        devstack.wait_until(lambda: "last renewed" in text(), 60, "the held run to stop as its leases lapsed")
         time.sleep(4)
+        assert client.status(held).state != "SUCCESS"
         assert client.status(waiting).state == "PENDING" and waiting not in text()  # not even received
         proxy.unsilence()
         devstack.wait_until(lambda: "taking jobs again" in text(), 30, "the worker to take jobs again")
+        # The held job's lease lapsed: the sweep hands it back, and it runs again, once.
+        assert client.wait(held, timeout=180).state == "SUCCESS"
         assert client.wait(waiting, timeout=60).state == "SUCCESS"
+        assert text().count(f"{held}] succeeded") == 1
         assert worker.poll() is None
     finally:
         proxy.stop()

@@ -224,6 +224,20 @@ def test_a_stale_batch_mate_leaves_the_batch_without_writing_and_its_own_turn_do
     assert stale_runs.was_let_go("mate-1")  # its own turn is skipped
 
 
+def test_letting_go_of_the_running_request_does_not_skip_the_jobs_next_delivery(monkeypatch):
+    """Celery lists the running request as reserved too: marking it would let every later delivery of the job be
+    let go of in turn, a job redelivered and ignored forever (found by test_lease_faults after self-fencing)."""
+    from celery.worker import state
+
+    message = SimpleNamespace(channel=SimpleNamespace(qos=SimpleNamespace(_delivered={"tag": 1})), delivery_tag="tag")
+    running = SimpleNamespace(id="run-1", acknowledged=False, message=message)
+    monkeypatch.setattr(state, "active_requests", [running])
+    monkeypatch.setattr(state, "reserved_requests", [running])
+    stale_runs.let_go("run-1")
+    assert running.acknowledged and message.channel.qos._delivered == {}
+    assert not stale_runs.was_let_go("run-1")
+
+
 def test_a_run_whose_leases_lapsed_stops_at_its_next_step_even_when_redis_is_unreachable(job, monkeypatch):
     """Self-fencing: cut off from Redis, a worker cannot see a newer token, so it stops once its own leases are
     two thirds of the timeout old, before another worker can take the job."""
