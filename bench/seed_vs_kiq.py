@@ -66,10 +66,11 @@ class Direct:
 
     def __init__(self, env: dict[str, str]) -> None:
         from worker import device
+        from worker.pipelines import base
         from worker.pipelines.mindspore_mindone import MindonePipelines
 
         config = device.DeviceConfig("CPU", 0)
-        device.configure(config)
+        base.configure(config)
         self.pipes = MindonePipelines.load(env["KIQ_PRIOR_MODEL"], env["KIQ_DECODER_MODEL"], config, fast_prior=True)
         self.counts: dict[str, int] = dict.fromkeys(MODULES, 0)
         prior, decoder = self.pipes.prior, self.pipes.decoder

@@ -92,10 +92,11 @@ class Mindone:
         import mindspore as ms
 
         from worker import device
+        from worker.pipelines import base
         from worker.pipelines.mindspore_mindone import MindonePipelines
 
         config = device.DeviceConfig("CPU", 0)
-        device.configure(config)
+        base.configure(config)
         pipes = MindonePipelines.load(str(args.models / "prior"), str(args.models / "decoder"), config,
                                         fast_prior=False)  # fmt: skip
         self.prior, self.decoder = pipes.prior, pipes.decoder
