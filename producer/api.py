@@ -116,7 +116,7 @@ def create_api(settings: Settings, client: Client | None = None, s3: Any = None)
             with claim.kept() if claim else nullcontext():
                 for key, data, content_type in uploads:
                     put(s3, settings.s3_bucket, key, data, content_type)
-                client.submit(job, tenant.owner, job_id, before_publish=claim.confirm if claim else None)
+                client.submit(job, tenant.owner, job_id, before_publish=claim.confirm if claim else None, feasible=True)
                 if claim is not None:
                     claim.commit()
         except Rejected:

@@ -64,7 +64,7 @@ class Client:
         return self.app.backend.client
 
     def submit(self, job: Job | Mapping[str, Any], owner: str = "", job_id: str | None = None,
-               before_publish: Callable[[], None] | None = None) -> str:  # fmt: skip
+               before_publish: Callable[[], None] | None = None, feasible: bool = False) -> str:  # fmt: skip
         """Validate, store inline images, record and enqueue the job; return its id.
 
         All or nothing: invalid jobs raise JobInvalid and touch nothing, as do jobs no live worker of the queue could
@@ -72,7 +72,8 @@ class Client:
         kombu error) propagates and no job record is left behind. `before_publish` is the last moment to give up
         with nothing enqueued: whatever it raises propagates the same way."""
         parsed = job if isinstance(job, Job) else parse_job(job)
-        self.check_feasible(parsed)
+        if not feasible:  # the API checks before its uploads and says so: one fleet read per submit
+            self.check_feasible(parsed)
         job_id = job_id or str(uuid.uuid4())
         parsed = self.store_inline_images(parsed, owner, job_id)
         record = {"owner": owner, "webhook_url": parsed.webhook_url or ""}
