@@ -381,7 +381,7 @@ def install(app: Any, redis_factory: Callable[[], Any], visibility_timeout_s: fl
                 interval = renew_interval_s(visibility_timeout_s)
                 held = lambda: held_by_consumer(c, visibility_timeout_s)  # noqa: E731
                 self.keeper = LeaseKeeper(redis_factory(), held, interval, visibility_timeout_s / 2,
-                                          *_stop_taking_jobs(Intake(c), visibility_timeout_s))  # fmt: skip
+                                          *_stop_taking_jobs(Intake.of(c), visibility_timeout_s))  # fmt: skip
                 self.keeper.start()
                 _process_keeper[:] = [(self.keeper, lapse_after_s(visibility_timeout_s))]
                 log.info("renewing message leases every %.1f s", interval)

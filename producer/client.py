@@ -14,7 +14,7 @@ from typing import Any
 from celery import Celery
 from celery.result import AsyncResult
 
-from kiq import logs, redisconn, s3, tracing
+from kiq import fairshare, logs, redisconn, s3, tracing
 from kiq.celeryconf import PRIORITY_STEPS, common_config, priority_lists
 from kiq.contract import MAX_PRIORITY, Job, parse_job
 from kiq.errors import TransientError, UnknownJob, WaitTimeout
@@ -64,7 +64,8 @@ class Client:
         return self.app.backend.client
 
     def submit(self, job: Job | Mapping[str, Any], owner: str = "", job_id: str | None = None,
-               before_publish: Callable[[], None] | None = None, feasible: bool = False) -> str:  # fmt: skip
+               before_publish: Callable[[], None] | None = None, feasible: bool = False,
+               weight: int = 1) -> str:  # fmt: skip
         """Validate, store inline images, record and enqueue the job; return its id.
 
         All or nothing: invalid jobs raise JobInvalid and touch nothing, as do jobs no live worker of the queue could
@@ -78,31 +79,36 @@ class Client:
         parsed = self.store_inline_images(parsed, owner, job_id)
         record = {"owner": owner, "webhook_url": parsed.webhook_url or ""}
         ttl, index = self.settings.result_ttl_s, jobs_index_key(owner)
+        queue = route(parsed, self.settings)
 
-        def write() -> None:  # the record and the tenant's index entry live as long as the result
+        def write() -> str:  # the record and the tenant's index entry live as long as the result
             now = time.time()
             with self.redis.pipeline() as pipe:
                 pipe.set(job_record_key(job_id), json.dumps(record), ex=ttl)
                 pipe.zadd(index, {job_id: now})
                 pipe.zremrangebyscore(index, "-inf", now - ttl)
                 pipe.expire(index, ttl)
-                pipe.execute()
+                if not (owner and self.settings.fair_share):
+                    pipe.execute()
+                    return queue
+                mine = fairshare.register(pipe, queue, owner, weight, self.settings.fair_share_max_tenants)
+                return mine if pipe.execute()[-1] == 1 else queue  # registry full: the routed queue
 
-        redisconn.retrying(write, self.settings.redis_retry_s, "submit")
+        queue = redisconn.retrying(write, self.settings.redis_retry_s, "submit")
         try:
             if before_publish is not None:
                 before_publish()
             with tracing.span("submit", {"kiq.job_id": job_id}):
                 self.app.send_task(
                     GENERATE_TASK, args=[parsed.model_dump(mode="json")], task_id=job_id,
-                    queue=route(parsed, self.settings), priority=MAX_PRIORITY - parsed.priority,
+                    queue=queue, priority=MAX_PRIORITY - parsed.priority,
                     headers=tracing.inject({"kiq_submitted_at": time.time(), "kiq_owner": owner}),
                 )  # fmt: skip
         except Exception:
             self._forget(job_id, owner)
             raise
         with logs.context(job_id=job_id, tenant=owner):
-            log.info("job queued on %s at priority %d", route(parsed, self.settings), parsed.priority)
+            log.info("job queued on %s at priority %d", queue, parsed.priority)
         self._replicate(job_id)
         return job_id
 

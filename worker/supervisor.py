@@ -22,6 +22,7 @@ from typing import Any
 from kiq import logs
 from kiq.errors import SettingsError
 from kiq.settings import Settings
+from worker.tenantqueues import DRAINED_EXIT
 
 log = logging.getLogger("kiq.supervisor")
 BACKOFF_BASE_S, BACKOFF_CAP_S = 1.0, 60.0
@@ -135,6 +136,10 @@ class Supervisor:
     def _died(self, child: Child, now: float) -> None:
         code = child.proc.returncode if child.proc else None
         child.proc = None
+        if code == DRAINED_EXIT:
+            child.down = True
+            log.info("device %d: worker drained (kiq fleet drain); leaving it down", child.device)
+            return
         child.deaths.append(now)
         while child.deaths and now - child.deaths[0] > self.settings.restart_window_s:
             child.deaths.popleft()
