@@ -85,9 +85,10 @@ class FairCycle:
         self.update(it or [])
 
     def update(self, it: Iterable[str]) -> None:
-        """kombu calls this at every consume and cancel: keep each queue's place, add new ones at the end."""
+        """kombu calls this at every consume and cancel: each queue keeps its place, and a new one goes first in
+        its group (it has had no turn yet: at the end, a tenant arriving behind a backlog would wait a round)."""
         wanted = list(dict.fromkeys(it))
-        self.items[:] = [q for q in self.items if q in wanted] + [q for q in wanted if q not in self.items]
+        self.items[:] = [q for q in wanted if q not in self.items] + [q for q in self.items if q in wanted]
         for queue in self.items:
             self._rank.setdefault(base_of(queue), len(self._rank))
 

@@ -18,6 +18,7 @@ class Intake:
         self.consumer = consumer
         self.holds: set[str] = set()  # why the worker should not take jobs; written by any thread, read on the loop
         self._paused: list[Any] = []  # the kombu Queues it stopped consuming; only the event loop touches it
+        self._stopped = False  # whether the pause is applied; only the event loop touches it
 
     @classmethod
     def of(cls, consumer: Any) -> Intake:
@@ -47,7 +48,7 @@ class Intake:
         queues, tasks = self.consumer.app.amqp.queues, self.consumer.task_consumer
         if queue.name in queues.consume_from or any(q.name == queue.name for q in self._paused):
             return
-        if self._paused or not self.wanted:
+        if self._stopped or not self.wanted:
             self._paused.append(queue)  # a pause pending or applied: taken up with the others at the resume
             return
         queues.select_add(queue)
@@ -58,10 +59,11 @@ class Intake:
     def _apply(self) -> None:
         if self.wanted:
             self._resume()
-        elif not self._paused:
+        elif not self._stopped:
             self._pause()
 
     def _pause(self) -> None:
+        self._stopped = True
         queues, tasks = self.consumer.app.amqp.queues, self.consumer.task_consumer
         for queue in list(queues.consume_from.values()):
             queues.deselect(queue.name)
@@ -70,7 +72,7 @@ class Intake:
             self._paused.append(queue)
 
     def _resume(self) -> None:
-        paused, self._paused = self._paused, []
+        paused, self._paused, self._stopped = self._paused, [], False
         queues, tasks = self.consumer.app.amqp.queues, self.consumer.task_consumer
         for queue in paused:
             queues.select_add(queue)

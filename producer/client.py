@@ -29,7 +29,8 @@ from kiq.names import (
     events_key,
     frames_key,
     job_record_key,
-    jobs_index_key,  # fmt: skip
+    jobs_index_key,
+    tenant_queues_key,  # fmt: skip
 )
 from kiq.settings import Settings
 from kiq.status import ErrorInfo, ImageRef, JobEvent, JobList, JobResult, JobStatus, JobSummary, Progress
@@ -316,13 +317,21 @@ class Client:
 
     def queue_depths(self, queues: list[str]) -> dict[str, dict[str, int]]:
         """Jobs waiting per queue and priority class ("7-9", "4-6", "1-3", "0"), from kombu's lists in the broker
-        (which may be another Redis than the results')."""
-        with self.app.connection_for_read() as conn, conn.default_channel.client.pipeline() as pipe:
+        (which may be another Redis than the results'); a queue's tenant queues (fair share) count as the queue."""
+        with self.redis.pipeline(transaction=False) as pipe:
             for queue in queues:
-                for name in priority_lists(queue):
+                pipe.hkeys(tenant_queues_key(queue))
+            members = [[queue, *(k.decode() for k in keys)] for queue, keys in zip(queues, pipe.execute(), strict=True)]
+        with self.app.connection_for_read() as conn, conn.default_channel.client.pipeline() as pipe:
+            for names in members:
+                for name in (name for member in names for name in priority_lists(member)):
                     pipe.llen(name)
             lengths = iter(pipe.execute())
-        return {queue: {PRIORITY_CLASSES[step]: next(lengths) for step in PRIORITY_STEPS} for queue in queues}
+        depths = {}
+        for queue, names in zip(queues, members, strict=True):
+            counts = [[next(lengths) for _ in PRIORITY_STEPS] for _ in names]
+            depths[queue] = {PRIORITY_CLASSES[step]: sum(c[i] for c in counts) for i, step in enumerate(PRIORITY_STEPS)}
+        return depths
 
     def download(self, job_id: str, directory: str | Path, timeout: float | None = None,
                  on_progress: ProgressCallback | None = None) -> tuple[JobStatus, list[Path]]:  # fmt: skip

@@ -3,8 +3,10 @@
 A scrape is one pipeline per Redis server (the broker, and the results' server where it is another one): per
 queue and priority list its length (LLEN) and its next job (LINDEX -1: kombu LPUSHes and BRPOPs, so the tail is
 the oldest waiting message, and its `kiq_submitted_at` header its submit time), the size of the unacked hash, and
-the live workers from the fleet index (one EVAL). The work grows with queues x 4 lists and with workers, never
-with the number of queued jobs. Private kombu layout: tests/integration/test_queue_metrics.py pins it.
+the live workers from the fleet index (one EVAL). A queue's tenant queues (fair share, kiq/fairshare.py) count
+as the queue: one more round trip reads them (HKEYS per queue). The work grows with queues x tenants x 4 lists
+and with workers, never with the number of queued jobs. Private kombu layout:
+tests/integration/test_queue_metrics.py pins it.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from typing import Any
 
 from kiq import redisconn
 from kiq.celeryconf import PRIORITY_STEPS, priority_lists
-from kiq.names import FLEET_INDEX, WEBHOOK_QUEUE, unacked_keys
+from kiq.names import FLEET_INDEX, WEBHOOK_QUEUE, tenant_queues_key, unacked_keys
 from kiq.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -74,11 +76,12 @@ class QueueCollector:
         with self._lock:
             queues = list(self.queues)
         snap = Snapshot()
+        members = {**self._tenant_queues(queues), WEBHOOK_QUEUE: [WEBHOOK_QUEUE]}
         broker = self.broker.pipeline(transaction=False)
         fleet = broker if self.results is self.broker else self.results.pipeline(transaction=False)
         fleet.eval(FLEET_SCRIPT, 1, FLEET_INDEX, now - LIVE_S)
         for queue in [*queues, WEBHOOK_QUEUE]:
-            for name in priority_lists(queue):
+            for name in (name for member in members[queue] for name in priority_lists(member)):
                 broker.llen(name)
                 broker.lindex(name, -1)
         broker.hlen(self.unacked_key)
@@ -86,23 +89,34 @@ class QueueCollector:
         workers = replies.pop(0) if fleet is broker else fleet.execute()[0]
         snap.workers = [tuple(_text(v) for v in w) for w in workers]  # type: ignore[misc]
         snap.unacked = int(replies.pop())
-        self._fill(snap, queues, replies, now)
+        self._fill(snap, queues, members, replies, now)
         self._learn(snap.workers)
         snap.seconds = time.perf_counter() - start
         return snap
 
-    def _fill(self, snap: Snapshot, queues: list[str], replies: list[Any], now: float) -> None:
+    def _tenant_queues(self, queues: list[str]) -> dict[str, list[str]]:
+        """Each queue with its tenant queues (fair share): their jobs count as the queue's."""
+        with self.results.pipeline(transaction=False) as pipe:
+            for queue in queues:
+                pipe.hkeys(tenant_queues_key(queue))
+            found = pipe.execute()
+        return {queue: [queue, *sorted(k.decode() for k in keys)] for queue, keys in zip(queues, found, strict=True)}
+
+    def _fill(self, snap: Snapshot, queues: list[str], members: dict[str, list[str]], replies: list[Any],
+              now: float) -> None:  # fmt: skip
         it = iter(replies)
         for queue in [*queues, WEBHOOK_QUEUE]:
-            for step in PRIORITY_STEPS:
-                length, tail = int(next(it)), next(it)
-                age = _age(tail, now) if length else 0.0
-                if queue == WEBHOOK_QUEUE:
-                    snap.webhook_backlog += length
-                    snap.webhook_oldest = max(snap.webhook_oldest, age)
-                else:
-                    snap.depth[queue, CLASSES[step]] = length
-                    snap.oldest[queue, CLASSES[step]] = age
+            for _ in members[queue]:
+                for step in PRIORITY_STEPS:
+                    length, tail = int(next(it)), next(it)
+                    age = _age(tail, now) if length else 0.0
+                    if queue == WEBHOOK_QUEUE:
+                        snap.webhook_backlog += length
+                        snap.webhook_oldest = max(snap.webhook_oldest, age)
+                    else:
+                        key = queue, CLASSES[step]
+                        snap.depth[key] = snap.depth.get(key, 0) + length
+                        snap.oldest[key] = max(snap.oldest.get(key, 0.0), age)
 
     def _learn(self, workers: list[tuple[str, str, str]]) -> None:
         """Remember the queues live workers consume: once they are gone, their queues still report 0 workers."""
