@@ -54,4 +54,4 @@ def test_tenant_weight_and_admin_scope_from_the_tenants_file():
     assert (tenants.by_key["k2"].weight, tenants.by_key["k2"].admin) == (1, False)
     for bad in ('"weight": 0', '"weight": 101', '"weight": true', '"admin": "yes"'):
         with pytest.raises(SettingsError, match="KIQ_API_TENANTS: a:"):
-            Tenants.from_settings(Settings(api_tenants='{"tenants": [{"name": "a", "key": "k", %s}]}' % bad))
+            Tenants.from_settings(Settings(api_tenants='{"tenants": [{"name": "a", "key": "k", ' + bad + "}]}"))
