@@ -18,7 +18,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterable, Mapping
 
-from kiq.names import tenant_queue, tenant_queues_key
+from kiq.names import tenant_queue, tenant_queues_key, tenant_queues_version_key
 
 STRATEGY = "kiq.fairshare:FairCycle"
 MAX_WEIGHT = 100
@@ -28,10 +28,14 @@ _groups: dict[str, str] = {}
 _weights: dict[str, int] = {}
 _lock = threading.Lock()
 
-# KEYS[1]: the routed queue's hash. ARGV: tenant queue, weight, the most tenant queues. 1: recorded, 0: full.
+# KEYS: the routed queue's hash, its version. ARGV: tenant queue, weight, the most tenant queues. The version
+# changes only when an entry does, so workers re-read the hash only then. 1: recorded, 0: full.
 REGISTER = """
-if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 1 or redis.call('HLEN', KEYS[1]) < tonumber(ARGV[3]) then
+local old = redis.call('HGET', KEYS[1], ARGV[1])
+if old == ARGV[2] then return 1 end
+if old or redis.call('HLEN', KEYS[1]) < tonumber(ARGV[3]) then
   redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+  redis.call('INCR', KEYS[2])
   return 1
 end
 return 0
@@ -58,7 +62,8 @@ def weight_of(queue: str) -> int:
 def register(pipe: object, base: str, owner: str, weight: int, most: int) -> str:
     """Queue the registration of the tenant's queue on a Redis pipeline; returns the tenant queue's name."""
     queue = tenant_queue(base, owner)
-    pipe.eval(REGISTER, 1, tenant_queues_key(base), queue, weight, most)  # type: ignore[attr-defined]
+    keys = tenant_queues_key(base), tenant_queues_version_key(base)
+    pipe.eval(REGISTER, 2, *keys, queue, weight, most)  # type: ignore[attr-defined]
     return queue
 
 

@@ -101,6 +101,11 @@ def tenant_queues_key(base: str) -> str:
     return f"kiq:tenant_queues:{base}"
 
 
+def tenant_queues_version_key(base: str) -> str:
+    """Changed (INCR) with every new entry or weight in `tenant_queues_key(base)`: workers re-read the hash then."""
+    return f"kiq:tenant_queues:{base}:version"
+
+
 def drain_key(hostname: str) -> str:
     """Set by `kiq fleet drain`: the workers named `hostname` stop taking jobs, finish the current one and exit."""
     return f"kiq:drain:{hostname}"

@@ -15,7 +15,7 @@ from typing import Any
 
 from kiq import fairshare
 from kiq.intake import Intake
-from kiq.names import drain_key, tenant_queues_key
+from kiq.names import drain_key, tenant_queues_key, tenant_queues_version_key
 from kiq.redisconn import REDIS_ERRORS
 from kiq.settings import Settings
 
@@ -28,6 +28,7 @@ class Watcher:
         self.consumer, self.redis, self.settings = consumer, redis, settings
         self.bases = settings.consumed_queues
         self.known: set[str] = set()  # tenant queues handed to the intake
+        self.versions: dict[str, bytes | None] = {}  # routed queue -> the version of its tenant queues last read
         self.draining = False
         self._stop = threading.Event()
 
@@ -47,23 +48,32 @@ class Watcher:
                 return
 
     def poll(self) -> None:
+        """One round trip, and a second only when a routed queue's tenant queues changed."""
         with self.redis.pipeline(transaction=False) as pipe:
             for base in self.bases:
-                pipe.hgetall(tenant_queues_key(base))
+                pipe.get(tenant_queues_version_key(base))
             pipe.exists(drain_key(self.consumer.hostname))
-            *registries, drain = pipe.execute()
-        intake = Intake.of(self.consumer)
-        for base, raw in zip(self.bases, registries, strict=True):
-            queues = fairshare.parse_registry(raw)
-            fairshare.learn(base, queues)
-            for queue in sorted(set(queues) - self.known):
-                self.known.add(queue)
-                intake.add(_queue(queue))
+            *versions, drain = pipe.execute()
+        changed = [(base, v) for base, v in zip(self.bases, versions, strict=True) if v != self.versions.get(base)]
+        if changed:
+            with self.redis.pipeline(transaction=False) as pipe:
+                for base, _ in changed:
+                    pipe.hgetall(tenant_queues_key(base))
+                registries = pipe.execute()
+            for (base, version), raw in zip(changed, registries, strict=True):
+                self._learn(base, fairshare.parse_registry(raw))
+                self.versions[base] = version
         if drain and not self.draining:
             self.draining = True
             log.warning("drain requested: this worker takes no more jobs, finishes its current one and exits")
-            intake.pause("drain")
+            Intake.of(self.consumer).pause("drain")
             self.consumer.call_soon(_exit_drained)
+
+    def _learn(self, base: str, queues: dict[str, int]) -> None:
+        fairshare.learn(base, queues)
+        for queue in sorted(set(queues) - self.known):
+            self.known.add(queue)
+            Intake.of(self.consumer).add(_queue(queue))
 
 
 def _queue(name: str) -> Any:
