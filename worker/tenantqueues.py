@@ -82,11 +82,20 @@ def _queue(name: str) -> Any:
     return Queue(name, Exchange(name), routing_key=name)  # as worker/app.py declares the routed queues
 
 
+_drained: list[bool] = []  # set once this process is shutting down drained
+
+
 def _exit_drained() -> None:
-    """On the consumer's loop, between jobs: Celery's warm shutdown (as SIGTERM), with the drained exit code."""
+    """On the consumer's loop, between jobs: Celery's warm shutdown (as SIGTERM does it)."""
     from celery.worker import state
 
+    _drained.append(True)
     state.should_stop = DRAINED_EXIT
+
+
+def drained() -> bool:
+    """Whether this process stopped because it was drained (`kiq worker` then exits with DRAINED_EXIT)."""
+    return bool(_drained)
 
 
 def install(app: Any, settings: Settings) -> None:
