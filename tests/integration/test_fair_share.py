@@ -14,6 +14,7 @@ from kiq.names import events_key, webhook_queued_key
 from kiq.settings import Settings
 from producer import devstack
 from producer.client import Client
+from producer.metrics import QueueCollector
 from tests.helpers import Receiver, wait_state
 from tests.integration.conftest import REDIS_URL
 from tests.integration.jobs import tiny_job
@@ -124,6 +125,11 @@ def test_depths_count_tenant_queues_and_only_admins_see_each_tenants(fair):
     try:
         assert sum(client.queue_depths([queue])[queue].values()) == 3
         assert sum(api.get("/v1/fleet", headers=HEADERS["b"]).json()["queues"][queue].values()) == 3
+        collector = QueueCollector.from_settings(client.settings, [queue])
+        first = collector.read()  # finds the tenant queues: stale, so a scrape reads again
+        again = collector.read()
+        assert first.stale and not again.stale
+        assert sum(n for (name, _), n in again.depth.items() if name == queue) == 3
         denied = api.get(f"/v1/admin/queues/{queue}", headers=HEADERS["a"])
         assert denied.status_code == 403 and denied.json()["detail"][0]["type"] == "AdminOnly"
         per_tenant = api.get(f"/v1/admin/queues/{queue}", headers=HEADERS["root"]).json()
