@@ -80,23 +80,19 @@ class Client:
         parsed = self.store_inline_images(parsed, owner, job_id)
         record = {"owner": owner, "webhook_url": parsed.webhook_url or ""}
         ttl, index = self.settings.result_ttl_s, jobs_index_key(owner)
-        queue = route(parsed, self.settings)
 
-        def write() -> str:  # the record and the tenant's index entry live as long as the result
+        def write() -> None:  # the record and the tenant's index entry live as long as the result
             now = time.time()
             with self.redis.pipeline() as pipe:
                 pipe.set(job_record_key(job_id), json.dumps(record), ex=ttl)
                 pipe.zadd(index, {job_id: now})
                 pipe.zremrangebyscore(index, "-inf", now - ttl)
                 pipe.expire(index, ttl)
-                if not (owner and self.settings.fair_share):
-                    pipe.execute()
-                    return queue
-                mine = fairshare.register(pipe, queue, owner, weight, self.settings.fair_share_max_tenants)
-                return mine if pipe.execute()[-1] == 1 else queue  # registry full: the routed queue
+                pipe.execute()
 
-        queue = redisconn.retrying(write, self.settings.redis_retry_s, "submit")
+        redisconn.retrying(write, self.settings.redis_retry_s, "submit")
         try:
+            queue = self.fair_queue(route(parsed, self.settings), owner, weight)
             if before_publish is not None:
                 before_publish()
             with tracing.span("submit", {"kiq.job_id": job_id}):
@@ -109,9 +105,24 @@ class Client:
             self._forget(job_id, owner)
             raise
         with logs.context(job_id=job_id, tenant=owner):
-            log.info("job queued on %s at priority %d", queue, parsed.priority)
+            log.info("job queued on %s at priority %d", route(parsed, self.settings), parsed.priority)
         self._replicate(job_id)
         return job_id
+
+    def fair_queue(self, routed: str, owner: str, weight: int) -> str:
+        """The queue the owner's job waits in: its own tenant queue of `routed`, recorded for the workers (fair
+        share, kiq/fairshare.py); `routed` itself without an owner, with fair share off, or once `routed` has
+        KIQ_FAIR_SHARE_MAX_TENANTS tenant queues."""
+        if not (owner and self.settings.fair_share):
+            return routed
+        most = self.settings.fair_share_max_tenants
+
+        def record() -> str:
+            with self.redis.pipeline(transaction=False) as pipe:
+                mine = fairshare.register(pipe, routed, owner, weight, most)
+                return mine if pipe.execute()[0] == 1 else routed
+
+        return redisconn.retrying(record, self.settings.redis_retry_s, "submit")
 
     def check_feasible(self, job: Job) -> float:
         """The job's expected seconds on the fastest live worker of its queue, by the speeds the workers publish
