@@ -1,8 +1,8 @@
 """`kiq`: submit, status, wait, download, cancel; plus `worker`, `make-tiny-models` and `demo`, which load the
 worker side lazily so that the producer commands never import MindSpore.
 
-Exit codes: 0 success, 1 the job failed or was cancelled, 2 bad input or settings, 3 wait timed out,
-4 unknown job id.
+Exit codes: 0 success, 1 the job failed or was cancelled, 2 bad input or settings (or an unconfirmed purge),
+3 wait timed out, 4 unknown job id (or tenant, or worker). `purge` and `fleet drain`: producer/admin.py.
 """
 
 from __future__ import annotations
