@@ -8,7 +8,8 @@ checks that too).
 
 kombu (its Redis transport's ack emulation): `Channel._qos`, `QoS._delivered`, `QoS._vrestore_count`,
 `QoS._on_collect`, `QoS._remove_from_indices`, `Channel._do_restore_message`, `Message._raw`.
-Celery: `celery.worker.state.active_requests` / `reserved_requests`, and `RedisBackend._set` (overridden).
+Celery: `celery.worker.state.active_requests` / `reserved_requests` / `should_stop` (a drained worker's warm
+shutdown), and `RedisBackend._set` (overridden).
 """
 
 from __future__ import annotations
@@ -121,3 +122,11 @@ def copy_live(items: Any) -> list[Any]:
         except RuntimeError:
             continue
     return []
+
+
+def stop_worker_warm(exitcode: int) -> None:
+    """What Celery's SIGTERM handler does: the consumer's loop raises WorkerShutdown(exitcode) at its next turn,
+    after the job it runs (the solo pool) and before it fetches another."""
+    from celery.worker import state
+
+    state.should_stop = exitcode

@@ -13,7 +13,7 @@ import logging
 import threading
 from typing import Any
 
-from kiq import fairshare
+from kiq import fairshare, library_internals
 from kiq.intake import Intake
 from kiq.names import drain_key, tenant_queues_key, tenant_queues_version_key
 from kiq.redisconn import REDIS_ERRORS
@@ -87,10 +87,8 @@ _drained: list[bool] = []  # set once this process is shutting down drained
 
 def _exit_drained() -> None:
     """On the consumer's loop, between jobs: Celery's warm shutdown (as SIGTERM does it)."""
-    from celery.worker import state
-
     _drained.append(True)
-    state.should_stop = DRAINED_EXIT
+    library_internals.stop_worker_warm(DRAINED_EXIT)
 
 
 def drained() -> bool:

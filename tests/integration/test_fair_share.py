@@ -7,6 +7,7 @@ import subprocess
 import time
 import uuid
 
+import httpx
 import pytest
 from celery import Celery
 
@@ -18,7 +19,6 @@ from producer.metrics import QueueCollector
 from tests.helpers import Receiver, wait_state
 from tests.integration.conftest import REDIS_URL
 from tests.integration.jobs import tiny_job
-from tests.integration.test_api import start_api
 from worker.tenantqueues import DRAINED_EXIT
 
 KEYS = {name: f"fair-{name}-key-{uuid.uuid4().hex[:8]}" for name in ("a", "b", "c", "d", "root")}
@@ -41,6 +41,13 @@ def fair(env, logs):
         worker = devstack.start_worker(stack, fair_env, logs / "fair-worker.log")
         with start_api(stack, fair_env, logs / "fair-api.log") as api:
             yield api, Client(Settings.from_env(fair_env)), fair_env, worker
+
+
+def start_api(stack, api_env, log) -> httpx.Client:
+    base = f"http://127.0.0.1:{api_env['KIQ_API_PORT']}"
+    proc = stack.spawn([*devstack.kiq_command(), "api"], log, api_env)
+    devstack.wait_until(lambda: devstack.http_up(base + "/healthz"), 60, "kiq api", proc, log)
+    return httpx.Client(base_url=base, timeout=60)
 
 
 def submit(api, tenant: str, **job) -> str:

@@ -111,6 +111,21 @@ def test_celery_worker_state_and_requests():
     assert symbol_by_name("celery.worker.consumer.tasks:Tasks")  # the Leases bootstep requires it
 
 
+def test_the_warm_shutdown_a_drain_asks_for_and_the_queue_cycle_fair_share_replaces():
+    """kiq.library_internals.stop_worker_warm sets what Celery's SIGTERM handler sets; kiq.fairshare.FairCycle is
+    kombu's queue cycle (the `queue_order_strategy` transport option): the BRPOP names queues in its order and
+    rotates the delivering one, and every consume or cancel updates it."""
+    assert "should_stop" in inspect.getsource(state.maybe_shutdown)
+    assert "queue_order_strategy" in kombu_redis.Channel.from_transport_options
+    assert "self._queue_cycle = cycle_by_name(self.queue_order_strategy)()" in inspect.getsource(
+        kombu_redis.Channel.__init__
+    )
+    assert "self._queue_cycle.consume(len(self.active_queues))" in inspect.getsource(kombu_redis.Channel._brpop_start)
+    assert "for pri in self.priority_steps" in inspect.getsource(kombu_redis.Channel._brpop_start)
+    assert "self._queue_cycle.rotate(dest)" in inspect.getsource(kombu_redis.Channel._brpop_read)
+    assert "self._queue_cycle.update(self.active_queues)" in inspect.getsource(kombu_redis.Channel._update_queue_cycle)
+
+
 def test_celery_queue_selection_kiq_pauses_intake_with():
     app = celery.Celery(set_as_current=False)
     app.conf.task_queues = [kombu.Queue("a"), kombu.Queue("b")]
