@@ -4,11 +4,15 @@
 and s3:// references only to its own uploads. `KIQ_API_TENANTS` (JSON, or a path to a JSON file) grants more:
 
     {"tenants": [{"name": "studio", "key": "…", "queues": ["kiq-large"], "max_priority": 9,
-                  "s3_read": ["s3://studio-assets/refs/"]}]}
+                  "s3_read": ["s3://studio-assets/refs/"],
+                  "quotas": {"submits_per_minute": 60, "queued": 500, "running": 4, "job_mpx_steps": 600}}]}
+
+A tenant's quotas default to the KIQ_QUOTA_* settings field by field (producer/quotas.py).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import hmac
 import json
@@ -21,6 +25,7 @@ from kiq.contract import Job
 from kiq.errors import SettingsError
 from kiq.names import QUEUE_NAME
 from kiq.settings import Settings
+from producer.quotas import NO_QUOTAS, Quotas
 
 
 @dataclass(frozen=True)
@@ -30,6 +35,7 @@ class Tenant:
     queues: frozenset[str] = frozenset()
     max_priority: int = 5
     s3_read: tuple[tuple[str, str], ...] = ()
+    quotas: Quotas = NO_QUOTAS
 
     def problems(self, job: Job, settings: Settings) -> list[dict[str, Any]]:
         """What this tenant may not ask for in the job, each as {"loc", "msg", "type"}: empty if allowed."""
@@ -51,9 +57,9 @@ def _forbidden(loc: list[Any], msg: str) -> dict[str, Any]:
 
 
 class Tenants:
-    def __init__(self, by_key: dict[str, Tenant], default_max_priority: int) -> None:
+    def __init__(self, by_key: dict[str, Tenant], default_max_priority: int, quotas: Quotas = NO_QUOTAS) -> None:
         self.by_key = by_key
-        self.public = Tenant(owner="public", name="public", max_priority=default_max_priority)
+        self.public = Tenant(owner="public", name="public", max_priority=default_max_priority, quotas=quotas)
 
     @property
     def open(self) -> bool:
@@ -67,7 +73,7 @@ class Tenants:
             if not isinstance(key, str) or not key:
                 raise SettingsError("KIQ_API_TENANTS: every tenant needs a non-empty 'key'")
             by_key[key] = _tenant(key, str(entry.get("name") or key[:4] + "…"), entry, settings)
-        return cls(by_key, settings.api_max_priority)
+        return cls(by_key, settings.api_max_priority, Quotas.from_settings(settings))
 
     def find(self, token: str) -> Tenant | None:
         for key, tenant in self.by_key.items():
@@ -87,7 +93,8 @@ def _tenant(key: str, name: str, entry: dict[str, Any], settings: Settings) -> T
     if not isinstance(reads, list) or not all(isinstance(r, str) and r.startswith("s3://") for r in reads):
         raise SettingsError(f"KIQ_API_TENANTS: {name}: 's3_read' must be a list of s3://bucket/prefix")
     owner = hashlib.sha256(key.encode()).hexdigest()[:16]
-    return Tenant(owner, name, frozenset(queues), max_priority, tuple(s3.split_uri(r) for r in reads))
+    tenant = Tenant(owner, name, frozenset(queues), max_priority, tuple(s3.split_uri(r) for r in reads))
+    return dataclasses.replace(tenant, quotas=Quotas.from_entry(entry, settings, name))
 
 
 def _entries(raw: str) -> list[dict[str, Any]]:
