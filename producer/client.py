@@ -100,8 +100,8 @@ class Client:
 
     def admit(self, job: Job, owner: str, job_id: str, quotas: Quotas) -> Admission | None:
         """Count the submit against `quotas` (QuotaExceeded if over one); None where no quota counts."""
-        prefix = self.app.backend.get_key_for_task("")
-        prefix = prefix.decode() if isinstance(prefix, bytes) else prefix
+        key = self.app.backend.get_key_for_task("-")
+        prefix = (key.decode() if isinstance(key, bytes) else key)[:-1]  # the result keys' prefix
         return admit(self.redis, self.settings, job, owner, job_id, quotas, prefix)
 
     def _enqueue(self, parsed: Job, owner: str, job_id: str, before_publish: Callable[[], None] | None,
