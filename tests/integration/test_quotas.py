@@ -4,6 +4,8 @@ under concurrent submits, follow every end of a job, and heal."""
 
 import hashlib
 import json
+import os
+import signal
 import subprocess
 import time
 import uuid
@@ -179,3 +181,20 @@ def test_direct_submits_use_the_settings_quotas_and_a_failed_submit_leaves_no_co
                          env={**env, "KIQ_QUEUE": IDLE, "KIQ_QUOTA_QUEUED": "1"})  # fmt: skip
     assert cli.returncode == 5, cli.stderr
     assert "quota of 1 jobs queued" in cli.stderr and "(quota queued)" in cli.stderr
+
+
+def test_a_killed_workers_job_is_counted_again_as_it_restarts_and_leaves_no_count(env, spawn_worker, redis_client):
+    overrides = {"KIQ_QUEUE": f"kiq-quota-kill-{uuid.uuid4().hex[:8]}", "KIQ_VISIBILITY_TIMEOUT_S": "6",
+                 "KIQ_QUOTA_RUNNING": "5"}  # fmt: skip
+    local = Client(Settings.from_env({**env, **overrides}))
+    queued, running, _ = quota_keys("")
+    first, _ = spawn_worker("quota-killed", **overrides)
+    job_id = local.submit(tiny_job(decoder_steps=40))
+    devstack.wait_until(lambda: redis_client.zscore(running, job_id) is not None, 60, "counted as running")
+    assert redis_client.zscore(queued, job_id) is None
+    os.kill(first.pid, signal.SIGKILL)
+    first.wait()
+    assert redis_client.zscore(running, job_id) is not None  # still running as far as anyone knows
+    spawn_worker("quota-restarted", **overrides)
+    assert local.wait(job_id, timeout=180).state == "SUCCESS"
+    assert redis_client.zscore(running, job_id) is None and redis_client.zscore(queued, job_id) is None

@@ -11,6 +11,7 @@ import httpx
 import pytest
 
 from kiq.errors import OutputsDeleted
+from kiq.names import job_record_key
 from kiq.settings import Settings
 from producer import devstack, retention
 from tests.helpers import image_bytes, wait_state
@@ -107,10 +108,11 @@ def test_lifecycle_rules_on_the_s3_server_keep_other_rules(env, s3):
     assert rules["kiq-inputs"]["Filter"]["Prefix"] == "inputs/"
 
 
-def test_gc_deletes_what_is_older_than_the_retention_with_a_dry_run_first(env, client, s3, settings):
+def test_gc_deletes_what_is_older_than_the_retention_with_a_dry_run_first(env, client, s3, redis_client):
     bucket = "kiq-gc-test"
     devstack.ensure_bucket(env["KIQ_S3_ENDPOINT_URL"], bucket, "us-east-1")
     gc_env = {**env, "KIQ_S3_BUCKET": bucket}
+    redis_client.set(job_record_key("job-old"), json.dumps({"owner": "tenant", "webhook_url": ""}), ex=600)
     old = ["jobs/job-old/0.png", "jobs/job-old/animation.gif", "inputs/tenant/job-old/upload-1"]
     for key in old:
         s3.put_object(Bucket=bucket, Key=key, Body=b"x")
@@ -125,3 +127,5 @@ def test_gc_deletes_what_is_older_than_the_retention_with_a_dry_run_first(env, c
     assert cli.returncode == 0 and "would delete 0 object(s)" in cli.stderr, cli.stderr
     assert sorted(retention.gc(client, s3, gc_settings, days=1, now=cutoff_soon).keys) == sorted(old)
     assert keys_under(s3, gc_settings, "") == []
+    with pytest.raises(OutputsDeleted):  # the job whose outputs aged out has its tombstone
+        client.status("job-old")
