@@ -43,7 +43,7 @@ def test_delete_a_jobs_outputs_and_uploaded_inputs_then_410(api, s3, settings):
     job = tiny_job({"text": "a cat", "weight": 0.5}, {"image": "upload:cat", "weight": 0.5}, num_images=2)
     files = {"cat": ("cat.png", image_bytes(), "image/png")}
     job_id = api.post("/v1/jobs", data={"job": json.dumps(job)}, files=files, headers=A).json()["id"]
-    assert wait_state(api, job_id, A)["state"] == "SUCCESS"
+    assert wait_state(api, job_id, A, timeout=600)["state"] == "SUCCESS"
     outputs, inputs = f"{settings.s3_prefix}{job_id}/", f"{settings.s3_input_prefix}{OWNER_A}/{job_id}/"
     assert len(keys_under(s3, settings, outputs)) == 2 and len(keys_under(s3, settings, inputs)) == 1
 
@@ -62,7 +62,7 @@ def test_delete_a_sweeps_frames_and_animation(api, s3, settings):
     sweep = tiny_job({"text": "a cat", "weight": 1.0}, {"text": "a dog", "weight": 0.0},
                      sweep={"to": [0.0, 1.0], "frames": 3}, animation={"format": "gif"})  # fmt: skip
     job_id = api.post("/v1/jobs", json=sweep, headers=A).json()["id"]
-    assert wait_state(api, job_id, A)["state"] == "SUCCESS"
+    assert wait_state(api, job_id, A, timeout=600)["state"] == "SUCCESS"
     prefix = f"{settings.s3_prefix}{job_id}/"
     assert keys_under(s3, settings, prefix) == [f"{prefix}{n}" for n in ("0.png", "1.png", "2.png", "animation.gif")]
     assert api.delete(f"/v1/jobs/{job_id}/outputs", headers=A).json()["objects"] == 4
@@ -72,18 +72,18 @@ def test_delete_a_sweeps_frames_and_animation(api, s3, settings):
 
 def test_a_running_job_is_refused_409_until_it_ends(api):
     job_id = api.post("/v1/jobs", json=tiny_job(decoder_steps=60), headers=A).json()["id"]
-    wait_state(api, job_id, A, states=("PROGRESS",))
+    wait_state(api, job_id, A, states=("PROGRESS",), timeout=600)
     busy = api.delete(f"/v1/jobs/{job_id}/outputs", headers=A)
     assert busy.status_code == 409 and busy.json()["detail"]["type"] == "JobNotFinished"
     assert "cancel it first" in busy.json()["detail"]["msg"]
     assert api.delete(f"/v1/jobs/{job_id}", headers=A).status_code == 202
-    assert wait_state(api, job_id, A)["state"] == "REVOKED"
+    assert wait_state(api, job_id, A, timeout=600)["state"] == "REVOKED"
     assert api.delete(f"/v1/jobs/{job_id}/outputs", headers=A).status_code == 200
 
 
 def test_kiq_delete_then_status_exits_6(env, client, s3, settings):
     job_id = client.submit(tiny_job())
-    assert client.wait(job_id, timeout=120).state == "SUCCESS"
+    assert client.wait(job_id, timeout=600).state == "SUCCESS"
     run = [*devstack.kiq_command()]
     deleted = subprocess.run([*run, "delete", job_id], env=env, capture_output=True, text=True, timeout=60)
     assert deleted.returncode == 0 and json.loads(deleted.stdout) == {"id": job_id, "objects": 1}, deleted.stderr
