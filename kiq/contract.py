@@ -45,6 +45,7 @@ MIN_FRAMES, MAX_FRAMES = 2, 120
 MAX_KEYFRAMES = 16
 MAX_FPS = 60
 MAX_DNS_LABEL, MAX_DNS_NAME = 63, 253
+MAX_EXPIRES_S = 30 * 24 * 3600
 
 OutputFormat = Literal["png", "jpeg", "webp"]
 _DNS_NAME = re.compile(r"[a-z0-9_-]+(\.[a-z0-9_-]+)*", re.IGNORECASE)  # underscores do occur in real names
@@ -229,11 +230,12 @@ class Job(BaseModel):
     webhook_url: str | None = Field(default=None, max_length=MAX_REF_CHARS)
     sweep: Sweep | None = None  # a morph: many frames from one job (see Sweep)
     animation: Animation | None = None  # the sweep's frames as a GIF, animated WebP or MP4
+    expires_in_s: int | None = Field(default=None, ge=1, le=MAX_EXPIRES_S)  # deadline to start; None: KIQ_JOB_EXPIRES_S
 
     @model_serializer(mode="wrap")
     def _drop_unset_options(self, handler: SerializerFunctionWrapHandler) -> dict[str, object]:
         data = handler(self)
-        for name in ("queue", "webhook_url", "sweep", "animation"):
+        for name in ("queue", "webhook_url", "sweep", "animation", "expires_in_s"):
             if data.get(name) is None:
                 data.pop(name, None)
         return data
@@ -300,7 +302,9 @@ class Job(BaseModel):
 
     def settings_summary(self) -> dict[str, object]:
         """The generation settings without the inputs (which may be large data URIs)."""
-        return self.model_dump(exclude={"inputs", "queue", "webhook_url", "priority", "sweep", "animation"})
+        return self.model_dump(
+            exclude={"inputs", "queue", "webhook_url", "priority", "sweep", "animation", "expires_in_s"}
+        )
 
 
 def _failed(info: ValidationInfo) -> set[str]:

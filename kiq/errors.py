@@ -9,6 +9,9 @@ status JSON's `error.type`.
     ├── WaitTimeout            `wait` gave up before the job ended
     ├── InvalidEventId         a resume id (Last-Event-ID) that is not a stream id Redis accepts
     ├── SubmitAbandoned        a submit gave up before enqueueing anything (its Idempotency-Key's claim lapsed)
+    ├── QuotaExceeded          a submit over one of its tenant's quotas (HTTP 429): nothing was enqueued
+    ├── OutputsDeleted         the job's outputs were deleted (HTTP 410): its status and images are gone
+    ├── JobNotFinished         outputs of a job still queued or running cannot be deleted (HTTP 409)
     └── JobError               a job ended in FAILURE
         ├── InputError         an image reference cannot be used
         │   ├── FetchError     the URL could not be read (4xx, DNS failure, too many redirects)
@@ -22,6 +25,7 @@ status JSON's `error.type`.
         │   └── StorageUnavailable S3 unreachable or 5xx past the retry bound            [transient]
         ├── JobTimeout         the job ran past its time limit (derived from its size and steps)
         ├── PoisonJob          the job killed its worker KIQ_MAX_DELIVERIES times; not run again
+        ├── JobExpired         no delivery began before the job's deadline to start: state EXPIRED, never ran
         └── PipelineError      the model itself failed
 
 Errors marked [transient] are retried with exponential backoff and jitter before the job fails with them;
@@ -85,6 +89,24 @@ class UnknownWorker(KiqError, LookupError):
     """A drain naming no live worker."""
 
 
+class QuotaExceeded(KiqError):
+    """Refused at submit: `quota` (submits_per_minute, queued, running or job_size) is at its `limit`; nothing was
+    enqueued. `retry_after_s` is when a retry may pass (None: never, for a job over the size quota)."""
+
+    def __init__(self, message: str, quota: str = "", limit: float = 0, retry_after_s: int | None = None,
+                 window_s: int = 0) -> None:  # fmt: skip
+        super().__init__(message)
+        self.quota, self.limit, self.retry_after_s, self.window_s = quota, limit, retry_after_s, window_s
+
+
+class OutputsDeleted(KiqError, LookupError):
+    """The job's outputs and inputs were deleted (`DELETE /v1/jobs/{id}/outputs`, `kiq delete`, `kiq gc`)."""
+
+
+class JobNotFinished(KiqError):
+    """Deleting the outputs of a job that is still queued or running: cancel it first."""
+
+
 class JobError(KiqError):
     pass
 
@@ -139,6 +161,10 @@ class JobTimeout(JobError):
 
 class PoisonJob(JobError):
     pass
+
+
+class JobExpired(JobError):
+    """Stored with Celery's REVOKED state (plain Celery clients see a revoked task); kiq reads it as EXPIRED."""
 
 
 class PipelineError(JobError):

@@ -9,7 +9,11 @@ DEFAULT_QUEUE = "kiq"
 QUEUE_NAME = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
 
 PROGRESS = "PROGRESS"
+# Celery's final states. kiq's own EXPIRED is stored as REVOKED with a JobExpired (plain Celery clients, Flower
+# and `celery inspect` see a revoked task), so these stay Celery's; KIQ_FINAL_STATES is what kiq reports.
 TERMINAL_STATES = frozenset({"SUCCESS", "FAILURE", "REVOKED"})
+EXPIRED = "EXPIRED"
+KIQ_FINAL_STATES = frozenset({*TERMINAL_STATES, EXPIRED})
 SUBMITS_KEY = "kiq:submits"  # a count of submits; with Sentinel its INCR is the write a submit's WAIT follows
 
 
@@ -109,3 +113,19 @@ def tenant_queues_version_key(base: str) -> str:
 def drain_key(hostname: str) -> str:
     """Set by `kiq fleet drain`: the workers named `hostname` stop taking jobs, finish the current one and exit."""
     return f"kiq:drain:{hostname}"
+
+
+def expires_key(job_id: str) -> str:
+    """A foreign client's job's deadline to start (Redis-clock seconds), stamped when a worker first sees it."""
+    return f"kiq:expires:{job_id}"
+
+
+def deleted_key(job_id: str) -> str:
+    """The tombstone of a job whose outputs were deleted: its status and outputs then answer 410 Gone."""
+    return f"kiq:deleted:{job_id}"
+
+
+def quota_keys(owner: str) -> tuple[str, str, str]:
+    """A tenant's jobs queued and running (sorted sets scored by when the entry lapses, Redis clock) and its
+    submits in the current minute (a hash: window, count)."""
+    return f"kiq:quota:{owner}:queued", f"kiq:quota:{owner}:running", f"kiq:quota:{owner}:submits"

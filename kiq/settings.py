@@ -17,6 +17,7 @@ from kiq.names import DEFAULT_QUEUE, QUEUE_NAME
 
 PREFIX = "KIQ_"
 MIN_VISIBILITY_TIMEOUT_S = 6.0
+MAX_EXPIRES_S = 30 * 24 * 3600  # a job's deadline to start, at most (the contract's bound too)
 DeviceTarget = Literal["Ascend", "CPU", "GPU"]
 BACKENDS = ("auto", "mindone", "diffusers")
 
@@ -97,6 +98,14 @@ class Settings:
     time_limit_max_s: float = 3 * 3600.0
     time_limit_grace_s: float = 60.0
     visibility_timeout_s: float = 60.0  # a dead worker's jobs come back after this; live workers renew leases
+    # Quotas of each submitter (an API tenant, or this process's direct submits); 0: none. Tenants' own override.
+    quota_submits_per_minute: int = 0
+    quota_queued: int = 0  # jobs submitted and not started
+    quota_running: int = 0  # jobs started and not ended: a submit is refused while this many run
+    quota_job_mpx_steps: float = 0.0  # the largest job: megapixels x decoder steps x images x frames
+    job_expires_s: int = 24 * 3600  # a job's deadline to start, unless it sets expires_in_s: then it ends EXPIRED
+    retention_days: int = 0  # outputs and inputs age out after this many days (S3 lifecycle or `kiq gc`); 0: kept
+    s3_lifecycle: bool = True  # with KIQ_RETENTION_DAYS: the API sets the bucket's lifecycle rules at start
 
     def __post_init__(self) -> None:
         redisurl.parse(self.broker_url, env_name("broker_url"))
@@ -129,6 +138,11 @@ class Settings:
         for name in _POSITIVE:
             if getattr(self, name) <= 0:
                 raise SettingsError(f"{env_name(name)} must be positive: {getattr(self, name)}")
+        if self.job_expires_s > MAX_EXPIRES_S:
+            raise SettingsError(f"{env_name('job_expires_s')} must be at most {MAX_EXPIRES_S} (30 days)")
+        if self.retention_days and self.retention_days * 86400 < self.job_expires_s:
+            # A queued job's uploaded inputs must outlive its deadline to start.
+            raise SettingsError(f"{env_name('retention_days')} must cover {env_name('job_expires_s')}")
         if self.visibility_timeout_s < MIN_VISIBILITY_TIMEOUT_S:
             # Leases are renewed every sixth of the timeout; below this a slow Redis round trip could lose one.
             raise SettingsError(
@@ -196,13 +210,14 @@ _NON_NEGATIVE = (
     "device_id", "fetch_max_redirects", "fetch_retries", "s3_retry_s", "time_limit_grace_s", "metrics_port",
     "embed_cache_mb", "decoder_batch_wait_ms", "speed_probe_s", "health_port",
     "shutdown_grace_s", "redis_retry_s", "progress_interval_ms", "submit_replicas", "submit_replica_timeout_ms",
+    "quota_submits_per_minute", "quota_queued", "quota_running", "quota_job_mpx_steps", "retention_days",
 )  # fmt: skip
 _POSITIVE = (
     "result_ttl_s", "presign_ttl_s", "fetch_timeout_s", "fetch_max_bytes", "fetch_max_pixels", "max_deliveries",
     "prior_step_s", "decoder_step_s", "time_limit_factor", "time_limit_min_s", "time_limit_max_s",
     "visibility_timeout_s", "large_pixels", "restart_max", "restart_window_s", "api_port", "api_max_body_bytes",
     "idempotency_ttl_s", "idempotency_pending_s", "webhook_timeout_s", "webhook_retry_s", "decoder_batch",
-    "fair_share_max_tenants", "fair_share_poll_s",
+    "fair_share_max_tenants", "fair_share_poll_s", "job_expires_s",
 )  # fmt: skip
 
 

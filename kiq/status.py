@@ -6,7 +6,8 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
-State = Literal["PENDING", "STARTED", "PROGRESS", "SUCCESS", "FAILURE", "REVOKED"]
+State = Literal["PENDING", "STARTED", "PROGRESS", "SUCCESS", "FAILURE", "REVOKED", "EXPIRED"]
+FINAL: tuple[str, ...] = ("SUCCESS", "FAILURE", "REVOKED", "EXPIRED")
 Stage = Literal["fetch", "prior", "decoder", "upload"]
 
 
@@ -66,7 +67,7 @@ class JobStatus(BaseModel):
 
     @property
     def done(self) -> bool:
-        return self.state in ("SUCCESS", "FAILURE", "REVOKED")
+        return self.state in FINAL
 
 
 class JobEvent(BaseModel):

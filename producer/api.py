@@ -19,17 +19,28 @@ from pydantic import BaseModel, ValidationError
 
 from kiq import logs, redisconn, tracing
 from kiq.contract import Job, validation_errors
-from kiq.errors import InvalidEventId, JobTooLong, SettingsError, StorageError, SubmitAbandoned, UnknownJob
+from kiq.errors import (
+    InvalidEventId,
+    JobNotFinished,
+    JobTooLong,
+    OutputsDeleted,
+    QuotaExceeded,
+    SettingsError,
+    StorageError,
+    SubmitAbandoned,
+    UnknownJob,
+)
 from kiq.event_reads import parse_event_id
 from kiq.names import events_key, idempotency_key
 from kiq.s3 import input_prefix, presign, put, s3_client
 from kiq.settings import Settings
 from kiq.status import JobList, JobStatus, State
 from kiq.version import __version__
-from producer import admin_api, metrics
+from producer import admin_api, metrics, retention
 from producer.bodylimit import BodyLimit
 from producer.client import Client
 from producer.events import EventHub, job_events
+from producer.quotas import rate_limit_headers
 from producer.tenants import Tenant, Tenants
 
 log = logging.getLogger("kiq.api")
@@ -60,8 +71,8 @@ class Fleet(BaseModel):
 
 
 class Rejected(Exception):
-    def __init__(self, status: int, detail: Any) -> None:
-        self.status, self.detail = status, detail
+    def __init__(self, status: int, detail: Any, headers: dict[str, str] | None = None) -> None:
+        self.status, self.detail, self.headers = status, detail, headers
 
 
 def create_api(settings: Settings, client: Client | None = None, s3: Any = None) -> FastAPI:
@@ -92,13 +103,25 @@ def create_api(settings: Settings, client: Client | None = None, s3: Any = None)
 
     @app.exception_handler(Rejected)
     async def rejected(_: Request, exc: Rejected) -> JSONResponse:
-        headers = {"Retry-After": "1"} if exc.status == 503 else None
+        headers = {"Retry-After": "1"} if exc.status == 503 else exc.headers
         return JSONResponse({"detail": exc.detail}, status_code=exc.status, headers=headers)
+
+    @app.exception_handler(OutputsDeleted)
+    async def gone(_: Request, exc: OutputsDeleted) -> JSONResponse:
+        return JSONResponse({"detail": {"msg": str(exc), "type": "OutputsDeleted"}}, status_code=410)
+
+    @app.exception_handler(JobNotFinished)
+    async def not_finished(_: Request, exc: JobNotFinished) -> JSONResponse:
+        return JSONResponse({"detail": {"msg": str(exc), "type": "JobNotFinished"}}, status_code=409)
+
+    if settings.retention_days and settings.s3_lifecycle:
+        retention.apply_lifecycle(s3, settings)  # or say to run `kiq gc` where the store refuses
 
     def owned(job_id: str, who: str) -> dict[str, str]:
         record = client.record(job_id)
         if record is None or record.get("owner") != who:
             raise HTTPException(404, f"no job {job_id}")
+        client.check_not_deleted(job_id)  # OutputsDeleted: 410, to its own tenant only
         return record
 
     def accept(tenant: Tenant, job: Job, digest: str, uploads: list[Upload], job_id: str,
@@ -108,16 +131,18 @@ def create_api(settings: Settings, client: Client | None = None, s3: Any = None)
         if problems:
             raise Rejected(403, problems)
         claim = IdempotencyClaim(client.redis, settings, tenant.owner, idempotency, digest) if idempotency else None
+        admission = None
         try:
             replay = claim.acquire(job_id) if claim else None
             if replay is not None:
                 return Submitted(id=replay, status_url=f"/v1/jobs/{replay}")
             client.check_feasible(job)  # before the uploads: a job no worker could finish stores nothing
+            admission = client.admit(job, tenant.owner, job_id, tenant.quotas)  # so is one over a quota
             with claim.kept() if claim else nullcontext():
                 for key, data, content_type in uploads:
                     put(s3, settings.s3_bucket, key, data, content_type)
-                client.submit(job, tenant.owner, job_id, before_publish=claim.confirm if claim else None,
-                              feasible=True, weight=tenant.weight)  # fmt: skip
+                client.submit(job, tenant.owner, job_id, before_publish=claim.confirm if claim else None, feasible=True,
+                              weight=tenant.weight, quotas=tenant.quotas, admission=admission)  # fmt: skip
                 if claim is not None:
                     claim.commit()
         except Rejected:
@@ -125,6 +150,10 @@ def create_api(settings: Settings, client: Client | None = None, s3: Any = None)
         except Exception as exc:
             if claim is not None:
                 claim.release()
+            if admission is not None:
+                release_quietly(admission)
+            if isinstance(exc, QuotaExceeded):
+                raise Rejected(429, [over_quota(exc)], rate_limit_headers(exc)) from None
             if isinstance(exc, JobTooLong):
                 raise Rejected(422, [too_long(exc)]) from None
             if isinstance(exc, SubmitAbandoned):
@@ -141,6 +170,9 @@ def create_api(settings: Settings, client: Client | None = None, s3: Any = None)
               responses={403: {"description": "a queue, priority or s3:// object this key may not use"},
                          409: {"description": "Idempotency-Key reused with another body, or still in flight"},
                          413: {"description": "body too large"},
+                         429: {"description": "over one of the key's quotas (type QuotaExceeded, `quota` names it): "
+                                              "nothing enqueued; Retry-After and the IETF RateLimit-Policy and "
+                                              "RateLimit fields (none for the job_size quota: retrying cannot help)"},
                          422: {"description": "invalid job, or one no live worker of its queue could finish within "
                                               "the time-limit cap (type JobTooLong)"},
                          503: {"description": "Redis or S3 unavailable: nothing enqueued, retry"}})  # fmt: skip
@@ -173,7 +205,8 @@ def create_api(settings: Settings, client: Client | None = None, s3: Any = None)
         return Fleet(workers=workers, queues=client.queue_depths(sorted(queues)))
 
     @app.get("/v1/jobs/{job_id}", response_model=JobStatus, response_model_exclude_none=True,
-             responses={404: {"description": "unknown job, or another key's"}})  # fmt: skip
+             responses={404: {"description": "unknown job, or another key's"},
+                        410: {"description": "its outputs were deleted (type OutputsDeleted)"}})  # fmt: skip
     def status(job_id: str, tenant: Caller) -> JobStatus:
         owned(job_id, tenant.owner)
         try:
@@ -186,6 +219,17 @@ def create_api(settings: Settings, client: Client | None = None, s3: Any = None)
     def cancel(job_id: str, tenant: Caller) -> JobStatus:
         owned(job_id, tenant.owner)
         return client.cancel(job_id)
+
+    @app.delete("/v1/jobs/{job_id}/outputs", response_model=retention.Deleted,
+                responses={404: {"description": "unknown job, or another key's"},
+                           409: {"description": "the job is still queued or running (type JobNotFinished): cancel it "
+                                                "first"},
+                           410: {"description": "its outputs were deleted already (type OutputsDeleted)"}})  # fmt: skip
+    def delete_outputs(job_id: str, tenant: Caller) -> retention.Deleted:
+        """Delete the job's images (a sweep's frames and animation) and the inputs it uploaded; its status and
+        outputs answer 410 Gone from then on."""
+        owned(job_id, tenant.owner)
+        return retention.delete_outputs(client, s3, settings, job_id)
 
     @app.get("/v1/jobs/{job_id}/events", response_class=StreamingResponse,
              responses={200: {"content": {"text/event-stream": {}}, "description": EVENTS_DOC},
@@ -348,6 +392,19 @@ def rewrite_uploads(data: Any, files: dict[str, tuple[bytes, str]], prefix: str,
             item["image"] = f"s3://{bucket}/{key}"
             uploads.append((key, *files[name]))
     return uploads
+
+
+def over_quota(exc: QuotaExceeded) -> dict[str, Any]:
+    """A refused submit's 429 detail: which quota, its limit, and when a retry may pass (only the caller's own)."""
+    return {"loc": ["body"], "msg": str(exc), "type": "QuotaExceeded", "quota": exc.quota, "limit": exc.limit,
+            "retry_after_s": exc.retry_after_s}  # fmt: skip
+
+
+def release_quietly(admission: Any) -> None:
+    try:
+        admission.release()
+    except Exception as exc:  # noqa: BLE001 - Redis is likely what failed; the pending entry lapses by itself
+        log.warning("could not release a quota admission: %s", exc)
 
 
 def too_long(exc: JobTooLong) -> dict[str, Any]:

@@ -1,8 +1,9 @@
 """`kiq`: submit, status, wait, download, cancel; plus `worker`, `make-tiny-models` and `demo`, which load the
 worker side lazily so that the producer commands never import MindSpore.
 
-Exit codes: 0 success, 1 the job failed or was cancelled, 2 bad input or settings (or an unconfirmed purge),
-3 wait timed out, 4 unknown job id (or tenant, or worker). `purge` and `fleet drain`: producer/admin.py.
+Exit codes: 0 success, 1 the job failed, was cancelled or expired, 2 bad input or settings (or an unconfirmed
+purge), 3 wait timed out, 4 unknown job id (or tenant, or worker), 5 over a quota (nothing enqueued), 6 the job's
+outputs were deleted. `purge` and `fleet drain`: producer/admin.py.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from kiq.errors import (
     JobInvalid,
     KiqError,
     NotConfirmed,
+    OutputsDeleted,
+    QuotaExceeded,
     SettingsError,
     UnknownJob,
     UnknownTenant,
@@ -29,7 +32,7 @@ from kiq.status import JobStatus
 from kiq.version import __version__
 from producer import admin
 
-EXIT_FAILED, EXIT_INVALID, EXIT_TIMEOUT, EXIT_UNKNOWN = 1, 2, 3, 4
+EXIT_FAILED, EXIT_INVALID, EXIT_TIMEOUT, EXIT_UNKNOWN, EXIT_QUOTA, EXIT_GONE = 1, 2, 3, 4, 5, 6
 EXPORTER_PORT = 9808
 # A command whose optional dependencies are missing names the extra that brings them (top-level module -> extra).
 EXTRAS = {
@@ -59,6 +62,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(str(exc), EXIT_UNKNOWN)
     except WaitTimeout as exc:
         return _fail(str(exc), EXIT_TIMEOUT)
+    except QuotaExceeded as exc:
+        return _fail(f"{exc} (quota {exc.quota})", EXIT_QUOTA)
+    except OutputsDeleted as exc:
+        return _fail(str(exc), EXIT_GONE)
     except KiqError as exc:
         return _fail(str(exc), EXIT_FAILED)
 
@@ -76,6 +83,15 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=f"{name} a job by id")
         p.add_argument("id")
         p.set_defaults(handler=handler)
+    delete = sub.add_parser("delete", help="delete a finished job's images and uploaded inputs; status answers 410 "
+                            "after")  # fmt: skip
+    delete.add_argument("id")
+    delete.set_defaults(handler=cmd_delete)
+    gc = sub.add_parser("gc", help="delete outputs and inputs older than KIQ_RETENTION_DAYS (where the store has no "
+                        "lifecycle rules); run it daily")  # fmt: skip
+    gc.add_argument("--days", type=float, default=None, help="age in days (default: KIQ_RETENTION_DAYS)")
+    gc.add_argument("--dry-run", action="store_true", help="list what would be deleted, delete nothing")
+    gc.set_defaults(handler=cmd_gc)
     wait = sub.add_parser("wait", help="wait for a job to end; prints its final status")
     wait.add_argument("id")
     wait.add_argument("--timeout", type=float, default=None)
@@ -157,6 +173,30 @@ def cmd_download(args: argparse.Namespace, _: list[str]) -> int:
 
 def cmd_cancel(args: argparse.Namespace, _: list[str]) -> int:
     print_status(_client().cancel(args.id))
+    return 0
+
+
+def cmd_delete(args: argparse.Namespace, _: list[str]) -> int:
+    from producer.retention import delete_outputs
+
+    client = _client()
+    print(delete_outputs(client, client.s3, client.settings, args.id).model_dump_json(), flush=True)
+    return 0
+
+
+def cmd_gc(args: argparse.Namespace, _: list[str]) -> int:
+    from producer.retention import gc
+
+    client = _client()
+    days = args.days if args.days is not None else client.settings.retention_days
+    if not days or days <= 0:
+        raise SettingsError("kiq gc: set KIQ_RETENTION_DAYS or pass --days (a positive number of days)")
+    found = gc(client, client.s3, client.settings, days, dry_run=args.dry_run)
+    for key in found.keys:
+        print(key, flush=True)
+    verb = "would delete" if args.dry_run else "deleted"
+    print(f"kiq gc: {verb} {len(found.keys)} object(s) of {len(found.jobs)} job(s) older than {days:g} days",
+          file=sys.stderr)  # fmt: skip
     return 0
 
 

@@ -14,10 +14,10 @@ from typing import Any
 from celery import Celery
 from celery.result import AsyncResult
 
-from kiq import fairshare, logs, redisconn, s3, tracing
+from kiq import expiry, fairshare, logs, quota_counts, redisconn, s3, tracing
 from kiq.celeryconf import PRIORITY_STEPS, common_config, priority_lists
 from kiq.contract import MAX_PRIORITY, Job, parse_job
-from kiq.errors import TransientError, UnknownJob, WaitTimeout
+from kiq.errors import JobExpired, OutputsDeleted, TransientError, UnknownJob, WaitTimeout
 from kiq.event_reads import PAGE_SCRIPT, page_args, parse_event_id, parse_page, parse_snapshot
 from kiq.limits import check_feasible, live_worker
 from kiq.names import (
@@ -26,6 +26,7 @@ from kiq.names import (
     PROGRESS,
     SUBMITS_KEY,
     cancel_key,
+    deleted_key,
     events_key,
     frames_key,
     job_record_key,
@@ -35,6 +36,7 @@ from kiq.names import (
 from kiq.settings import Settings
 from kiq.status import ErrorInfo, ImageRef, JobEvent, JobList, JobResult, JobStatus, JobSummary, Progress
 from kiq.webhooks import queue_webhook
+from producer.quotas import Admission, Quotas, admit
 
 ProgressCallback = Callable[[JobStatus], None]
 # kombu's priority step (sent priority 9 - p, floored to a step) -> the job priorities it holds
@@ -66,31 +68,66 @@ class Client:
 
     def submit(self, job: Job | Mapping[str, Any], owner: str = "", job_id: str | None = None,
                before_publish: Callable[[], None] | None = None, feasible: bool = False,
-               weight: int = 1) -> str:  # fmt: skip
+               weight: int = 1, quotas: Quotas | None = None, admission: Admission | None = None) -> str:  # fmt: skip
         """Validate, store inline images, record and enqueue the job; return its id.
 
         All or nothing: invalid jobs raise JobInvalid and touch nothing, as do jobs no live worker of the queue could
-        finish within the time-limit cap (JobTooLong); if S3 or Redis fails, the error (StorageError, a Redis or
-        kombu error) propagates and no job record is left behind. `before_publish` is the last moment to give up
-        with nothing enqueued: whatever it raises propagates the same way."""
+        finish within the time-limit cap (JobTooLong) and jobs over a quota (QuotaExceeded: `quotas`, else this
+        process's KIQ_QUOTA_* settings); if S3 or Redis fails, the error (StorageError, a Redis or kombu error)
+        propagates and no job record is left behind. `before_publish` is the last moment to give up with nothing
+        enqueued: whatever it raises propagates the same way. `admission`: the API counted the submit already."""
         parsed = job if isinstance(job, Job) else parse_job(job)
         if not feasible:  # the API checks before its uploads and says so: one fleet read per submit
             self.check_feasible(parsed)
         job_id = job_id or str(uuid.uuid4())
+        own = admission is None
+        if own:
+            admission = self.admit(parsed, owner, job_id, quotas or Quotas.from_settings(self.settings))
+        try:
+            deadline = self._enqueue(parsed, owner, job_id, before_publish, weight, counted=admission is not None)
+        except Exception:
+            if own and admission is not None:
+                admission.release()
+            raise
+        if admission is not None:
+            try:
+                admission.confirm(deadline)
+            except Exception as exc:  # noqa: BLE001 - the job is enqueued; its pending entry lapses by itself
+                log.warning("job %s: could not confirm its quota entry: %s", job_id, exc)
+        with logs.context(job_id=job_id, tenant=owner):
+            log.info("job queued on %s at priority %d", route(parsed, self.settings), parsed.priority)
+        self._replicate(job_id)
+        return job_id
+
+    def admit(self, job: Job, owner: str, job_id: str, quotas: Quotas) -> Admission | None:
+        """Count the submit against `quotas` (QuotaExceeded if over one); None where no quota counts."""
+        key = self.app.backend.get_key_for_task("-")
+        prefix = (key.decode() if isinstance(key, bytes) else key)[:-1]  # the result keys' prefix
+        return admit(self.redis, self.settings, job, owner, job_id, quotas, prefix)
+
+    def _enqueue(self, parsed: Job, owner: str, job_id: str, before_publish: Callable[[], None] | None,
+                 weight: int, counted: bool) -> float:  # fmt: skip
+        """Store inline images, write the record, send the message; return the deadline to start (Redis clock)."""
         parsed = self.store_inline_images(parsed, owner, job_id)
         record = {"owner": owner, "webhook_url": parsed.webhook_url or ""}
         ttl, index = self.settings.result_ttl_s, jobs_index_key(owner)
 
-        def write() -> None:  # the record and the tenant's index entry live as long as the result
+        def write() -> float:  # the record and the tenant's index entry live as long as the result
             now = time.time()
             with self.redis.pipeline() as pipe:
+                pipe.time()
                 pipe.set(job_record_key(job_id), json.dumps(record), ex=ttl)
                 pipe.zadd(index, {job_id: now})
                 pipe.zremrangebyscore(index, "-inf", now - ttl)
                 pipe.expire(index, ttl)
-                pipe.execute()
+                seconds, micros = pipe.execute()[0]
+            return int(seconds) + int(micros) / 1e6
 
-        redisconn.retrying(write, self.settings.redis_retry_s, "submit")
+        server_now = redisconn.retrying(write, self.settings.redis_retry_s, "submit")
+        deadline = server_now + expiry.expires_in(parsed.expires_in_s, self.settings.job_expires_s)
+        headers: dict[str, Any] = {"kiq_submitted_at": time.time(), "kiq_owner": owner, expiry.HEADER: deadline}
+        if counted:
+            headers[quota_counts.HEADER] = 1
         try:
             queue = self.fair_queue(route(parsed, self.settings), owner, weight)
             if before_publish is not None:
@@ -98,16 +135,12 @@ class Client:
             with tracing.span("submit", {"kiq.job_id": job_id}):
                 self.app.send_task(
                     GENERATE_TASK, args=[parsed.model_dump(mode="json")], task_id=job_id,
-                    queue=queue, priority=MAX_PRIORITY - parsed.priority,
-                    headers=tracing.inject({"kiq_submitted_at": time.time(), "kiq_owner": owner}),
+                    queue=queue, priority=MAX_PRIORITY - parsed.priority, headers=tracing.inject(headers),
                 )  # fmt: skip
         except Exception:
             self._forget(job_id, owner)
             raise
-        with logs.context(job_id=job_id, tenant=owner):
-            log.info("job queued on %s at priority %d", route(parsed, self.settings), parsed.priority)
-        self._replicate(job_id)
-        return job_id
+        return deadline
 
     def fair_queue(self, routed: str, owner: str, weight: int) -> str:
         """The queue the owner's job waits in: its own tenant queue of `routed`, recorded for the workers (fair
@@ -181,17 +214,23 @@ class Client:
         return None if raw is None else json.loads(raw)
 
     def status(self, job_id: str) -> JobStatus:
+        """The job's status; UnknownJob for an id never submitted (or expired), OutputsDeleted once deleted."""
+        self.check_not_deleted(job_id)
         meta = self.app.backend.get_task_meta(job_id)
         state = meta["status"]
         if state == "PENDING" and self.record(job_id) is None:
             raise UnknownJob(f"no job with id {job_id!r} (never submitted, or expired)")
         return self._with_frames(to_status(job_id, state, meta.get("result")))
 
+    def check_not_deleted(self, job_id: str) -> None:
+        if self.redis.exists(deleted_key(job_id)):
+            raise OutputsDeleted(f"the outputs of job {job_id} were deleted")
+
     def _with_frames(self, status: JobStatus) -> JobStatus:
         """Every frame a sweep uploaded, from its frames record: in PROGRESS (whose write lists only new frames),
         and after a sweep ended early (FAILURE, REVOKED)."""
         p = status.progress
-        if status.state in ("FAILURE", "REVOKED") or (p is not None and p.frames_done):
+        if status.state in ("FAILURE", "REVOKED", "EXPIRED") or (p is not None and p.frames_done):
             raw = self.redis.get(frames_key(status.id))
             with_frames(status, raw)
         return status
@@ -271,7 +310,7 @@ class Client:
         status = to_status(job_id, meta["status"], meta.get("result"))
         if frames is not None:
             return with_frames(status, frames)
-        return self._with_frames(status) if status.state in ("FAILURE", "REVOKED") else status
+        return self._with_frames(status) if status.state in ("FAILURE", "REVOKED", "EXPIRED") else status
 
     def wait(
         self,
@@ -372,6 +411,7 @@ class Client:
         self.app.control.revoke(job_id)
         if current.state == "PENDING":
             AsyncResult(job_id, app=self.app).backend.mark_as_revoked(job_id, reason="cancelled")
+            quota_counts.ended(self.redis, (self.record(job_id) or {}).get("owner", ""), job_id)
             self.notify(job_id)  # the job never reaches a worker, so its webhook is sent from here
         return self.status(job_id)
 
@@ -422,7 +462,7 @@ def with_frames(status: JobStatus, raw: bytes | None) -> JobStatus:
         done = status.progress.frames_done
         listed = refs[:done] if done is not None else refs
         status.progress = status.progress.model_copy(update={"frames": listed or None, "new_frames": None})
-    elif status.state in ("FAILURE", "REVOKED") and refs:
+    elif status.state in ("FAILURE", "REVOKED", "EXPIRED") and refs:
         status.frames = refs
     return status
 
@@ -434,6 +474,8 @@ def to_status(job_id: str, state: str, info: Any) -> JobStatus:
         return JobStatus(id=job_id, state="SUCCESS", result=JobResult.model_validate(info))
     if state == "FAILURE":
         return JobStatus(id=job_id, state="FAILURE", error=_error(info))
+    if state == "REVOKED" and isinstance(info, JobExpired):  # kiq's EXPIRED, stored as Celery's REVOKED
+        return JobStatus(id=job_id, state="EXPIRED", error=_error(info))
     if state == "REVOKED":
         return JobStatus(id=job_id, state="REVOKED", error=ErrorInfo(type="Cancelled", message="job was cancelled"))
     return JobStatus(id=job_id, state=state if state in ("PENDING", "STARTED") else "PENDING")

@@ -4,10 +4,12 @@
 and s3:// references only to its own uploads. `KIQ_API_TENANTS` (JSON, or a path to a JSON file) grants more:
 
     {"tenants": [{"name": "studio", "key": "…", "queues": ["kiq-large"], "max_priority": 9,
-                  "s3_read": ["s3://studio-assets/refs/"], "weight": 2, "admin": false}]}
+                  "s3_read": ["s3://studio-assets/refs/"], "weight": 2, "admin": false,
+                  "quotas": {"submits_per_minute": 60, "queued": 500, "running": 4, "job_mpx_steps": 600}}]}
 
 `weight` (1..100, default 1): turns in a row when tenants take turns (fair share); `admin`: the key may also use
-`/v1/admin` (purge, drain) and see every tenant's queued jobs there.
+`/v1/admin` (purge, drain) and see every tenant's queued jobs there. A tenant's quotas default to the KIQ_QUOTA_*
+settings field by field (producer/quotas.py).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from kiq.errors import SettingsError
 from kiq.fairshare import MAX_WEIGHT
 from kiq.names import QUEUE_NAME
 from kiq.settings import Settings
+from producer.quotas import NO_QUOTAS, Quotas
 
 
 @dataclass(frozen=True)
@@ -36,6 +39,7 @@ class Tenant:
     s3_read: tuple[tuple[str, str], ...] = ()
     weight: int = 1  # turns in a row in fair share (kiq/fairshare.py)
     admin: bool = False  # may use /v1/admin (producer/admin.py)
+    quotas: Quotas = NO_QUOTAS
 
     def problems(self, job: Job, settings: Settings) -> list[dict[str, Any]]:
         """What this tenant may not ask for in the job, each as {"loc", "msg", "type"}: empty if allowed."""
@@ -57,9 +61,9 @@ def _forbidden(loc: list[Any], msg: str) -> dict[str, Any]:
 
 
 class Tenants:
-    def __init__(self, by_key: dict[str, Tenant], default_max_priority: int) -> None:
+    def __init__(self, by_key: dict[str, Tenant], default_max_priority: int, quotas: Quotas = NO_QUOTAS) -> None:
         self.by_key = by_key
-        self.public = Tenant(owner="public", name="public", max_priority=default_max_priority)
+        self.public = Tenant(owner="public", name="public", max_priority=default_max_priority, quotas=quotas)
 
     @property
     def open(self) -> bool:
@@ -73,7 +77,7 @@ class Tenants:
             if not isinstance(key, str) or not key:
                 raise SettingsError("KIQ_API_TENANTS: every tenant needs a non-empty 'key'")
             by_key[key] = _tenant(key, str(entry.get("name") or key[:4] + "…"), entry, settings)
-        return cls(by_key, settings.api_max_priority)
+        return cls(by_key, settings.api_max_priority, Quotas.from_settings(settings))
 
     def find(self, token: str) -> Tenant | None:
         for key, tenant in self.by_key.items():
@@ -98,7 +102,9 @@ def _tenant(key: str, name: str, entry: dict[str, Any], settings: Settings) -> T
     if not isinstance(admin, bool):
         raise SettingsError(f"KIQ_API_TENANTS: {name}: 'admin' must be true or false")
     owner = hashlib.sha256(key.encode()).hexdigest()[:16]
-    return Tenant(owner, name, frozenset(queues), max_priority, tuple(s3.split_uri(r) for r in reads), weight, admin)
+    reads_from = tuple(s3.split_uri(r) for r in reads)
+    quotas = Quotas.from_entry(entry, settings, name)
+    return Tenant(owner, name, frozenset(queues), max_priority, reads_from, weight, admin, quotas)
 
 
 def _entries(raw: str) -> list[dict[str, Any]]:

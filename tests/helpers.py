@@ -156,8 +156,11 @@ def redis_databases() -> tuple[str, str]:
     return f"{prefix}/{own}", f"{prefix}/{own - 1}"
 
 
+FINAL_STATES = ("SUCCESS", "FAILURE", "REVOKED", "EXPIRED")
+
+
 def wait_state(api, job_id: str, headers: dict[str, str] | None = None,
-               states: tuple[str, ...] = ("SUCCESS", "FAILURE", "REVOKED"), timeout: float = 120) -> dict:  # fmt: skip
+               states: tuple[str, ...] = FINAL_STATES, timeout: float = 120) -> dict:  # fmt: skip
     """Poll `GET /v1/jobs/{id}` through an httpx client until the job reaches one of `states`."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

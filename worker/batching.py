@@ -19,13 +19,14 @@ from typing import Any, NamedTuple
 
 from celery import Task
 
-from kiq import fencing, tracing
+from kiq import expiry, fencing, quota_counts, tracing
 from kiq import library_internals as internals
 from kiq.contract import Job, parse_job
 from kiq.errors import JobInvalid
 from kiq.names import GENERATE_TASK, TERMINAL_STATES
 from kiq.settings import Settings
 from kiq.status import JobResult
+from kiq.transport import server_time
 from worker import fencing as stale_runs
 from worker.delivery import DeliveryGuard, watchdog
 from worker.records import JobRecords, webhook_url
@@ -51,18 +52,24 @@ def find_mates(task: Task, leader: Job, settings: Settings, may_join: Callable[[
         return []  # a sweep batches its own frames (KIQ_DECODER_BATCH at a time) and shares no call
     deadline = time.monotonic() + settings.decoder_batch_wait_ms / 1000
     refused: set[str] = set()
+    # A mate must start well before its deadline to start; others run (or expire) on their own turn.
+    start_by = server_time(task.backend.client) + settings.decoder_batch_wait_ms / 1000 + 1.0
     while True:
-        mates = _reserved_mates(task, leader, settings.decoder_batch - 1, may_join, refused)
+        mates = _reserved_mates(task, leader, settings.decoder_batch - 1, may_join, refused, start_by)
         if len(mates) == settings.decoder_batch - 1 or time.monotonic() >= deadline:
             return mates
         time.sleep(0.01)
 
 
 def _reserved_mates(task: Task, leader: Job, limit: int, may_join: Callable[[str], bool],
-                    refused: set[str]) -> list[Mate]:  # fmt: skip
+                    refused: set[str], start_by: float) -> list[Mate]:  # fmt: skip
     mates: list[Mate] = []
     for request in internals.reserved_requests():
         if request.id == task.request.id or request.id in refused or request.name != GENERATE_TASK:
+            continue
+        expires_at = expiry.deadline_header(_header(request, expiry.HEADER))
+        if expires_at is None or expires_at <= start_by:  # foreign (stamped on its own turn) or about to expire
+            refused.add(request.id)
             continue
         try:
             job = parse_job(request.args[0] if request.args else None)
@@ -93,6 +100,8 @@ class DecoderBatch:
         for mate in mates:
             delivery = self.guard.begin(mate.job_id, batched=True)
             self.records.started(mate.job_id, delivery.attempt, batched=True)
+            lasts_s = self.observers.speed.limits(mate.job).hard_s + self.settings.visibility_timeout_s
+            _count(mate, self.records.backend.client, "started", lasts_s, self.settings.result_ttl_s)
             self.observers.started(mate.job_id, None)
             tracing.begin(mate.job_id, tracing.message_headers(mate.request), _submitted_at(mate.request))
         members = [leader, *mates]
@@ -135,10 +144,25 @@ class DecoderBatch:
                 else "failure"  # fmt: skip
             timings = outcome.timings if isinstance(outcome, JobResult) else None
             self.observers.finished(name, seconds, timings, outcome if isinstance(outcome, BaseException) else None)
+            _count(mate, self.records.backend.client, "ended")
             self.records.notify(mate.job_id, webhook_url(mate.raw))
             fencing.release(mate.job_id)  # its last write is made
 
 
 def _submitted_at(request: Any) -> Any:
+    return _header(request, "kiq_submitted_at")
+
+
+def _header(request: Any, name: str) -> Any:
     raw = getattr(request, "request_dict", None)
-    return raw.get("kiq_submitted_at") if isinstance(raw, dict) else None
+    return raw.get(name) if isinstance(raw, dict) else None
+
+
+def _count(mate: Mate, redis: Any, what: str, *args: Any) -> None:
+    """A counted mate's quota bookkeeping (kiq/quota_counts.py); a failure only leaves an entry to lapse."""
+    if not _header(mate.request, quota_counts.HEADER):
+        return
+    try:
+        getattr(quota_counts, what)(redis, _header(mate.request, "kiq_owner") or "", mate.job_id, *args)
+    except Exception as exc:  # noqa: BLE001
+        log.warning("could not count batch mate %s: %s", mate.job_id, exc)

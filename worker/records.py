@@ -13,7 +13,7 @@ import socket
 from typing import Any
 
 from kiq import fencing, leases, redisconn
-from kiq.errors import JobTimeout
+from kiq.errors import JobExpired, JobTimeout
 from kiq.leases import lease_sockets
 from kiq.names import PROGRESS, TERMINAL_STATES, cancel_key, fence_key, frames_key
 from kiq.redisconn import REDIS_ERRORS as _BACKEND_ERRORS
@@ -61,6 +61,12 @@ class JobRecords:
             self.revoked(job_id)
         else:
             self.backend.mark_as_failure(job_id, outcome)
+
+    def expired(self, job_id: str, late_s: float) -> None:
+        """kiq's EXPIRED: Celery's REVOKED state with a JobExpired, so plain Celery clients see a revoked task."""
+        error = JobExpired(f"job {job_id} did not start before its deadline (expires_in_s); it was {late_s:.1f} s "
+                           "late and never ran")  # fmt: skip
+        self.backend.store_result(job_id, error, "REVOKED")
 
     def revoked(self, job_id: str) -> None:
         self.backend.mark_as_revoked(job_id, reason="cancelled")

@@ -24,7 +24,7 @@ from typing import Any
 from kiq.webhooks import delivery_id
 from tests.chaos.history import read
 
-FINAL = ("SUCCESS", "FAILURE", "REVOKED")
+FINAL = ("SUCCESS", "FAILURE", "REVOKED", "EXPIRED")
 BUCKET_PREFIX = "jobs/"
 
 

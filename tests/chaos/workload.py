@@ -243,7 +243,7 @@ class Workload:
         if status.get("progress"):
             extra["step"] = [status["progress"].get("stage"), status["progress"].get("step")]
         self.history.add("state", job=job_id, state=state, via=via, event=event_id, **extra)
-        final = state in ("SUCCESS", "FAILURE", "REVOKED")
+        final = state in ("SUCCESS", "FAILURE", "REVOKED", "EXPIRED")
         if final and via == "poll":
             with self.lock:
                 self.final.setdefault(job_id, state)

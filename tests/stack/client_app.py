@@ -23,7 +23,7 @@ from PIL import Image
 
 from kiq.webhooks import verify
 
-TERMINAL = {"SUCCESS", "FAILURE", "REVOKED"}
+TERMINAL = {"SUCCESS", "FAILURE", "REVOKED", "EXPIRED"}
 
 
 def tiny_job(**extra: Any) -> dict[str, Any]:
