@@ -101,6 +101,7 @@ class JobRecords:
                 sent[0] = len(progress.frames or ())
             except _BACKEND_ERRORS as exc:  # progress is best effort: a Redis blip must not fail the job
                 log.warning("could not report progress of %s: %s", job_id, exc)
+                _raise_if_lapsed(job_id, progress)  # the write gave up as the leases lapsed: stop now
 
         def cancelled() -> bool:  # at every step: the cancel flag and the fence, in one round trip
             _raise_if_lapsed(job_id, checked[0] if checked else None)
