@@ -5,6 +5,7 @@ Both the producer and the worker import this package; it imports no model framew
 
 from kiq.contract import Job, JobInput, parse_job
 from kiq.errors import (
+    AdminOnly,
     BlockedAddress,
     FetchError,
     FetchUnavailable,
@@ -17,6 +18,7 @@ from kiq.errors import (
     JobTooLong,
     KiqError,
     NotAnImage,
+    NotConfirmed,
     ObjectNotFound,
     PipelineError,
     PoisonJob,
@@ -27,6 +29,8 @@ from kiq.errors import (
     SubmitAbandoned,
     TransientError,
     UnknownJob,
+    UnknownTenant,
+    UnknownWorker,
     WaitTimeout,
 )
 from kiq.settings import Settings
@@ -34,6 +38,7 @@ from kiq.status import ErrorInfo, ImageRef, JobResult, JobStatus, Progress
 from kiq.version import __version__
 
 __all__ = [
+    "AdminOnly",
     "BlockedAddress",
     "ErrorInfo",
     "FetchError",
@@ -52,6 +57,7 @@ __all__ = [
     "JobTooLong",
     "KiqError",
     "NotAnImage",
+    "NotConfirmed",
     "ObjectNotFound",
     "PipelineError",
     "PoisonJob",
@@ -64,6 +70,8 @@ __all__ = [
     "SubmitAbandoned",
     "TransientError",
     "UnknownJob",
+    "UnknownTenant",
+    "UnknownWorker",
     "WaitTimeout",
     "__version__",
     "parse_job",

@@ -69,6 +69,22 @@ class SubmitAbandoned(KiqError):
     """The submit outlived its Idempotency-Key's pending mark: nothing was enqueued; retry with the same key."""
 
 
+class AdminOnly(KiqError, PermissionError):
+    """An admin action (purge, drain) asked for with a key without the admin scope."""
+
+
+class NotConfirmed(KiqError, ValueError):
+    """A purge whose typed confirmation does not repeat the queue's name."""
+
+
+class UnknownTenant(KiqError, LookupError):
+    """A purge naming a tenant that is neither in the tenants file nor an owner id."""
+
+
+class UnknownWorker(KiqError, LookupError):
+    """A drain naming no live worker."""
+
+
 class JobError(KiqError):
     pass
 

@@ -22,6 +22,7 @@ from typing import Any
 from celery.backends.redis import RedisBackend, SentinelBackend
 
 from kiq import fencing, leases
+from kiq.library_internals import BackendWrites
 from kiq.names import TERMINAL_STATES, events_channel, events_key
 from kiq.redisconn import REDIS_ERRORS
 
@@ -52,17 +53,17 @@ def event_order(event_id: str) -> tuple[int, int]:
     return int(ms), int(seq or 0)
 
 
-class _EventStreams:
+class _EventStreams(BackendWrites):
     """Each state write also appended to the job's event stream (mixed into Celery's Redis backends); a write for
     a job whose run holds a fencing token here is made only while no later delivery has begun (kiq/fencing.py)."""
 
     client: Any
     expires: Any
 
-    def _set(self, key: Any, value: Any) -> None:
+    def write_state(self, key: Any, value: Any) -> None:
         name = key.decode() if isinstance(key, bytes) else str(key)
         if not name.startswith(_META_PREFIX):  # group or chord keys: Celery's own write
-            return super()._set(key, value)  # type: ignore[misc]
+            return self.celery_write(key, value)
         job_id = name.removeprefix(_META_PREFIX)
         ttl = int(self.expires or 0)
         final = json.loads(value).get("status") in TERMINAL_STATES

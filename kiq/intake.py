@@ -16,24 +16,54 @@ from typing import Any
 class Intake:
     def __init__(self, consumer: Any) -> None:
         self.consumer = consumer
-        self.wanted = True  # whether the worker should take jobs; written by any thread, read on the loop
+        self.holds: set[str] = set()  # why the worker should not take jobs; written by any thread, read on the loop
         self._paused: list[Any] = []  # the kombu Queues it stopped consuming; only the event loop touches it
+        self._stopped = False  # whether the pause is applied; only the event loop touches it
 
-    def pause(self) -> None:
-        self.wanted = False
+    @classmethod
+    def of(cls, consumer: Any) -> Intake:
+        """The consumer's one Intake (made on first use)."""
+        intake = getattr(consumer, "_kiq_intake", None)
+        if intake is None:
+            intake = consumer._kiq_intake = cls(consumer)
+        return intake
+
+    @property
+    def wanted(self) -> bool:
+        return not self.holds
+
+    def pause(self, why: str = "leases") -> None:
+        self.holds = self.holds | {why}
         self.consumer.call_soon(self._apply)
 
-    def resume(self) -> None:
-        self.wanted = True
+    def resume(self, why: str = "leases") -> None:
+        self.holds = self.holds - {why}
         self.consumer.call_soon(self._apply)
+
+    def add(self, queue: Any) -> None:
+        """Consume one more kombu Queue from now on (or from the resume, while paused)."""
+        self.consumer.call_soon(lambda: self._add(queue))
+
+    def _add(self, queue: Any) -> None:
+        queues, tasks = self.consumer.app.amqp.queues, self.consumer.task_consumer
+        if queue.name in queues.consume_from or any(q.name == queue.name for q in self._paused):
+            return
+        if self._stopped or not self.wanted:
+            self._paused.append(queue)  # a pause pending or applied: taken up with the others at the resume
+            return
+        queues.select_add(queue)
+        if tasks is not None:
+            tasks.add_queue(queue)
+            tasks.consume()
 
     def _apply(self) -> None:
         if self.wanted:
             self._resume()
-        elif not self._paused:
+        elif not self._stopped:
             self._pause()
 
     def _pause(self) -> None:
+        self._stopped = True
         queues, tasks = self.consumer.app.amqp.queues, self.consumer.task_consumer
         for queue in list(queues.consume_from.values()):
             queues.deselect(queue.name)
@@ -42,7 +72,7 @@ class Intake:
             self._paused.append(queue)
 
     def _resume(self) -> None:
-        paused, self._paused = self._paused, []
+        paused, self._paused, self._stopped = self._paused, [], False
         queues, tasks = self.consumer.app.amqp.queues, self.consumer.task_consumer
         for queue in paused:
             queues.select_add(queue)

@@ -24,9 +24,7 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from kombu.utils.encoding import bytes_to_str
-from kombu.utils.json import loads
-
+from kiq import library_internals as internals
 from kiq import redisconn
 from kiq.celeryconf import renew_interval_s, restore_interval_s, unacked_mutex_expire_s, worker_socket_timeout_s
 from kiq.intake import Intake
@@ -244,7 +242,7 @@ class _IndexQoS(KiqQoS):
 
     def __init__(self, channel: Any, visibility_timeout_s: float) -> None:
         super().__init__(channel)
-        self._on_collect.cancel()  # nothing is delivered through it: nothing of its own to restore at exit
+        internals.cancel_restore_at_exit(self)  # nothing is delivered through it: nothing of its own to restore at exit
         for name, key in unacked_keys(visibility_timeout_s).items():
             setattr(self, name, key)
         self.visibility_timeout = visibility_timeout_s
@@ -258,18 +256,7 @@ class _IndexQoS(KiqQoS):
 
     def restore_by_tag(self, tag: Any, client: Any = None, leftmost: bool = False) -> None:
         """kombu 5.7's, counting only the tags it finds in the unacked hash (an acked one is merely unindexed)."""
-
-        def restore(pipe: Any) -> bool:
-            payload = pipe.hget(self.unacked_key, tag)
-            pipe.multi()
-            self._remove_from_indices(tag, pipe)
-            if payload:
-                message, exchange, routing_key = loads(bytes_to_str(payload))
-                self.channel._do_restore_message(message, exchange, routing_key, pipe, leftmost)
-            return bool(payload)
-
-        with self.channel.conn_or_acquire(client) as client:
-            self.handed_back += client.transaction(restore, self.unacked_key, value_from_callable=True)
+        self.handed_back += internals.restore_by_tag(self, tag, client, leftmost)
 
 
 SWEEP_SOCKETS = {"socket_timeout": 10, "socket_connect_timeout": 5}
@@ -286,9 +273,9 @@ def held_by_consumer(consumer: Any, visibility_timeout_s: float) -> list[tuple[s
     tags: set[str] = set()
     if channel is not None:
         index_key = getattr(channel, "global_keyprefix", "") + channel.unacked_index_key
-        qos = getattr(channel, "_qos", None)  # kombu creates it on first delivery
+        qos = internals.channel_qos(channel)  # kombu creates it on first delivery
         if qos is not None:
-            tags.update(_copy(qos._delivered))
+            tags.update(internals.copy_live(internals.delivered(qos)))
     tags.update(_tags(_requests()))
     kept = kept_leases()
     tags.difference_update(tag for _, tag in kept)
@@ -299,7 +286,8 @@ def held_tags(consumer: Any) -> set[str]:
     """Delivery tags of the requests this worker runs, has reserved or schedules for an ETA: what a channel that
     closes on a reconnect must not hand back (kiq/transport.py)."""
     timer = getattr(consumer, "timer", None)
-    entries = [getattr(item, "entry", item) for item in _copy(getattr(timer, "queue", ()))]  # (eta, priority, entry)
+    queue = internals.copy_live(getattr(timer, "queue", ()))
+    entries = [getattr(item, "entry", item) for item in queue]  # (eta, priority, entry)
     return _tags([*_requests(), *(arg for entry in entries for arg in getattr(entry, "args", None) or ())])
 
 
@@ -313,18 +301,7 @@ def _tags(requests: Iterable[Any]) -> set[str]:
 
 
 def _requests() -> list[Any]:
-    from celery.worker import state
-
-    return [*_copy(state.active_requests), *_copy(state.reserved_requests)]
-
-
-def _copy(items: Any) -> list[Any]:
-    for _ in range(3):  # the consumer thread may add or ack while we copy
-        try:
-            return list(items)
-        except RuntimeError:
-            continue
-    return []
+    return [*internals.active_requests(), *internals.reserved_requests()]
 
 
 def broker_redis(settings: Settings) -> Any:
@@ -375,7 +352,7 @@ def install(app: Any, redis_factory: Callable[[], Any], visibility_timeout_s: fl
                 interval = renew_interval_s(visibility_timeout_s)
                 held = lambda: held_by_consumer(c, visibility_timeout_s)  # noqa: E731
                 self.keeper = LeaseKeeper(redis_factory(), held, interval, visibility_timeout_s / 2,
-                                          *_stop_taking_jobs(Intake(c), visibility_timeout_s))  # fmt: skip
+                                          *_stop_taking_jobs(Intake.of(c), visibility_timeout_s))  # fmt: skip
                 self.keeper.start()
                 _process_keeper[:] = [(self.keeper, lapse_after_s(visibility_timeout_s))]
                 log.info("renewing message leases every %.1f s", interval)

@@ -85,3 +85,27 @@ def events_key(job_id: str) -> str:
 def events_channel(job_id: str) -> str:
     """Where each event is published as "<stream id> <meta JSON>"."""
     return f"kiq:events:{job_id}:live"
+
+
+# Fair share (kiq/fairshare.py): each tenant's jobs wait in a queue of their own beside the routed one.
+TENANT_QUEUE_MARK = ".t."
+
+
+def tenant_queue(base: str, owner: str) -> str:
+    """The queue a tenant's jobs of the routed queue `base` wait in: `<base>.t.<owner>`."""
+    return f"{base}{TENANT_QUEUE_MARK}{owner}"
+
+
+def tenant_queues_key(base: str) -> str:
+    """The tenant queues of `base` (a hash: queue -> weight), written at submit, read by the workers of `base`."""
+    return f"kiq:tenant_queues:{base}"
+
+
+def tenant_queues_version_key(base: str) -> str:
+    """Changed (INCR) with every new entry or weight in `tenant_queues_key(base)`: workers re-read the hash then."""
+    return f"kiq:tenant_queues:{base}:version"
+
+
+def drain_key(hostname: str) -> str:
+    """Set by `kiq fleet drain`: the workers named `hostname` stop taking jobs, finish the current one and exit."""
+    return f"kiq:drain:{hostname}"

@@ -46,6 +46,9 @@ class Settings:
     worker_queues: str = ""  # comma-separated queues a worker consumes; empty: KIQ_QUEUE
     large_queue: str = ""  # if set, producers route jobs over KIQ_LARGE_PIXELS here (unless a job names a queue)
     large_pixels: int = 1024 * 1024
+    fair_share: bool = True  # tenants' jobs wait in their own queues, served in turns (kiq/fairshare.py)
+    fair_share_max_tenants: int = 10_000  # tenant queues per routed queue; past it, jobs wait in the routed queue
+    fair_share_poll_s: float = 1.0  # how often workers look for new tenant queues and drain requests
     device_runtime_id: int = -1  # the id the framework is given; -1: KIQ_DEVICE_ID (0 under *_VISIBLE_DEVICES)
     metrics_port: int = 0  # Prometheus metrics on this port; 0: off
     log_format: str = "text"  # json: one JSON object per line, with job ids, secrets scrubbed (kiq/logs.py)
@@ -199,6 +202,7 @@ _POSITIVE = (
     "prior_step_s", "decoder_step_s", "time_limit_factor", "time_limit_min_s", "time_limit_max_s",
     "visibility_timeout_s", "large_pixels", "restart_max", "restart_window_s", "api_port", "api_max_body_bytes",
     "idempotency_ttl_s", "idempotency_pending_s", "webhook_timeout_s", "webhook_retry_s", "decoder_batch",
+    "fair_share_max_tenants", "fair_share_poll_s",
 )  # fmt: skip
 
 

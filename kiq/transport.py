@@ -10,9 +10,9 @@ reconnect. The broker URL stays `redis://`, `rediss://` or `sentinel://`, so pla
   hands back only what this process no longer holds (`hold_while`); the rest stays unacknowledged, its lease
   renewed (`kept_leases`), until the job's own ack, which still goes through the old channel's Redis pool.
 
-Uses kombu internals (pinned in pyproject.toml; tests/unit/test_transport.py fails if they change):
-`QoS._delivered`, `_vrestore_count`, `_remove_from_indices`, `restore_by_tag`, `Mutex`/`MutexHeld`,
-`Channel.pool` after close, `Connection.get_transport_cls`.
+Overrides kombu's Redis QoS (`append`, `restore_visible`, `restore_unacked`, `ack`, `reject`), whose private names
+it reaches through kiq/library_internals.py; tests/unit/test_transport.py fails if the overridden methods change.
+Also relies on `restore_by_tag`, `Mutex`/`MutexHeld`, `Channel.pool` after close, `Connection.get_transport_cls`.
 """
 
 from __future__ import annotations
@@ -27,6 +27,8 @@ from kombu import Connection as KombuConnection
 from kombu.transport import redis
 from kombu.transport.virtual import QoS as VirtualQoS
 from kombu.utils.json import dumps
+
+from kiq import library_internals as internals
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +68,7 @@ class QoS(redis.QoS):
         info = message.delivery_info
         with self.channel.conn_or_acquire() as client:
             now = server_time(client)
-            payload = dumps([message._raw, info["exchange"], info["routing_key"]])
+            payload = dumps([internals.raw_payload(message), info["exchange"], info["routing_key"]])
             client.pipeline().zadd(self.unacked_index_key, {delivery_tag: now}).hset(
                 self.unacked_key, delivery_tag, payload
             ).execute()
@@ -74,8 +76,7 @@ class QoS(redis.QoS):
 
     def restore_visible(self, start: int = 0, num: int = 10, interval: int = 10) -> None:
         """kombu 5.7's, with the cutoff taken from Redis's clock."""
-        self._vrestore_count += 1
-        if (self._vrestore_count - 1) % (interval or 1):
+        if not internals.restore_round_due(self, interval):
             return
         with self.channel.conn_or_acquire() as client:
             ceil = server_time(client) - self.visibility_timeout
@@ -90,10 +91,11 @@ class QoS(redis.QoS):
 
     def restore_unacked(self, client: Any = None) -> None:
         """On close (a reconnect, or the process ending): hand back only what nothing here still runs or awaits."""
-        held = _held_now() if self._delivered else set()
+        delivered_map = internals.delivered(self)
+        held = _held_now() if delivered_map else set()
         index = self.channel.global_keyprefix + self.unacked_index_key
         kept = 0
-        delivered = list(self._delivered.items())
+        delivered = list(delivered_map.items())
         with _kept_lock:  # every held tag is kept before any Redis call, so a failing hand-back cannot drop one
             for tag, message in delivered:
                 if tag in held:
@@ -105,7 +107,7 @@ class QoS(redis.QoS):
                     if tag not in held:
                         self._hand_back(tag, client)
         finally:
-            self._delivered.clear()
+            delivered_map.clear()
         if kept:
             log.info("kept %d message(s) this worker still runs or holds; their leases are renewed until acked", kept)
 

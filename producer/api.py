@@ -26,7 +26,7 @@ from kiq.s3 import input_prefix, presign, put, s3_client
 from kiq.settings import Settings
 from kiq.status import JobList, JobStatus, State
 from kiq.version import __version__
-from producer import metrics
+from producer import admin_api, metrics
 from producer.bodylimit import BodyLimit
 from producer.client import Client
 from producer.events import EventHub, job_events
@@ -116,7 +116,8 @@ def create_api(settings: Settings, client: Client | None = None, s3: Any = None)
             with claim.kept() if claim else nullcontext():
                 for key, data, content_type in uploads:
                     put(s3, settings.s3_bucket, key, data, content_type)
-                client.submit(job, tenant.owner, job_id, before_publish=claim.confirm if claim else None, feasible=True)
+                client.submit(job, tenant.owner, job_id, before_publish=claim.confirm if claim else None,
+                              feasible=True, weight=tenant.weight)  # fmt: skip
                 if claim is not None:
                     claim.commit()
         except Rejected:
@@ -278,6 +279,7 @@ def create_api(settings: Settings, client: Client | None = None, s3: Any = None)
         ok = all(v == "ok" for v in checks.values())
         return JSONResponse({"status": "ok" if ok else "unavailable", **checks}, status_code=200 if ok else 503)
 
+    admin_api.install(app, client, tenants, caller)
     app.openapi = lambda: openapi_with_job_schema(app)  # type: ignore[method-assign]
     return app
 

@@ -1,8 +1,8 @@
 """`kiq`: submit, status, wait, download, cancel; plus `worker`, `make-tiny-models` and `demo`, which load the
 worker side lazily so that the producer commands never import MindSpore.
 
-Exit codes: 0 success, 1 the job failed or was cancelled, 2 bad input or settings, 3 wait timed out,
-4 unknown job id.
+Exit codes: 0 success, 1 the job failed or was cancelled, 2 bad input or settings (or an unconfirmed purge),
+3 wait timed out, 4 unknown job id (or tenant, or worker). `purge` and `fleet drain`: producer/admin.py.
 """
 
 from __future__ import annotations
@@ -14,10 +14,20 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from kiq.errors import JobInvalid, KiqError, SettingsError, UnknownJob, WaitTimeout
+from kiq.errors import (
+    JobInvalid,
+    KiqError,
+    NotConfirmed,
+    SettingsError,
+    UnknownJob,
+    UnknownTenant,
+    UnknownWorker,
+    WaitTimeout,
+)
 from kiq.settings import Settings
 from kiq.status import JobStatus
 from kiq.version import __version__
+from producer import admin
 
 EXIT_FAILED, EXIT_INVALID, EXIT_TIMEOUT, EXIT_UNKNOWN = 1, 2, 3, 4
 EXPORTER_PORT = 9808
@@ -43,9 +53,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         hint = " (or 'kiq[cuda]' for the diffusers backend)" if wanted == "worker" else ""
         return _fail(f"`kiq {args.command}` needs the {wanted!r} extra (no module {missing!r}): "
                      f"pip install 'kiq[{wanted}]'{hint}", EXIT_INVALID)  # fmt: skip
-    except (JobInvalid, SettingsError) as exc:
+    except (JobInvalid, SettingsError, NotConfirmed) as exc:
         return _fail(str(exc), EXIT_INVALID)
-    except UnknownJob as exc:
+    except (UnknownJob, UnknownTenant, UnknownWorker) as exc:
         return _fail(str(exc), EXIT_UNKNOWN)
     except WaitTimeout as exc:
         return _fail(str(exc), EXIT_TIMEOUT)
@@ -82,6 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     fleet = sub.add_parser("fleet", help="list live workers: device, current job, jobs done and failed, uptime")
     fleet.add_argument("--json", action="store_true", help="print JSON instead of a table")
     fleet.set_defaults(handler=cmd_fleet)
+    admin.add_commands(sub, fleet)
     api = sub.add_parser("api", help="serve the HTTP API and the playground on KIQ_API_HOST:KIQ_API_PORT")
     api.add_argument("--host", help="listen on this address (overrides KIQ_API_HOST)")
     api.add_argument("--port", type=int, help="listen on this port (overrides KIQ_API_PORT)")

@@ -14,7 +14,7 @@ from typing import Any
 from celery import Celery
 from celery.result import AsyncResult
 
-from kiq import logs, redisconn, s3, tracing
+from kiq import fairshare, logs, redisconn, s3, tracing
 from kiq.celeryconf import PRIORITY_STEPS, common_config, priority_lists
 from kiq.contract import MAX_PRIORITY, Job, parse_job
 from kiq.errors import TransientError, UnknownJob, WaitTimeout
@@ -29,7 +29,8 @@ from kiq.names import (
     events_key,
     frames_key,
     job_record_key,
-    jobs_index_key,  # fmt: skip
+    jobs_index_key,
+    tenant_queues_key,  # fmt: skip
 )
 from kiq.settings import Settings
 from kiq.status import ErrorInfo, ImageRef, JobEvent, JobList, JobResult, JobStatus, JobSummary, Progress
@@ -64,7 +65,8 @@ class Client:
         return self.app.backend.client
 
     def submit(self, job: Job | Mapping[str, Any], owner: str = "", job_id: str | None = None,
-               before_publish: Callable[[], None] | None = None, feasible: bool = False) -> str:  # fmt: skip
+               before_publish: Callable[[], None] | None = None, feasible: bool = False,
+               weight: int = 1) -> str:  # fmt: skip
         """Validate, store inline images, record and enqueue the job; return its id.
 
         All or nothing: invalid jobs raise JobInvalid and touch nothing, as do jobs no live worker of the queue could
@@ -90,12 +92,13 @@ class Client:
 
         redisconn.retrying(write, self.settings.redis_retry_s, "submit")
         try:
+            queue = self.fair_queue(route(parsed, self.settings), owner, weight)
             if before_publish is not None:
                 before_publish()
             with tracing.span("submit", {"kiq.job_id": job_id}):
                 self.app.send_task(
                     GENERATE_TASK, args=[parsed.model_dump(mode="json")], task_id=job_id,
-                    queue=route(parsed, self.settings), priority=MAX_PRIORITY - parsed.priority,
+                    queue=queue, priority=MAX_PRIORITY - parsed.priority,
                     headers=tracing.inject({"kiq_submitted_at": time.time(), "kiq_owner": owner}),
                 )  # fmt: skip
         except Exception:
@@ -105,6 +108,21 @@ class Client:
             log.info("job queued on %s at priority %d", route(parsed, self.settings), parsed.priority)
         self._replicate(job_id)
         return job_id
+
+    def fair_queue(self, routed: str, owner: str, weight: int) -> str:
+        """The queue the owner's job waits in: its own tenant queue of `routed`, recorded for the workers (fair
+        share, kiq/fairshare.py); `routed` itself without an owner, with fair share off, or once `routed` has
+        KIQ_FAIR_SHARE_MAX_TENANTS tenant queues."""
+        if not (owner and self.settings.fair_share):
+            return routed
+        most = self.settings.fair_share_max_tenants
+
+        def record() -> str:
+            with self.redis.pipeline(transaction=False) as pipe:
+                mine = fairshare.register(pipe, routed, owner, weight, most)
+                return mine if pipe.execute()[0] == 1 else routed
+
+        return redisconn.retrying(record, self.settings.redis_retry_s, "submit")
 
     def check_feasible(self, job: Job) -> float:
         """The job's expected seconds on the fastest live worker of its queue, by the speeds the workers publish
@@ -310,13 +328,21 @@ class Client:
 
     def queue_depths(self, queues: list[str]) -> dict[str, dict[str, int]]:
         """Jobs waiting per queue and priority class ("7-9", "4-6", "1-3", "0"), from kombu's lists in the broker
-        (which may be another Redis than the results')."""
-        with self.app.connection_for_read() as conn, conn.default_channel.client.pipeline() as pipe:
+        (which may be another Redis than the results'); a queue's tenant queues (fair share) count as the queue."""
+        with self.redis.pipeline(transaction=False) as pipe:
             for queue in queues:
-                for name in priority_lists(queue):
+                pipe.hkeys(tenant_queues_key(queue))
+            members = [[queue, *(k.decode() for k in keys)] for queue, keys in zip(queues, pipe.execute(), strict=True)]
+        with self.app.connection_for_read() as conn, conn.default_channel.client.pipeline() as pipe:
+            for names in members:
+                for name in (name for member in names for name in priority_lists(member)):
                     pipe.llen(name)
             lengths = iter(pipe.execute())
-        return {queue: {PRIORITY_CLASSES[step]: next(lengths) for step in PRIORITY_STEPS} for queue in queues}
+        depths = {}
+        for queue, names in zip(queues, members, strict=True):
+            counts = [[next(lengths) for _ in PRIORITY_STEPS] for _ in names]
+            depths[queue] = {PRIORITY_CLASSES[step]: sum(c[i] for c in counts) for i, step in enumerate(PRIORITY_STEPS)}
+        return depths
 
     def download(self, job_id: str, directory: str | Path, timeout: float | None = None,
                  on_progress: ProgressCallback | None = None) -> tuple[JobStatus, list[Path]]:  # fmt: skip

@@ -3,8 +3,11 @@
 A scrape is one pipeline per Redis server (the broker, and the results' server where it is another one): per
 queue and priority list its length (LLEN) and its next job (LINDEX -1: kombu LPUSHes and BRPOPs, so the tail is
 the oldest waiting message, and its `kiq_submitted_at` header its submit time), the size of the unacked hash, and
-the live workers from the fleet index (one EVAL). The work grows with queues x 4 lists and with workers, never
-with the number of queued jobs. Private kombu layout: tests/integration/test_queue_metrics.py pins it.
+the live workers from the fleet index (one EVAL). A queue's tenant queues (fair share, kiq/fairshare.py) count
+as the queue: the same pipeline reads them (HKEYS per queue) for the next scrape, and a scrape that finds them
+changed reads again. The work grows with queues x tenants x 4 lists and with workers, never with the number of
+queued jobs. Private kombu layout:
+tests/integration/test_queue_metrics.py pins it.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from typing import Any
 
 from kiq import redisconn
 from kiq.celeryconf import PRIORITY_STEPS, priority_lists
-from kiq.names import FLEET_INDEX, WEBHOOK_QUEUE, unacked_keys
+from kiq.names import FLEET_INDEX, WEBHOOK_QUEUE, tenant_queues_key, unacked_keys
 from kiq.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -49,6 +52,7 @@ class Snapshot:
     unacked: int = 0  # delivered to a worker, not yet acknowledged (running or prefetched)
     workers: list[tuple[str, str, str]] = field(default_factory=list)  # (device, queues, current job)
     seconds: float = 0.0
+    stale: bool = False  # a queue's tenant queues changed during the read: its depths miss the new ones
 
 
 class QueueCollector:
@@ -59,6 +63,7 @@ class QueueCollector:
         self.unacked_key = unacked_keys(settings.visibility_timeout_s)["unacked_key"]
         configured = [settings.queue, settings.large_queue, *settings.metrics_queues.split(","), *queues]
         self.queues = sorted({q.strip() for q in configured if q.strip()})
+        self.tenant_queues: dict[str, list[str]] = {}  # queue -> its tenant queues, as the last scrape read them
         self._lock = threading.Lock()
 
     @classmethod
@@ -73,36 +78,56 @@ class QueueCollector:
         now = time.time() if now is None else now
         with self._lock:
             queues = list(self.queues)
+            members = {q: [q, *self.tenant_queues.get(q, [])] for q in queues} | {WEBHOOK_QUEUE: [WEBHOOK_QUEUE]}
         snap = Snapshot()
         broker = self.broker.pipeline(transaction=False)
         fleet = broker if self.results is self.broker else self.results.pipeline(transaction=False)
         fleet.eval(FLEET_SCRIPT, 1, FLEET_INDEX, now - LIVE_S)
+        for queue in queues:
+            fleet.hkeys(tenant_queues_key(queue))
         for queue in [*queues, WEBHOOK_QUEUE]:
-            for name in priority_lists(queue):
+            for name in (name for member in members[queue] for name in priority_lists(member)):
                 broker.llen(name)
                 broker.lindex(name, -1)
         broker.hlen(self.unacked_key)
         replies = broker.execute()
-        workers = replies.pop(0) if fleet is broker else fleet.execute()[0]
+        if fleet is broker:
+            fleet_replies, replies = replies[: 1 + len(queues)], replies[1 + len(queues) :]
+        else:
+            fleet_replies = fleet.execute()
+        workers, found = fleet_replies[0], fleet_replies[1:]
+        snap.stale = self._learn_tenants(queues, found)
         snap.workers = [tuple(_text(v) for v in w) for w in workers]  # type: ignore[misc]
         snap.unacked = int(replies.pop())
-        self._fill(snap, queues, replies, now)
+        self._fill(snap, queues, members, replies, now)
         self._learn(snap.workers)
         snap.seconds = time.perf_counter() - start
         return snap
 
-    def _fill(self, snap: Snapshot, queues: list[str], replies: list[Any], now: float) -> None:
+    def _learn_tenants(self, queues: list[str], found: list[list[bytes]]) -> bool:
+        """Remember each queue's tenant queues (fair share: their jobs count as the queue's); True if they changed
+        since the scrape read the lists (then collect reads again)."""
+        now = {queue: sorted(k.decode() for k in keys) for queue, keys in zip(queues, found, strict=True)}
+        with self._lock:
+            stale = any(now[q] != self.tenant_queues.get(q, []) for q in queues)
+            self.tenant_queues.update(now)
+        return stale
+
+    def _fill(self, snap: Snapshot, queues: list[str], members: dict[str, list[str]], replies: list[Any],
+              now: float) -> None:  # fmt: skip
         it = iter(replies)
         for queue in [*queues, WEBHOOK_QUEUE]:
-            for step in PRIORITY_STEPS:
-                length, tail = int(next(it)), next(it)
-                age = _age(tail, now) if length else 0.0
-                if queue == WEBHOOK_QUEUE:
-                    snap.webhook_backlog += length
-                    snap.webhook_oldest = max(snap.webhook_oldest, age)
-                else:
-                    snap.depth[queue, CLASSES[step]] = length
-                    snap.oldest[queue, CLASSES[step]] = age
+            for _ in members[queue]:
+                for step in PRIORITY_STEPS:
+                    length, tail = int(next(it)), next(it)
+                    age = _age(tail, now) if length else 0.0
+                    if queue == WEBHOOK_QUEUE:
+                        snap.webhook_backlog += length
+                        snap.webhook_oldest = max(snap.webhook_oldest, age)
+                    else:
+                        key = queue, CLASSES[step]
+                        snap.depth[key] = snap.depth.get(key, 0) + length
+                        snap.oldest[key] = max(snap.oldest.get(key, 0.0), age)
 
     def _learn(self, workers: list[tuple[str, str, str]]) -> None:
         """Remember the queues live workers consume: once they are gone, their queues still report 0 workers."""
@@ -114,8 +139,8 @@ class QueueCollector:
     def collect(self) -> Iterator[Any]:
         try:
             snap = self.read()
-            if any(q not in {k[0] for k in snap.depth} for q in self.queues):
-                snap = self.read()  # a worker named a new queue: report it in this scrape already
+            if snap.stale or any(q not in {k[0] for k in snap.depth} for q in self.queues):
+                snap = self.read()  # a worker named a new queue, or a tenant came: report it in this scrape already
         except redisconn.REDIS_ERRORS as exc:
             log.warning("queue metrics: Redis unavailable: %s", exc)
             yield _scrape_ok(0)

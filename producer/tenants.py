@@ -4,7 +4,10 @@
 and s3:// references only to its own uploads. `KIQ_API_TENANTS` (JSON, or a path to a JSON file) grants more:
 
     {"tenants": [{"name": "studio", "key": "…", "queues": ["kiq-large"], "max_priority": 9,
-                  "s3_read": ["s3://studio-assets/refs/"]}]}
+                  "s3_read": ["s3://studio-assets/refs/"], "weight": 2, "admin": false}]}
+
+`weight` (1..100, default 1): turns in a row when tenants take turns (fair share); `admin`: the key may also use
+`/v1/admin` (purge, drain) and see every tenant's queued jobs there.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from typing import Any
 from kiq import s3
 from kiq.contract import Job
 from kiq.errors import SettingsError
+from kiq.fairshare import MAX_WEIGHT
 from kiq.names import QUEUE_NAME
 from kiq.settings import Settings
 
@@ -30,6 +34,8 @@ class Tenant:
     queues: frozenset[str] = frozenset()
     max_priority: int = 5
     s3_read: tuple[tuple[str, str], ...] = ()
+    weight: int = 1  # turns in a row in fair share (kiq/fairshare.py)
+    admin: bool = False  # may use /v1/admin (producer/admin.py)
 
     def problems(self, job: Job, settings: Settings) -> list[dict[str, Any]]:
         """What this tenant may not ask for in the job, each as {"loc", "msg", "type"}: empty if allowed."""
@@ -86,8 +92,13 @@ def _tenant(key: str, name: str, entry: dict[str, Any], settings: Settings) -> T
     reads = entry.get("s3_read", [])
     if not isinstance(reads, list) or not all(isinstance(r, str) and r.startswith("s3://") for r in reads):
         raise SettingsError(f"KIQ_API_TENANTS: {name}: 's3_read' must be a list of s3://bucket/prefix")
+    weight, admin = entry.get("weight", 1), entry.get("admin", False)
+    if not isinstance(weight, int) or isinstance(weight, bool) or not 1 <= weight <= MAX_WEIGHT:
+        raise SettingsError(f"KIQ_API_TENANTS: {name}: 'weight' must be an integer in 1..{MAX_WEIGHT}")
+    if not isinstance(admin, bool):
+        raise SettingsError(f"KIQ_API_TENANTS: {name}: 'admin' must be true or false")
     owner = hashlib.sha256(key.encode()).hexdigest()[:16]
-    return Tenant(owner, name, frozenset(queues), max_priority, tuple(s3.split_uri(r) for r in reads))
+    return Tenant(owner, name, frozenset(queues), max_priority, tuple(s3.split_uri(r) for r in reads), weight, admin)
 
 
 def _entries(raw: str) -> list[dict[str, Any]]:

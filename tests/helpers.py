@@ -1,18 +1,25 @@
-"""Small builders shared by unit and integration tests."""
+"""Small builders and checks shared by unit and integration tests (no test module imports another)."""
 
 from __future__ import annotations
 
 import base64
 import io
 import os
+import subprocess
+import sys
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import TYPE_CHECKING
 
 from PIL import Image
+
+if TYPE_CHECKING:
+    from producer.client import Client
 
 
 def image_bytes(fmt: str = "PNG", size: tuple[int, int] = (32, 24), color=(10, 200, 30)) -> bytes:
@@ -159,3 +166,60 @@ def wait_state(api, job_id: str, headers: dict[str, str] | None = None,
             return status
         time.sleep(0.1)
     raise AssertionError(f"{job_id} never reached {states}")
+
+
+# Integration tests' helpers: jobs on queues of their own, checks on their progress, outputs and logs.
+
+# A short visibility timeout so a killed worker's job comes back within seconds. Leases keep live jobs, so
+# time limits need no change (test_guarantees.py shows the same on the 60 s default).
+FAST_REDELIVERY = {"KIQ_VISIBILITY_TIMEOUT_S": "6"}
+
+
+def own_queue(**overrides):
+    return {"KIQ_QUEUE": f"kiq-fault-{uuid.uuid4().hex[:8]}", **overrides}
+
+
+def client_for(env, overrides) -> Client:
+    from kiq.settings import Settings
+    from producer.client import Client
+
+    return Client(Settings.from_env({**env, **overrides}))
+
+
+def wait_for_step(client, job_id, stage="decoder", step=2, timeout=60):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        status = client.status(job_id)
+        if status.progress and status.progress.stage == stage and status.progress.step >= step:
+            return status
+        assert not status.done, status
+        time.sleep(0.05)
+    raise AssertionError(f"{job_id} never reached {stage} step {step}")
+
+
+def objects_of(s3, settings, job_id):
+    listed = s3.list_objects_v2(Bucket=settings.s3_bucket, Prefix=f"{settings.s3_prefix}{job_id}/")
+    return [o["Key"] for o in listed.get("Contents", [])]
+
+
+def count_in_logs(logs, needle):
+    return sum(path.read_text(errors="replace").count(needle) for path in logs)
+
+
+def on_queue(redis_client, queue, job_id):
+    """Whether the job waits in any of the queue's priority lists."""
+    from kiq.celeryconf import priority_lists
+
+    return any(job_id.encode() in m for name in priority_lists(queue) for m in redis_client.lrange(name, 0, -1))
+
+
+def received(log, job_id):
+    return log.exists() and f"[{job_id}] received" in log.read_text(errors="replace")
+
+
+def kiq_cli(env, *args, stdin=None, timeout=300):
+    """The `kiq` CLI (producer.cli) in a process of its own."""
+    return subprocess.run(
+        [sys.executable, "-m", "producer.cli", *args], env=env, input=stdin, capture_output=True, text=True,
+        timeout=timeout,
+    )  # fmt: skip

@@ -9,11 +9,11 @@ from celery import Celery
 from celery.signals import worker_init, worker_shutdown
 from kombu import Exchange, Queue
 
-from kiq import brokerformat, leases
+from kiq import brokerformat, fairshare, leases
 from kiq.celeryconf import WORKER_AMQP, common_config, worker_config
 from kiq.errors import SettingsError
 from kiq.settings import Settings
-from worker import health, metrics, tasks
+from worker import health, metrics, tasks, tenantqueues
 from worker.fleet import Heartbeat
 from worker.limits import SpeedMeter
 from worker.runner import Runner
@@ -23,6 +23,9 @@ def create_app(settings: Settings, runner: Runner | None = None) -> Celery:
     # kiq's Redis transport (kiq/transport.py): leases on Redis's clock, none handed back on a reconnect.
     app = Celery("kiq-worker", amqp=WORKER_AMQP)
     app.conf.update(common_config(settings), **worker_config(settings))
+    # Tenants take turns within a priority (kiq/fairshare.py); their queues are added as they appear.
+    options = app.conf.broker_transport_options
+    app.conf.broker_transport_options = {**options, "queue_order_strategy": fairshare.STRATEGY}
     app.conf.task_queues = [Queue(name, Exchange(name), routing_key=name) for name in settings.consumed_queues]
     app.conf.update(
         # The model lives in this process; never fork an accelerator context. Solo runs one job at a time inside
@@ -48,6 +51,7 @@ def create_app(settings: Settings, runner: Runner | None = None) -> Celery:
         app, lambda: leases.broker_redis(settings), settings.consumed_queues, settings.visibility_timeout_s
     )
     health.install(app)  # the probes' proof that the consumer's loop turns
+    tenantqueues.install(app, settings)
 
     def start(sender: Any = None, **_: Any) -> None:
         if getattr(sender, "app", None) is not app:

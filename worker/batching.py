@@ -20,6 +20,7 @@ from typing import Any, NamedTuple
 from celery import Task
 
 from kiq import fencing, tracing
+from kiq import library_internals as internals
 from kiq.contract import Job, parse_job
 from kiq.errors import JobInvalid
 from kiq.names import GENERATE_TASK, TERMINAL_STATES
@@ -59,10 +60,8 @@ def find_mates(task: Task, leader: Job, settings: Settings, may_join: Callable[[
 
 def _reserved_mates(task: Task, leader: Job, limit: int, may_join: Callable[[str], bool],
                     refused: set[str]) -> list[Mate]:  # fmt: skip
-    from celery.worker import state
-
     mates: list[Mate] = []
-    for request in list(state.reserved_requests):
+    for request in internals.reserved_requests():
         if request.id == task.request.id or request.id in refused or request.name != GENERATE_TASK:
             continue
         try:

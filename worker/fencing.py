@@ -4,8 +4,8 @@ A message handed out again keeps its delivery tag, so the newer delivery's lease
 kombu's unacked hash and index. Acknowledging (or rejecting) the stale copy would delete that lease, and a crash
 of the newer run would then lose the job. So the stale copy is settled in this process only: dropped from the
 channel's delivered map (no renewal, no restore at shutdown) and marked acknowledged for Celery, which then sends
-no ack. Uses Celery's `Request.acknowledged`/`.message`, `celery.worker.state` and kombu's `QoS._delivered` (as
-kiq/leases.py does; tests/unit/test_fencing.py checks them on the pinned versions).
+no ack. Uses Celery's `Request.acknowledged`/`.message`, and Celery's requests and kombu's delivered map through
+kiq/library_internals.py (tests/unit/test_fencing.py and test_library_internals.py check them on the pinned versions).
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from collections import OrderedDict
 from typing import Any
 
 from kiq import fencing, transport
+from kiq import library_internals as internals
 
 log = logging.getLogger(__name__)
 _LET_GO_MAX = 1024  # reserved (prefetched) jobs let go of before their turn; their turn removes them
@@ -24,17 +25,15 @@ _let_go: OrderedDict[str, None] = OrderedDict()
 
 def let_go(job_id: str) -> None:
     """Settle this process's copies of the job's message without telling the broker."""
-    from celery.worker import state
-
-    active = _copy(state.active_requests)
-    for request in [*active, *_copy(state.reserved_requests)]:
+    active = internals.active_requests()
+    for request in [*active, *internals.reserved_requests()]:
         if request.id != job_id or request.acknowledged:
             continue
         _settle_locally(request.message)
         request.acknowledged = True  # Celery acks only requests not acknowledged yet
         # A batch mate still waiting for its turn: that turn must not run it. Not the running request (Celery lists
         # it as reserved too): marking it would make every later delivery of the job be let go of in turn, forever.
-        if request not in active and request in state.reserved_requests:
+        if request not in active and internals.is_reserved(request):
             _let_go[job_id] = None
             while len(_let_go) > _LET_GO_MAX:
                 _let_go.popitem(last=False)
@@ -44,10 +43,8 @@ def let_go_reserved() -> None:
     """Let go of every job this process holds but has not started (prefetched, batch mates): once its leases
     lapsed, another worker may take each of them, and a copy run here later would take a newer fencing token and
     fence out that worker's run. Their turns, if Celery keeps them, are skipped; the sweep hands the jobs back."""
-    from celery.worker import state
-
-    active = {request.id for request in _copy(state.active_requests)}
-    for request in _copy(state.reserved_requests):
+    active = {request.id for request in internals.active_requests()}
+    for request in internals.reserved_requests():
         if request.id not in active and not request.acknowledged:
             let_go(request.id)
             log.warning("let go of reserved job %s at %.3f: this worker's leases lapsed", request.id, time.time())
@@ -63,18 +60,9 @@ def _settle_locally(message: Any) -> None:
     try:
         # What kombu's acknowledgement does in this process, without its Redis calls: the tag leaves the channel's
         # delivered map, so neither the lease keeper nor the restore at shutdown touches the newer delivery's lease.
-        message.channel.qos._delivered.pop(message.delivery_tag, None)
+        internals.settle_locally(message)
     except Exception as exc:  # noqa: BLE001 - a channel closed by a reconnect: nothing left to settle
         log.warning("could not let go of message %s locally: %s", getattr(message, "delivery_tag", "?"), exc)
-
-
-def _copy(items: Any) -> list[Any]:
-    for _ in range(3):  # the consumer thread may add or remove requests while we copy
-        try:
-            return list(items)
-        except RuntimeError:
-            continue
-    return []
 
 
 def install() -> None:

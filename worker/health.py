@@ -146,9 +146,9 @@ def broker_client(settings: Any) -> Any:
 
 
 def _running() -> bool:
-    from celery.worker import state
+    from kiq import library_internals
 
-    return bool(state.active_requests)
+    return library_internals.any_active()
 
 
 def serve(port: int, health: Health) -> ThreadingHTTPServer | None:

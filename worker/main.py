@@ -10,8 +10,11 @@ WORKER_FLAGS = ("--without-gossip", "--without-mingle")
 
 
 def run_worker(extra_args: list[str]) -> None:
+    from worker import tenantqueues
     from worker.celery import app, settings
 
     hostname = f"kiq@{socket.gethostname()}-{settings.device_target.lower()}{settings.device_id}"
     argv = ["worker", f"--hostname={hostname}", "--loglevel=INFO", *WORKER_FLAGS]
     app.worker_main([*argv, *extra_args])
+    if tenantqueues.drained():  # Celery's worker_main drops the exit code its shutdown carried
+        raise SystemExit(tenantqueues.DRAINED_EXIT)

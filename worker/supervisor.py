@@ -22,6 +22,7 @@ from typing import Any
 from kiq import logs
 from kiq.errors import SettingsError
 from kiq.settings import Settings
+from worker.tenantqueues import DRAINED_EXIT
 
 log = logging.getLogger("kiq.supervisor")
 BACKOFF_BASE_S, BACKOFF_CAP_S = 1.0, 60.0
@@ -95,6 +96,7 @@ class Child:
     deaths: deque[float] = field(default_factory=deque)
     start_at: float = 0.0
     down: bool = False
+    drained: bool = False  # left down on purpose (kiq fleet drain)
 
 
 class Supervisor:
@@ -111,6 +113,9 @@ class Supervisor:
         while not self.stopping:
             self.tick(time.monotonic())
             if all(c.down for c in self.children):
+                if all(c.drained for c in self.children):
+                    log.info("every device worker was drained; exiting")
+                    return 0
                 log.error("every device worker is down; giving up")
                 return 1
             time.sleep(0.2)
@@ -135,6 +140,10 @@ class Supervisor:
     def _died(self, child: Child, now: float) -> None:
         code = child.proc.returncode if child.proc else None
         child.proc = None
+        if code == DRAINED_EXIT:
+            child.down = child.drained = True
+            log.info("device %d: worker drained (kiq fleet drain); leaving it down", child.device)
+            return
         child.deaths.append(now)
         while child.deaths and now - child.deaths[0] > self.settings.restart_window_s:
             child.deaths.popleft()

@@ -1,9 +1,10 @@
 """One sweep job: the conditions embedded once, one cheap mix per frame, frames through the decoder in batches.
 
 Every frame starts from the same decoder noise: each decoder row gets a fresh generator from the job's seed, as
-the plain job's decoder does, so frame k is the plain job with frame k's weights (test_sweep_exact.py).
-Each frame is uploaded as soon as its batch is decoded and listed in the job's progress; the animation is encoded
-and uploaded at the end. A cancel stops the sweep at its next denoising step; the frames uploaded stay listed.
+the plain job's decoder does, so frame k is the plain job with frame k's weights
+(tests/integration/test_sweep_exact.py). Each frame is uploaded as soon as its batch is decoded and listed in the
+job's progress; the animation is encoded and uploaded at the end. A cancel stops the sweep at its next denoising
+step; the frames uploaded stay listed.
 """
 
 from __future__ import annotations

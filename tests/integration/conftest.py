@@ -4,6 +4,7 @@ and one `kiq worker` process (CPU, solo pool) shared by the session."""
 from __future__ import annotations
 
 import os
+import subprocess
 import uuid
 from pathlib import Path
 
@@ -14,7 +15,7 @@ import redis
 from kiq.settings import Settings
 from producer import devstack
 from producer.client import Client
-from tests.helpers import ALLOWED_HOST, redis_databases
+from tests.helpers import ALLOWED_HOST, Receiver, redis_databases
 
 # A distinctive secret, so tests can prove it never leaks into results, errors, logs or metadata.
 SECRET = "kiq-test-SECRET-7c1e9a0b4d"
@@ -102,3 +103,36 @@ def spawn_worker(env, logs):
             return devstack.start_worker(extra, worker_env, log), log
 
         yield spawn
+
+
+@pytest.fixture
+def webhooks(env, logs):
+    """A `kiq webhook-worker` process and a receiver; yields (receiver, secret)."""
+    secret = f"secret-{uuid.uuid4().hex}"
+    log = logs / f"webhooks-{uuid.uuid4().hex[:6]}.log"
+    with Receiver() as receiver, devstack.Stack() as stack:
+        proc = stack.spawn([*devstack.kiq_command(), "webhook-worker"], log, {**env, "KIQ_WEBHOOK_SECRET": secret})
+        devstack.wait_until(lambda: log.exists() and " ready." in log.read_text(errors="replace"), 60, "webhooks",
+                            proc)  # fmt: skip
+        yield receiver, secret
+
+
+@pytest.fixture
+def own_redis(tmp_path):
+    """A redis-server of the test's own (append-only, fsync always); yields (url, processes, start)."""
+    port = devstack.free_port()
+    argv = ["redis-server", "--bind", "127.0.0.1", "--port", str(port), "--dir", str(tmp_path), "--save", "",
+            "--appendonly", "yes", "--appendfsync", "always"]  # fmt: skip
+    url = f"redis://127.0.0.1:{port}/0"
+    procs = []
+
+    def start():
+        procs.append(subprocess.Popen(argv, stdout=subprocess.DEVNULL))
+        devstack.wait_until(lambda: devstack.redis_ping(url), 20, "redis-server", procs[-1])
+
+    try:
+        start()
+        yield url, procs, start
+    finally:
+        for proc in procs:
+            devstack.stop(proc)

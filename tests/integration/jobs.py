@@ -32,3 +32,9 @@ def read_object(s3, uri: str) -> tuple[Image.Image, dict[str, str]]:
     image = Image.open(io.BytesIO(obj["Body"].read()))
     image.load()
     return image, obj["Metadata"]
+
+
+def steps_lasting(client, seconds):
+    """Decoder steps that take about `seconds` here: CPU speed varies several-fold between machines and days."""
+    probe = client.wait(client.submit(tiny_job(decoder_steps=10, seed=5)), timeout=300)
+    return min(500, max(20, int(seconds / (probe.result.timings["decoder"] / 10))))

@@ -7,8 +7,8 @@ import uuid
 
 import numpy as np
 
+from tests.helpers import FAST_REDELIVERY, client_for, count_in_logs, objects_of, wait_for_step
 from tests.integration.jobs import image_input, read_object, tiny_job
-from tests.integration.test_faults import FAST_REDELIVERY, client_for, count_in_logs, objects_of, wait_for_step
 
 
 def test_queued_jobs_share_a_decoder_batch_and_keep_their_own_outcomes(env, client, worker, spawn_worker, s3,

@@ -16,14 +16,11 @@ from kiq import transport
 from kiq.celeryconf import broker_transport_options, priority_lists
 from kiq.names import unacked_keys
 from producer import devstack
-from tests.integration import test_faults
-from tests.integration.jobs import tiny_job
-from tests.integration.test_faults import FAST_REDELIVERY, client_for, count_in_logs, own_queue, wait_for_step
-from tests.integration.test_guarantees import on_queue, received, steps_lasting
+from tests.helpers import FAST_REDELIVERY, client_for, count_in_logs, on_queue, own_queue, received, wait_for_step
+from tests.integration.jobs import steps_lasting, tiny_job
 from tests.proxy import Proxy
 
 FAKETIME = sorted(glob.glob("/usr/lib/*/faketime/libfaketimeMT.so.1") + glob.glob("/usr/lib/faketime/*MT.so.1"))
-own_redis = test_faults.own_redis  # a redis-server of the test's own
 
 
 def pause(proc, redis_client=None, queue=None):

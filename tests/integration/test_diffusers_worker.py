@@ -6,9 +6,8 @@ import uuid
 
 import numpy as np
 
-from tests.helpers import data_uri, image_bytes
+from tests.helpers import client_for, data_uri, image_bytes
 from tests.integration.jobs import image_input, read_object, tiny_job
-from tests.integration.test_faults import client_for
 
 
 def jobs(settings, s3):

@@ -10,15 +10,8 @@ import urllib.request
 import pytest
 
 from kiq.errors import UnknownJob
-from tests.helpers import image_bytes
+from tests.helpers import image_bytes, kiq_cli
 from tests.integration.jobs import image_input, read_object, tiny_job
-
-
-def kiq(env, *args, stdin=None, timeout=300):
-    return subprocess.run(
-        [sys.executable, "-m", "producer.cli", *args], env=env, input=stdin, capture_output=True, text=True,
-        timeout=timeout,
-    )  # fmt: skip
 
 
 def test_cli_submit_wait_success_with_all_reference_kinds(env, worker, s3, settings, tmp_path):
@@ -32,7 +25,7 @@ def test_cli_submit_wait_success_with_all_reference_kinds(env, worker, s3, setti
     )
     path = tmp_path / "job.json"
     path.write_text(json.dumps(job))
-    done = kiq(env, "submit", str(path), "--wait")
+    done = kiq_cli(env, "submit", str(path), "--wait")
     assert done.returncode == 0, done.stderr
     job_id, status_json = done.stdout.split("\n", 1)
     status = json.loads(status_json)
@@ -47,13 +40,13 @@ def test_cli_submit_wait_success_with_all_reference_kinds(env, worker, s3, setti
 
 
 def test_cli_reads_stdin_and_prints_only_the_id(env, worker, client):
-    done = kiq(env, "submit", "-", stdin=json.dumps(tiny_job()))
+    done = kiq_cli(env, "submit", "-", stdin=json.dumps(tiny_job()))
     assert done.returncode == 0, done.stderr
     job_id = done.stdout.strip()
     assert len(job_id) == 36 and "\n" not in job_id
-    waited = kiq(env, "wait", job_id, "--timeout", "120")
+    waited = kiq_cli(env, "wait", job_id, "--timeout", "120")
     assert waited.returncode == 0 and json.loads(waited.stdout)["state"] == "SUCCESS"
-    status = kiq(env, "status", job_id)
+    status = kiq_cli(env, "status", job_id)
     assert json.loads(status.stdout)["state"] == "SUCCESS"
 
 
@@ -103,7 +96,7 @@ def test_same_seed_same_image_and_absent_seed_is_reported(worker, client, s3):
 def test_unknown_id(env, client):
     with pytest.raises(UnknownJob):
         client.status("00000000-0000-0000-0000-000000000000")
-    assert kiq(env, "status", "no-such-job").returncode == 4
+    assert kiq_cli(env, "status", "no-such-job").returncode == 4
 
 
 def test_cancel_queued_and_running_jobs_and_wait_timeout(env, worker, client, s3, settings):
@@ -112,12 +105,12 @@ def test_cancel_queued_and_running_jobs_and_wait_timeout(env, worker, client, s3
     deadline = time.monotonic() + 60
     while client.status(running).state not in ("PROGRESS",) and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert kiq(env, "wait", running, "--timeout", "0.5").returncode == 3
+    assert kiq_cli(env, "wait", running, "--timeout", "0.5").returncode == 3
     assert client.cancel(queued).state == "REVOKED"
-    cancelled = kiq(env, "cancel", running)
+    cancelled = kiq_cli(env, "cancel", running)
     assert cancelled.returncode == 0, cancelled.stderr
     assert client.wait(running, timeout=60).state == "REVOKED"
-    assert kiq(env, "wait", queued).returncode == 1
+    assert kiq_cli(env, "wait", queued).returncode == 1
     listed = s3.list_objects_v2(Bucket=settings.s3_bucket, Prefix=settings.s3_prefix)
     keys = [o["Key"] for o in listed.get("Contents", [])]
     assert not [k for k in keys if running in k or queued in k]
@@ -155,5 +148,5 @@ def test_wait_draws_a_progress_bar_only_on_a_terminal(env, worker, tmp_path):
     assert proc.returncode == 0
     assert "\r" in terminal and "decoder [" in terminal and "/8" in terminal
     assert json.loads(out.decode().split("\n", 1)[1])["state"] == "SUCCESS"  # stdout: id, then the status only
-    piped = kiq(env, "submit", str(path), "--wait")
+    piped = kiq_cli(env, "submit", str(path), "--wait")
     assert piped.returncode == 0 and "decoder [" not in piped.stderr

@@ -4,52 +4,16 @@ real processes on loopback."""
 import json
 import os
 import signal
-import subprocess
 import time
-import uuid
 
 import pytest
 
 from kiq.names import deliveries_key
-from kiq.settings import Settings
 from kiq.webhooks import verify
 from producer import devstack
-from producer.client import Client
-from tests.helpers import Receiver
+from tests.helpers import FAST_REDELIVERY, client_for, count_in_logs, objects_of, own_queue, wait_for_step
 from tests.integration.jobs import tiny_job
 from tests.proxy import Proxy
-
-# A short visibility timeout so a killed worker's job comes back within seconds. Leases keep live jobs, so
-# time limits need no change (test_guarantees.py shows the same on the 60 s default).
-FAST_REDELIVERY = {"KIQ_VISIBILITY_TIMEOUT_S": "6"}
-
-
-def own_queue(**overrides):
-    return {"KIQ_QUEUE": f"kiq-fault-{uuid.uuid4().hex[:8]}", **overrides}
-
-
-def client_for(env, overrides) -> Client:
-    return Client(Settings.from_env({**env, **overrides}))
-
-
-def wait_for_step(client, job_id, stage="decoder", step=2, timeout=60):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        status = client.status(job_id)
-        if status.progress and status.progress.stage == stage and status.progress.step >= step:
-            return status
-        assert not status.done, status
-        time.sleep(0.05)
-    raise AssertionError(f"{job_id} never reached {stage} step {step}")
-
-
-def objects_of(s3, settings, job_id):
-    listed = s3.list_objects_v2(Bucket=settings.s3_bucket, Prefix=f"{settings.s3_prefix}{job_id}/")
-    return [o["Key"] for o in listed.get("Contents", [])]
-
-
-def count_in_logs(logs, needle):
-    return sum(path.read_text(errors="replace").count(needle) for path in logs)
 
 
 def test_sigkill_mid_denoising_then_restart_completes_exactly_once(env, spawn_worker, s3, settings, redis_client):
@@ -66,18 +30,6 @@ def test_sigkill_mid_denoising_then_restart_completes_exactly_once(env, spawn_wo
     assert sorted(objects_of(s3, settings, job_id)) == [f"jobs/{job_id}/0.png", f"jobs/{job_id}/1.png"]
     assert count_in_logs([first_log, second_log], f"[{job_id}] succeeded") == 1
     assert not redis_client.exists(deliveries_key(job_id))
-
-
-@pytest.fixture
-def webhooks(env, logs):
-    """A `kiq webhook-worker` process and a receiver; yields (receiver, secret)."""
-    secret = f"secret-{uuid.uuid4().hex}"
-    log = logs / f"webhooks-{uuid.uuid4().hex[:6]}.log"
-    with Receiver() as receiver, devstack.Stack() as stack:
-        proc = stack.spawn([*devstack.kiq_command(), "webhook-worker"], log, {**env, "KIQ_WEBHOOK_SECRET": secret})
-        devstack.wait_until(lambda: log.exists() and " ready." in log.read_text(errors="replace"), 60, "webhooks",
-                            proc)  # fmt: skip
-        yield receiver, secret
 
 
 def test_job_that_keeps_killing_its_worker_fails_as_poison_and_says_so_once(env, spawn_worker, s3, settings,
@@ -101,26 +53,6 @@ def test_job_that_keeps_killing_its_worker_fails_as_poison_and_says_so_once(env,
     ((headers, body),) = receiver.calls
     verify(secret, headers, body)
     assert json.loads(body)["error"]["type"] == "PoisonJob"
-
-
-@pytest.fixture
-def own_redis(tmp_path):
-    port = devstack.free_port()
-    argv = ["redis-server", "--bind", "127.0.0.1", "--port", str(port), "--dir", str(tmp_path), "--save", "",
-            "--appendonly", "yes", "--appendfsync", "always"]  # fmt: skip
-    url = f"redis://127.0.0.1:{port}/0"
-    procs = []
-
-    def start():
-        procs.append(subprocess.Popen(argv, stdout=subprocess.DEVNULL))
-        devstack.wait_until(lambda: devstack.redis_ping(url), 20, "redis-server", procs[-1])
-
-    try:
-        start()
-        yield url, procs, start
-    finally:
-        for proc in procs:
-            devstack.stop(proc)
 
 
 def test_redis_restart_with_jobs_queued_and_running(env, spawn_worker, own_redis, s3, settings):

@@ -12,16 +12,8 @@ import pytest
 from kiq.events import event_order
 from kiq.names import events_key, unacked_keys
 from producer import devstack
+from tests.helpers import FAST_REDELIVERY, client_for, count_in_logs, objects_of, own_queue, wait_for_step
 from tests.integration.jobs import tiny_job
-from tests.integration.test_faults import (
-    FAST_REDELIVERY,
-    client_for,
-    count_in_logs,
-    objects_of,
-    own_queue,
-    wait_for_step,
-)
-from tests.integration.test_faults import webhooks as webhooks  # a fixture
 
 STOPPED = re.compile(r"delivery (\d+) of (\S+) is stale: .*, after (\w+) step (\d+) of \d+; .* at ([0-9.]+)")
 

@@ -15,8 +15,8 @@ import pytest
 from kiq.settings import Settings
 from producer import devstack
 from producer.client import Client
+from tests.helpers import FAST_REDELIVERY, count_in_logs, objects_of, wait_for_step
 from tests.integration.jobs import tiny_job
-from tests.integration.test_faults import FAST_REDELIVERY, count_in_logs, objects_of, wait_for_step
 
 DEVICES = 2
 

@@ -15,35 +15,22 @@ from kiq.leases import OtherIndexes
 from kiq.names import VISIBILITY_TIMEOUTS_KEY, unacked_keys
 from kiq.settings import Settings
 from producer import devstack
-from tests.helpers import calling_server, image_bytes
-from tests.integration.conftest import SPARE_REDIS_URL
-from tests.integration.jobs import read_object, tiny_job
-from tests.integration.test_faults import (
+from tests.helpers import (
     FAST_REDELIVERY,
+    calling_server,
     client_for,
     count_in_logs,
+    image_bytes,
     objects_of,
+    on_queue,
     own_queue,
+    received,
     wait_for_step,
 )
-
-
-def on_queue(redis_client, queue, job_id):
-    """Whether the job waits in any of the queue's priority lists."""
-    return any(job_id.encode() in m for name in priority_lists(queue) for m in redis_client.lrange(name, 0, -1))
-
-
-def received(log, job_id):
-    return log.exists() and f"[{job_id}] received" in log.read_text(errors="replace")
-
+from tests.integration.conftest import SPARE_REDIS_URL
+from tests.integration.jobs import read_object, steps_lasting, tiny_job
 
 STEPS, IMAGES = 40, 4  # the resumed job: 4 images a step, so 500 steps outlast the timeout on fast days too
-
-
-def steps_lasting(client, seconds):
-    """Decoder steps that take about `seconds` here: CPU speed varies several-fold between machines and days."""
-    probe = client.wait(client.submit(tiny_job(decoder_steps=10, seed=5)), timeout=300)
-    return min(500, max(20, int(seconds / (probe.result.timings["decoder"] / 10))))
 
 
 def test_on_defaults_a_killed_workers_job_resumes_within_two_minutes_and_a_long_live_job_runs_once(

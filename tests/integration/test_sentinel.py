@@ -10,8 +10,8 @@ import pytest
 
 from kiq.settings import Settings
 from producer.client import Client
+from tests.helpers import count_in_logs, objects_of, wait_for_step
 from tests.integration.jobs import tiny_job
-from tests.integration.test_faults import count_in_logs, objects_of, wait_for_step
 from tests.sentinel import RedisHA
 
 

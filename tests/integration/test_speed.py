@@ -17,8 +17,8 @@ from kiq.names import idempotency_key, job_record_key
 from kiq.s3 import input_prefix
 from kiq.settings import Settings
 from producer.api import create_api
+from tests.helpers import client_for, own_queue
 from tests.integration.jobs import image_input, tiny_job
-from tests.integration.test_faults import client_for, own_queue
 
 # 120 frames x 500 steps at 2048x2048: 64,000 s by kiq's own model at the reference speed, over the 3 h cap.
 IMPOSSIBLE_SWEEP = tiny_job(

@@ -8,8 +8,8 @@ import time
 
 import pytest
 
+from tests.helpers import kiq_cli
 from tests.integration.jobs import image_input, read_object, tiny_job
-from tests.integration.test_end_to_end import kiq
 
 SWEEP = tiny_job({"text": "a cat", "weight": 1.0}, image_input(0.0), prior_steps=2, decoder_steps=2,
                  sweep={"to": [0.0, 1.0], "frames": 3, "easing": "ease-in-out"},
@@ -19,7 +19,7 @@ SWEEP = tiny_job({"text": "a cat", "weight": 1.0}, image_input(0.0), prior_steps
 def test_cli_sweep_lists_frames_then_downloads_frames_and_animation(env, worker, s3, settings, tmp_path):
     path = tmp_path / "sweep.json"
     path.write_text(json.dumps(SWEEP))
-    done = kiq(env, "submit", str(path), "--wait", "--timeout", "240")
+    done = kiq_cli(env, "submit", str(path), "--wait", "--timeout", "240")
     assert done.returncode == 0, done.stderr
     job_id, status_json = done.stdout.split("\n", 1)
     result = json.loads(status_json)["result"]
@@ -32,7 +32,7 @@ def test_cli_sweep_lists_frames_then_downloads_frames_and_animation(env, worker,
     frame, metadata = read_object(s3, result["images"][1]["uri"])
     assert frame.size == (64, 64) and metadata["kiq-frame"] == "1"
 
-    saved = kiq(env, "download", job_id, str(tmp_path / "out"))
+    saved = kiq_cli(env, "download", job_id, str(tmp_path / "out"))
     assert saved.returncode == 0, saved.stderr
     names = sorted(p.rsplit("/", 1)[-1] for p in saved.stdout.split())
     assert names == ["0.png", "1.png", "2.png", "animation.mp4"]
@@ -43,9 +43,9 @@ def test_cli_sweep_lists_frames_then_downloads_frames_and_animation(env, worker,
     with av.open(io.BytesIO(mp4)) as container:
         assert len(list(container.decode(video=0))) == 4  # boomerang: 0 1 2 1
 
-    plain = kiq(env, "submit", "-", "--wait", stdin=json.dumps(tiny_job(decoder_steps=2)))
+    plain = kiq_cli(env, "submit", "-", "--wait", stdin=json.dumps(tiny_job(decoder_steps=2)))
     plain_id = plain.stdout.split("\n", 1)[0]
-    saved = kiq(env, "download", plain_id, str(tmp_path / "plain"))
+    saved = kiq_cli(env, "download", plain_id, str(tmp_path / "plain"))
     assert saved.returncode == 0 and saved.stdout.split() == [str(tmp_path / "plain" / "0.png")]
 
 

@@ -97,6 +97,18 @@ def test_nothing_in_the_repository_points_outside_it():
     assert found == ""
 
 
+def test_every_test_file_the_repository_cites_exists():
+    """A moved or renamed test leaves no stale citation behind in code, docs or other tests."""
+    if shutil.which("git") is None or not (ROOT / ".git").exists():
+        pytest.skip("not a git checkout")
+    files = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True).stdout.split()
+    tests = {Path(f).name for f in files if f.startswith("tests/")} | {f for f in files if f.startswith("tests/")}
+    cited = subprocess.run(["git", "grep", "-h", "-o", "-I", "-E", r"(tests/[a-z_/]*)?\btest_[a-z0-9_]+\.py"],
+                           cwd=ROOT, capture_output=True, text=True).stdout.split()  # fmt: skip
+    assert len(cited) > 20  # the grep found the citations there are
+    assert sorted({c for c in cited if c not in tests}) == []
+
+
 def test_the_readme_is_short_and_links_into_the_docs():
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
     assert len(readme.splitlines()) <= 200

@@ -33,3 +33,18 @@ def test_no_two_modules_import_each_other():
             edges[name] |= imported(node, known) - {name}
     pairs = sorted({tuple(sorted((a, b))) for a in edges for b in edges[a] if a in edges[b]})
     assert pairs == []
+
+
+def test_no_test_module_imports_another():
+    """Shared helpers live in tests/helpers.py and fixtures in a conftest.py: importing a test module runs its
+    fixtures and tests twice under pytest and ties the two files' fates."""
+    found = []
+    for path in sorted((ROOT / "tests").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                names = [f"{node.module or ''}.{alias.name}" for alias in node.names] + [node.module or ""]
+            found += [f"{path.relative_to(ROOT)}: {n}" for n in names if n.rsplit(".", 1)[-1].startswith("test_")]
+    assert found == []

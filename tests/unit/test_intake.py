@@ -79,3 +79,21 @@ def test_repeated_pauses_remember_the_queues_once():
     intake.resume()
     loop.perform_pending_operations()
     assert consumed(loop) == (["kiq"], ["kiq"])
+
+
+def test_a_queue_added_while_paused_is_consumed_only_from_the_resume():
+    from kombu import Exchange, Queue
+
+    loop = Loop()
+    intake = Intake.of(loop)
+    assert Intake.of(loop) is intake  # one per consumer: the leases and fair share share its pauses
+    intake.pause("drain")
+    intake.add(Queue("kiq.t.a", Exchange("kiq.t.a"), routing_key="kiq.t.a"))
+    loop.perform_pending_operations()
+    assert consumed(loop) == ([], [])
+    intake.resume("leases")  # another reason's resume: the drain still holds
+    loop.perform_pending_operations()
+    assert consumed(loop) == ([], [])
+    intake.resume("drain")
+    loop.perform_pending_operations()
+    assert consumed(loop) == (["kiq", "kiq.t.a"], ["kiq", "kiq.t.a"])

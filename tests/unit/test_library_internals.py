@@ -2,8 +2,11 @@
 
 kiq pins kombu and Celery to the minor releases tested here (pyproject.toml). A release that renames or changes
 one of these fails this test, loudly, instead of a lease renewal failing in production (issue 20, defect 4).
-Where kiq copies kombu's code (kiq.leases._IndexQoS.restore_by_tag) the test also checks what it copied."""
+Where kiq copies kombu's code (kiq.library_internals.restore_by_tag) the test also checks what it copied. Every
+such name is used in kiq/library_internals.py alone: the tests at the end check that too."""
 
+import ast
+import hashlib
 import inspect
 import tomllib
 from pathlib import Path
@@ -24,6 +27,8 @@ from kombu.transport import virtual
 from packaging.requirements import Requirement
 
 from kiq import leases
+from kiq import library_internals as internals
+from kiq.events import EventsBackend
 
 
 def params(func) -> list[str]:
@@ -95,6 +100,7 @@ def test_kombu_sweep_goes_through_restore_by_tag_as_index_qos_overrides_it():
                  "self.channel._do_restore_message(M, EX, RK, pipe, leftmost)",
                  "client.transaction(restore_transaction, self.unacked_key)"):  # fmt: skip
         assert step in kombu_own, step
+    assert "internals.restore_by_tag(self, tag, client, leftmost)" in inspect.getsource(leases._IndexQoS)
     assert issubclass(leases._IndexQoS, kombu_redis.QoS)
 
 
@@ -103,6 +109,21 @@ def test_celery_worker_state_and_requests():
     for name in ("id", "name", "args", "message"):  # held_by_consumer, batching's find_mates
         assert hasattr(Request, name), name
     assert symbol_by_name("celery.worker.consumer.tasks:Tasks")  # the Leases bootstep requires it
+
+
+def test_the_warm_shutdown_a_drain_asks_for_and_the_queue_cycle_fair_share_replaces():
+    """kiq.library_internals.stop_worker_warm sets what Celery's SIGTERM handler sets; kiq.fairshare.FairCycle is
+    kombu's queue cycle (the `queue_order_strategy` transport option): the BRPOP names queues in its order and
+    rotates the delivering one, and every consume or cancel updates it."""
+    assert "should_stop" in inspect.getsource(state.maybe_shutdown)
+    assert "queue_order_strategy" in kombu_redis.Channel.from_transport_options
+    assert "self._queue_cycle = cycle_by_name(self.queue_order_strategy)()" in inspect.getsource(
+        kombu_redis.Channel.__init__
+    )
+    assert "self._queue_cycle.consume(len(self.active_queues))" in inspect.getsource(kombu_redis.Channel._brpop_start)
+    assert "for pri in self.priority_steps" in inspect.getsource(kombu_redis.Channel._brpop_start)
+    assert "self._queue_cycle.rotate(dest)" in inspect.getsource(kombu_redis.Channel._brpop_read)
+    assert "self._queue_cycle.update(self.active_queues)" in inspect.getsource(kombu_redis.Channel._update_queue_cycle)
 
 
 def test_celery_queue_selection_kiq_pauses_intake_with():
@@ -128,3 +149,108 @@ def test_kombu_redis_names_kiq_builds_itself():
     assert BINDING_PATTERNS[0] == kombu_redis.Channel.keyprefix_queue % "*"
     assert 'f"{queue}{self.sep}{pri}"' in inspect.getsource(kombu_redis.Channel._q_for_pri)
     assert priority_lists("kiq") == ["kiq", f"kiq{KOMBU_SEP}3", f"kiq{KOMBU_SEP}6", f"kiq{KOMBU_SEP}9"]
+
+
+# Every private kombu or Celery name kiq.library_internals uses (each checked on the pinned versions below), and the
+# only module that may use them: kiq, the worker and the producer reach them through the adapter alone.
+ADAPTER = Path(__file__).parents[2] / "kiq" / "library_internals.py"
+PRIVATE = {
+    "_qos": "kombu Channel: its QoS, None before the first delivery",
+    "_delivered": "kombu QoS: the unacknowledged deliveries",
+    "_vrestore_count": "kombu QoS: restore_visible's call count",
+    "_on_collect": "kombu QoS: the restore at interpreter exit",
+    "_remove_from_indices": "kombu Redis QoS",
+    "_do_restore_message": "kombu Redis Channel",
+    "_raw": "kombu Message: the payload as received",
+    "_set": "Celery RedisBackend: the state write",
+}
+STATE_NAMES = {"active_requests", "reserved_requests"}  # celery.worker.state, an unpublished module
+
+
+def private_attributes(tree: ast.AST) -> set[str]:
+    names = {n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute)}
+    names |= {n.name for n in ast.walk(tree) if isinstance(n, ast.FunctionDef)}
+    names |= {n.value for n in ast.walk(tree) if isinstance(n, ast.Constant) and isinstance(n.value, str)}
+    return {name for name in names if name.startswith("_") and not name.startswith("__")}
+
+
+def test_the_adapter_uses_exactly_the_private_names_listed_here():
+    """A new private name in the adapter must be added to PRIVATE (and checked below) before it is used."""
+    assert private_attributes(ast.parse(ADAPTER.read_text())) == set(PRIVATE)
+
+
+def test_no_module_but_the_adapter_touches_a_private_kombu_or_celery_name():
+    root = ADAPTER.parents[1]
+    offenders = []
+    for package in ("kiq", "worker", "producer"):
+        for path in sorted((root / package).rglob("*.py")):
+            if path == ADAPTER:
+                continue
+            text = path.read_text()
+            used = private_attributes(ast.parse(text)) & set(PRIVATE)
+            used |= {f"state.{name}" for name in STATE_NAMES if f"state.{name}" in text}
+            if "celery.worker import state" in text or "celery.worker.state" in text:
+                used.add("celery.worker.state")
+            offenders += [f"{path.relative_to(root)}: {name}" for name in sorted(used)]
+    assert offenders == [], "use kiq/library_internals.py for these"
+
+
+def test_each_kombu_private_name_the_adapter_uses_is_there_and_does_what_it_expects():
+    qos = kombu_redis.QoS(SimpleNamespace())
+    try:
+        assert internals.delivered(qos) is qos._delivered and isinstance(qos._delivered, dict)
+        assert qos._vrestore_count == 0
+        assert [internals.restore_round_due(qos, 3) for _ in range(4)] == [True, False, False, True]
+    finally:
+        internals.cancel_restore_at_exit(qos)  # qos._on_collect.cancel()
+    assert "self._qos = None" in inspect.getsource(virtual.Channel.__init__)  # channel_qos: None before a delivery
+    assert "self._qos = self.QoS(" in inspect.getsource(virtual.Channel.qos.fget)
+    assert internals.channel_qos(SimpleNamespace()) is None
+    assert "self._vrestore_count += 1" in inspect.getsource(kombu_redis.QoS.restore_visible)
+    assert "self._raw = payload" in inspect.getsource(virtual.base.Message.__init__)
+    assert internals.raw_payload(SimpleNamespace(_raw={"body": "x"})) == {"body": "x"}
+    tags = {"tag": 1, "other": 2}
+    internals.settle_locally(SimpleNamespace(channel=SimpleNamespace(qos=SimpleNamespace(_delivered=tags)),
+                                             delivery_tag="tag"))  # fmt: skip
+    assert tags == {"other": 2}
+    assert "delivered.pop(dirty_tag, None)" in inspect.getsource(virtual.QoS)  # an ack does this: settle_locally too
+
+
+def test_the_adapters_restore_by_tag_is_a_copy_of_kombus_own():
+    """kiq.library_internals.restore_by_tag copies kombu 5.7.0's QoS.restore_by_tag (sha256 prefix below), adding
+    only its return value: a changed kombu method must be read and the copy ported before the pin moves."""
+    own = inspect.getsource(kombu_redis.QoS.restore_by_tag)
+    assert hashlib.sha256(own.encode()).hexdigest()[:16] == "58e161d81b6fe18d"
+    copy = inspect.getsource(internals.restore_by_tag)
+    for step in ("pipe.hget(qos.unacked_key, tag)", "pipe.multi()", "qos._remove_from_indices(tag, pipe)",
+                 "qos.channel._do_restore_message(message, exchange, routing_key, pipe, leftmost)",
+                 "client.transaction(restore, qos.unacked_key, value_from_callable=True)"):  # fmt: skip
+        assert step in copy, step
+
+
+class FakeRequest:  # Celery's request sets are WeakSets
+    def __init__(self, id):
+        self.id = id
+
+
+def test_each_celery_private_name_the_adapter_uses_is_there(monkeypatch):
+    running, waiting = FakeRequest("a"), FakeRequest("b")
+    monkeypatch.setattr(state, "active_requests", WeakSet([running]))
+    monkeypatch.setattr(state, "reserved_requests", WeakSet([running, waiting]))
+    assert internals.active_requests() == [running] and internals.any_active()
+    assert {r.id for r in internals.reserved_requests()} == {"a", "b"}
+    assert internals.is_reserved(waiting) and not internals.is_reserved(FakeRequest("c"))
+    # BackendWrites: Celery's set() still writes through _set, which the mixin routes to write_state.
+    assert "self.ensure(self._set, (key, value)" in inspect.getsource(RedisBackend.set)
+    assert issubclass(EventsBackend, internals.BackendWrites) and "write_state" in vars(EventsBackend.__mro__[1])
+    writes = []
+
+    class Backend(internals.BackendWrites, RedisBackend):
+        def write_state(self, key, value):
+            writes.append(("kiq", key))
+            self.celery_write(key, value)
+
+    monkeypatch.setattr(RedisBackend, "__init__", lambda self, *a, **k: None)
+    monkeypatch.setattr(RedisBackend, "_set", lambda self, key, value: writes.append(("celery", key)))
+    Backend()._set("k", "v")
+    assert writes == [("kiq", "k"), ("celery", "k")]

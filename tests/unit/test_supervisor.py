@@ -117,3 +117,28 @@ def _alive(pid: int) -> bool:
             return stat.read().split(")")[-1].split()[0] != "Z"
     except FileNotFoundError:
         return False
+
+
+def test_a_drained_child_is_left_down_and_a_fully_drained_supervisor_exits_0():
+    from worker.tenantqueues import DRAINED_EXIT
+
+    class DrainedProc(DeadProc):
+        returncode = DRAINED_EXIT
+
+        def poll(self):
+            return DRAINED_EXIT
+
+    sup = Supervisor(Settings(device_target="CPU"), [0], [], {})
+    started = []
+    sup._start = lambda child: (started.append(child.device), setattr(child, "proc", DrainedProc()))
+    sup.tick(0.0)
+    sup.tick(0.1)
+    sup.tick(60.0)
+    assert started == [0] and sup.children[0].down and sup.children[0].drained
+    sup.tick = lambda now: None  # the loop's own ticks: nothing more happens
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        assert sup.run() == 0
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
