@@ -14,9 +14,9 @@ from kiq.settings import Settings
 from producer import devstack
 from producer.client import Client
 from tests.blackhole import SilencingProxy
+from tests.helpers import wait_for_step
 from tests.integration.conftest import REDIS_URL
 from tests.integration.jobs import tiny_job
-from tests.helpers import wait_for_step
 
 # How the proxy tells the lease connection from the broker's: its client name, or (a worker without one) the
 # renewal itself, the only ZADD ... XX anyone sends.
