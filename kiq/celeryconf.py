@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from kiq import redisconn
@@ -30,6 +31,17 @@ def restore_interval_s(visibility_timeout_s: float) -> int:
     return max(1, min(10, int(visibility_timeout_s / 10)))
 
 
+def renew_interval_s(visibility_timeout_s: float) -> float:
+    """How often leases are renewed: a sixth of the timeout, so a few missed renewals (a Redis blip) are fine."""
+    return max(0.5, visibility_timeout_s / 6)
+
+
+def worker_socket_timeout_s(visibility_timeout_s: float) -> float:
+    """A worker's Redis socket timeout (leases, per-step checks, result writes): a new connection (connect, then
+    one reply) fails within two thirds of a renewal interval instead of blocking in TCP retransmits (~15 min)."""
+    return max(0.5, min(5.0, renew_interval_s(visibility_timeout_s) / 3))
+
+
 def unacked_mutex_expire_s(visibility_timeout_s: float) -> int:
     """How long a sweeper that died mid-sweep blocks an index's sweeps: three sweep intervals, not kombu's 300 s.
     A lock that lapses during a long sweep is harmless: each restore is a transaction on the unacked hash."""
@@ -51,6 +63,35 @@ def broker_transport_options(settings: Settings) -> dict[str, Any]:
         # the same lists and bindings, so kiq keeps kombu's default (KOMBU_SEP).
         "priority_steps": list(PRIORITY_STEPS),
         "queue_order_strategy": "priority",
+    }
+
+
+NO_RETRY = {"max_retries": 0}
+
+
+def worker_config(settings: Settings) -> dict[str, Any]:
+    """What job and webhook workers add to `common_config`: every Redis write fails fast on a cut-off connection,
+    so a run whose leases lapsed meets its self-fencing check within a step instead of blocking in a write until
+    the partition heals (kiq/events.py stops the retries then). Not for producers: `Client.events` blocks in XREAD
+    on the result backend's client for seconds, longer than these timeouts."""
+    timeout_s = worker_socket_timeout_s(settings.visibility_timeout_s)
+    sleep_s = renew_interval_s(settings.visibility_timeout_s)
+    sockets = {"socket_timeout": timeout_s, "socket_connect_timeout": timeout_s, "socket_keepalive": True}
+    common = common_config(settings)
+    return {
+        "redis_socket_timeout": timeout_s,
+        "redis_socket_connect_timeout": timeout_s,
+        # One round trip per attempt (redis-py would retry a timeout at once), and no inner retries in the
+        # backend's `ensure` (20 of 1 s each): Celery's store_result loop is the one retry, and it checks the leases.
+        "redis_retry_on_timeout": False,
+        "result_backend_transport_options": {**common["result_backend_transport_options"], "retry_policy": NO_RETRY},
+        # Its waits (full jitter) stay under a renewal interval, so a run whose leases lapse mid-wait still stops
+        # in time; enough of them to span KIQ_REDIS_RETRY_S on average (a failover, a restart).
+        "result_backend_max_sleep_between_retries_ms": int(sleep_s * 1000),
+        "result_backend_max_retries": max(30, math.ceil(settings.redis_retry_s * 2 / sleep_s)),
+        # The broker's publishes (webhooks, task events) too: kombu's BRPOP runs in the event loop, where no
+        # socket timeout applies (kombu's own health check drops a silent one), so this bounds only the blocking calls.
+        "broker_transport_options": {**common["broker_transport_options"], **sockets},
     }
 
 

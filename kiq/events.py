@@ -21,9 +21,10 @@ from typing import Any
 
 from celery.backends.redis import RedisBackend, SentinelBackend
 
-from kiq import fencing
+from kiq import fencing, leases
 from kiq.library_internals import BackendWrites
 from kiq.names import TERMINAL_STATES, events_channel, events_key
+from kiq.redisconn import REDIS_ERRORS
 
 # KEYS: meta key, stream key, event channel. ARGV: meta, ttl (0 = none), the stream's ttl (0 = none), its cap.
 # Run behind fencing.GUARD, which takes the fence key and the token last.
@@ -73,9 +74,21 @@ class _EventStreams(BackendWrites):
         script = self.__dict__.get("_write_script")
         if script is None:  # EVALSHA: Redis keeps the compiled script; EVAL would send and hash it every write
             script = self.__dict__["_write_script"] = self.client.register_script(fencing.guarded(_WRITE))
-        if script(keys=keys, args=(value, ttl, stream_ttl, STREAM_MAXLEN, fence_arg), client=self.client) is None:
+        try:
+            done = script(keys=keys, args=(value, ttl, stream_ttl, STREAM_MAXLEN, fence_arg), client=self.client)
+        except REDIS_ERRORS:
+            if token is not None and leases.lapsed() is not None:  # and no retries (exception_safe_to_retry)
+                fencing.abandoned(job_id, token, json.loads(value).get("status"))
+            raise
+        if done is None:
             fencing.refused(job_id, token, json.loads(value).get("status"))
         return None
+
+    def exception_safe_to_retry(self, exc: Exception) -> bool:
+        """Celery's store_result retries a connection error while this says so: not in a worker process whose
+        leases lapsed, whose run must stop at its next step (self-fencing, kiq/leases.py) instead of waiting here
+        for Redis while another worker may take its job."""
+        return bool(super().exception_safe_to_retry(exc)) and leases.lapsed() is None  # type: ignore[misc]
 
     def on_task_call(self, producer: Any, task_id: str) -> None:
         """Celery subscribes the sender to each task's result channel, for `AsyncResult.get()`, which kiq never

@@ -8,7 +8,8 @@ unreplicated writes: it cannot tell that a newer run exists), so such a loss fal
 
 The tokens this process's runs hold are kept here by job id: Celery stores a task's result without its run's
 context, so the result backend looks the token up. A refused write calls `on_refused` (the worker settles its
-copy of the message locally then, so its acknowledgement cannot remove the newer delivery's lease).
+copy of the message locally then, so its acknowledgement cannot remove the newer delivery's lease), and so does a
+write that failed after the worker's leases lapsed (`abandoned`: the job comes back and runs again).
 """
 
 from __future__ import annotations
@@ -82,6 +83,15 @@ def is_stale(current: Any, token: int | None) -> bool:
 
 def refused(job_id: str, token: int | None, what: str) -> None:
     log.warning("refused a stale write (%s) of job %s: delivery %s is no longer the current one", what, job_id, token)
+    if on_refused is not None:
+        on_refused(job_id)
+
+
+def abandoned(job_id: str, token: int | None, what: str) -> None:
+    """A write that failed once this worker's leases lapsed: not retried, and the run lets go of its job as a stale
+    one does (no acknowledgement), so the job comes back through a sweep and runs again rather than being lost."""
+    log.warning("gave up a write (%s) of job %s, delivery %s: this worker's leases lapsed and another worker may "
+                "take the job; letting go of it", what, job_id, token)  # fmt: skip
     if on_refused is not None:
         on_refused(job_id)
 

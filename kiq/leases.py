@@ -26,7 +26,7 @@ from typing import Any
 
 from kiq import library_internals as internals
 from kiq import redisconn
-from kiq.celeryconf import restore_interval_s, unacked_mutex_expire_s
+from kiq.celeryconf import renew_interval_s, restore_interval_s, unacked_mutex_expire_s, worker_socket_timeout_s
 from kiq.intake import Intake
 from kiq.names import VISIBILITY_TIMEOUTS_KEY, unacked_keys
 from kiq.settings import Settings
@@ -35,11 +35,6 @@ from kiq.transport import hold_while, kept_leases, server_time
 
 log = logging.getLogger(__name__)
 renewal_failures = [0]  # failed renewal rounds in this process since start: worker/metrics.py exports it
-
-
-def renew_interval_s(visibility_timeout_s: float) -> float:
-    """How often leases are renewed: a sixth of the timeout, so a few missed renewals (a Redis blip) are fine."""
-    return max(0.5, visibility_timeout_s / 6)
 
 
 class LeaseKeeper:
@@ -321,8 +316,7 @@ def lease_sockets(visibility_timeout_s: float) -> dict[str, Any]:
     from redis.backoff import NoBackoff
     from redis.retry import Retry
 
-    # A new connection (connect, then one reply) fails within two thirds of an interval.
-    timeout_s = max(0.5, min(5.0, renew_interval_s(visibility_timeout_s) / 3))
+    timeout_s = worker_socket_timeout_s(visibility_timeout_s)
     return {"socket_timeout": timeout_s, "socket_connect_timeout": timeout_s, "socket_keepalive": True,
             "socket_keepalive_options": _keepalive(timeout_s), "retry": Retry(NoBackoff(), 0),
             "client_name": LEASE_CLIENT_NAME}  # fmt: skip

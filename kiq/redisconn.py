@@ -80,14 +80,15 @@ def connect_async(url: RedisURL, settings: Settings, max_connections: int = 32) 
                                 max_connections=max_connections, timeout=30, **url.credentials)  # fmt: skip
 
 
-def retrying(call: Callable[[], T], within_s: float, what: str) -> T:
-    """Call `call`, retrying Redis errors with backoff and jitter for up to `within_s` (a restart, a failover)."""
+def retrying(call: Callable[[], T], within_s: float, what: str, give_up: Callable[[], bool] | None = None) -> T:
+    """Call `call`, retrying Redis errors with backoff and jitter for up to `within_s` (a restart, a failover), or
+    until `give_up()` says to stop."""
     deadline, delay = time.monotonic() + within_s, 0.2
     while True:
         try:
             return call()
         except REDIS_ERRORS as exc:
-            if time.monotonic() + delay > deadline:
+            if time.monotonic() + delay > deadline or (give_up is not None and give_up()):
                 raise
             log.warning("%s: Redis unavailable (%s); retrying in %.1f s", what, exc, delay)
             time.sleep(delay * (0.5 + random.random() / 2))

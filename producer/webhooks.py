@@ -19,7 +19,7 @@ from celery import Celery, Task
 from kombu import Exchange, Queue
 
 from kiq import brokerformat, leases, logs, safe_http, tracing
-from kiq.celeryconf import WORKER_AMQP, common_config
+from kiq.celeryconf import WORKER_AMQP, common_config, worker_config
 from kiq.errors import FetchUnavailable, InputError, SettingsError
 from kiq.names import WEBHOOK_QUEUE, WEBHOOK_TASK
 from kiq.settings import Settings
@@ -33,7 +33,7 @@ def create_webhook_app(settings: Settings) -> Celery:
     if not settings.webhook_secret:
         raise SettingsError("KIQ_WEBHOOK_SECRET must be set: webhooks are signed with it")
     app = Celery("kiq-webhooks", set_as_current=False, amqp=WORKER_AMQP)  # leases as the job worker's
-    app.conf.update(common_config(settings))
+    app.conf.update(common_config(settings), **worker_config(settings))
     app.conf.update(task_queues=[Queue(WEBHOOK_QUEUE, Exchange(WEBHOOK_QUEUE), routing_key=WEBHOOK_QUEUE)],
                     task_acks_late=True, worker_prefetch_multiplier=4)  # fmt: skip
     app.amqp.queues.select([WEBHOOK_QUEUE])  # not the job queue its retries' publishes add (worker/app.py)

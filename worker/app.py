@@ -10,7 +10,7 @@ from celery.signals import worker_init, worker_shutdown
 from kombu import Exchange, Queue
 
 from kiq import brokerformat, fairshare, leases
-from kiq.celeryconf import WORKER_AMQP, common_config
+from kiq.celeryconf import WORKER_AMQP, common_config, worker_config
 from kiq.errors import SettingsError
 from kiq.settings import Settings
 from worker import health, metrics, tasks, tenantqueues
@@ -22,7 +22,7 @@ from worker.runner import Runner
 def create_app(settings: Settings, runner: Runner | None = None) -> Celery:
     # kiq's Redis transport (kiq/transport.py): leases on Redis's clock, none handed back on a reconnect.
     app = Celery("kiq-worker", amqp=WORKER_AMQP)
-    app.conf.update(common_config(settings))
+    app.conf.update(common_config(settings), **worker_config(settings))
     # Tenants take turns within a priority (kiq/fairshare.py); their queues are added as they appear.
     options = app.conf.broker_transport_options
     app.conf.broker_transport_options = {**options, "queue_order_strategy": fairshare.STRATEGY}

@@ -10,7 +10,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from kiq import fencing
+from kiq import fencing, leases
 from kiq.errors import PoisonJob
 from kiq.names import deliveries_key, fence_key
 from kiq.redisconn import REDIS_ERRORS, retrying
@@ -81,7 +81,9 @@ class DeliveryGuard:
             log.warning("could not clear the delivery count of %s: %s", job_id, exc)
 
     def _retrying(self, call: Callable[[], T]) -> T:
-        return retrying(call, self.redis_retry_s, "delivery bookkeeping")
+        # Not past the leases' lapse: the run is stopping (self-fencing) and must not wait here for Redis while
+        # another worker may take its job; the count expires by itself.
+        return retrying(call, self.redis_retry_s, "delivery bookkeeping", give_up=lambda: leases.lapsed() is not None)
 
 
 @contextmanager

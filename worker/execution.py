@@ -26,7 +26,7 @@ from worker.delivery import DeliveryGuard, watchdog
 from worker.fleet import Heartbeat
 from worker.limits import SpeedMeter
 from worker.records import JobRecords, checks_client, webhook_url
-from worker.runner import JobCancelled, Runner, StaleDelivery
+from worker.runner import JobCancelled, LeasesLapsed, Runner, StaleDelivery
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +84,8 @@ class JobDelivery:
             stale = True
             log.warning("%s; stopped without writing at %.3f", exc, time.time())
             stale_runs.let_go(self.job_id)
+            if isinstance(exc, LeasesLapsed):  # the batch mates and prefetched jobs' leases lapsed as well
+                stale_runs.let_go_reserved()
             raise Ignore() from None
         except (Ignore, KiqError):
             raise

@@ -11,6 +11,7 @@ kiq/library_internals.py (tests/unit/test_fencing.py and test_library_internals.
 from __future__ import annotations
 
 import logging
+import time
 from collections import OrderedDict
 from typing import Any
 
@@ -36,6 +37,17 @@ def let_go(job_id: str) -> None:
             _let_go[job_id] = None
             while len(_let_go) > _LET_GO_MAX:
                 _let_go.popitem(last=False)
+
+
+def let_go_reserved() -> None:
+    """Let go of every job this process holds but has not started (prefetched, batch mates): once its leases
+    lapsed, another worker may take each of them, and a copy run here later would take a newer fencing token and
+    fence out that worker's run. Their turns, if Celery keeps them, are skipped; the sweep hands the jobs back."""
+    active = {request.id for request in internals.active_requests()}
+    for request in internals.reserved_requests():
+        if request.id not in active and not request.acknowledged:
+            let_go(request.id)
+            log.warning("let go of reserved job %s at %.3f: this worker's leases lapsed", request.id, time.time())
 
 
 def was_let_go(job_id: str) -> bool:

@@ -20,7 +20,7 @@ from kiq.redisconn import REDIS_ERRORS as _BACKEND_ERRORS
 from kiq.settings import Settings
 from kiq.status import ImageRef, JobResult, Progress
 from kiq.webhooks import queue_webhook
-from worker.runner import JobCancelled, JobContext, StaleDelivery
+from worker.runner import JobCancelled, JobContext, LeasesLapsed, StaleDelivery
 from worker.throttle import ProgressThrottle
 
 log = logging.getLogger(__name__)
@@ -107,6 +107,7 @@ class JobRecords:
                 sent[0] = len(progress.frames or ())
             except _BACKEND_ERRORS as exc:  # progress is best effort: a Redis blip must not fail the job
                 log.warning("could not report progress of %s: %s", job_id, exc)
+                _raise_if_lapsed(job_id, progress)  # the write gave up as the leases lapsed: stop now
 
         def cancelled() -> bool:  # at every step: the cancel flag and the fence, in one round trip
             _raise_if_lapsed(job_id, checked[0] if checked else None)
@@ -137,7 +138,7 @@ def _raise_if_lapsed(job_id: str, last: Progress | None = None) -> None:
     age_s = leases.lapsed()
     if age_s is not None:
         where = f", after {last.stage} step {last.step} of {last.total}" if last is not None else ""
-        raise StaleDelivery(
+        raise LeasesLapsed(
             f"the leases of {job_id} were last renewed {age_s:.1f} s ago: another worker may take it; "
             f"stopping this run{where}"
         )

@@ -38,6 +38,11 @@ class StaleDelivery(JobCancelled):
     stops like a cancelled one, but writes nothing, not even its end."""
 
 
+class LeasesLapsed(StaleDelivery):
+    """A stale run whose worker has not renewed its leases for too long (self-fencing): every message the worker
+    holds may be taken by another worker, not only the running one."""
+
+
 def _unfenced() -> None:
     pass
 

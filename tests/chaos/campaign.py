@@ -37,6 +37,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=None, help="schedule and workload seed (default: random)")
     parser.add_argument("--minutes", type=float, default=3.0, help="minutes of faults (default 3)")
     parser.add_argument("--jobs-per-minute", type=float, default=40.0)
+    parser.add_argument(
+        "--decoder-steps",
+        type=_steps,
+        default=(3, 8),
+        metavar="MIN-MAX",
+        help="each job's decoder steps, drawn from this range (default 3-8; fewer: more jobs a minute)",
+    )
     parser.add_argument("--max-open", type=int, default=24, help="submits pause while this many jobs are unfinished")
     parser.add_argument("--drain-s", type=float, default=240.0, help="how long jobs may take to finish after")
     parser.add_argument("--webhook-wait-s", type=float, default=90.0, help="how long webhooks may take after that")
@@ -66,12 +73,21 @@ def main(argv: list[str] | None = None) -> int:
     return run(args, seed)
 
 
+def _steps(text: str) -> tuple[int, int]:
+    low, _, high = text.partition("-")
+    steps = (int(low), int(high or low))
+    if not 1 <= steps[0] <= steps[1]:
+        raise argparse.ArgumentTypeError(f"want MIN-MAX with 1 <= MIN <= MAX, got {text!r}")
+    return steps
+
+
 def _interrupted(*_: Any) -> None:
     raise KeyboardInterrupt
 
 
 def replay_command(args: argparse.Namespace, seed: int) -> str:
     return (f"scripts/chaos --seed {seed} --minutes {args.minutes:g} --jobs-per-minute {args.jobs_per_minute:g} "
+            f"--decoder-steps {args.decoder_steps[0]}-{args.decoder_steps[1]} "
             f"--max-open {args.max_open} --drain-s {args.drain_s:g} --webhook-wait-s {args.webhook_wait_s:g} "
             f"--overlap-max-s {args.overlap_max_s:g}")  # fmt: skip
 
@@ -96,7 +112,7 @@ def run(args: argparse.Namespace, seed: int) -> int:
         receiver = Receiver(net.gateway, cluster.webhook_secret, history, seed)
         receiver.start()
         faults = nemeses.schedule(seed, args.minutes)
-        specs = workload.plan(seed, args.minutes, args.jobs_per_minute)
+        specs = workload.plan(seed, args.minutes, args.jobs_per_minute, args.decoder_steps)
         history.add("campaign", seed=seed, minutes=args.minutes, prefix=net.prefix, replay=replay_command(args, seed),
                     overlap_max_s=args.overlap_max_s, faults=len(faults), jobs_planned=len(specs))  # fmt: skip
         load = workload.Workload(cluster, history, receiver.url, seed, specs, args.max_open)

@@ -49,7 +49,7 @@ class Spec:
         return job
 
 
-def plan(seed: int, minutes: float, jobs_per_minute: float) -> list[Spec]:
+def plan(seed: int, minutes: float, jobs_per_minute: float, steps: tuple[int, int] = (3, 8)) -> list[Spec]:
     rng = random.Random(seed ^ 0x5EED)
     specs, at = [], 0.0
     while at < minutes * 60:
@@ -63,7 +63,7 @@ def plan(seed: int, minutes: float, jobs_per_minute: float) -> list[Spec]:
                 via,
                 tenant,
                 rng.randint(0, int(top)),
-                rng.randint(3, 8),
+                rng.randint(*steps),
                 rng.random() < 0.3,
                 cancel,
                 rng.random() < 0.05,

@@ -3,6 +3,7 @@ must fail a renewal within its interval, and a worker whose renewals keep failin
 why, and take them again once renewals succeed — with a real worker, its lease connection silenced by a proxy
 while its broker connection works."""
 
+import re
 import threading
 import time
 import uuid
@@ -13,6 +14,7 @@ from kiq.settings import Settings
 from producer import devstack
 from producer.client import Client
 from tests.blackhole import SilencingProxy
+from tests.helpers import wait_for_step
 from tests.integration.conftest import REDIS_URL
 from tests.integration.jobs import tiny_job
 
@@ -101,6 +103,48 @@ def test_a_worker_whose_leases_cannot_be_renewed_stops_taking_jobs_says_why_and_
         # through the proxy): under load the client sees SUCCESS first.
         devstack.wait_until(lambda: f"{held}] succeeded" in text(), 30, "the worker to log the held job's success")
         assert text().count(f"{held}] succeeded") == 1
+        assert worker.poll() is None
+    finally:
+        proxy.stop()
+
+
+def test_a_run_cut_off_from_redis_mid_write_stops_before_its_job_can_be_taken(env, spawn_worker):
+    """A worker partitioned from Redis while its run writes progress (every connection silenced: broker, leases,
+    per-step checks, result backend). The write must fail within its socket timeout and stop retrying once the leases
+    lapse, so the run stops (self-fencing) before another worker's sweep could hand the job out, not when the
+    partition heals (the chaos campaign, seed 4: runs blocked 3.6-12.4 s in a result write); then it runs again."""
+    proxy = SilencingProxy(REDIS.port or 6379)
+    proxy.start()
+    try:
+        queue = f"kiq-cut-off-{uuid.uuid4().hex[:8]}"
+        timeout_s = 6.0
+        overrides = {"KIQ_QUEUE": queue, "KIQ_BROKER_URL": proxied_url(proxy), "KIQ_VISIBILITY_TIMEOUT_S": "6",
+                     "KIQ_PROGRESS_INTERVAL_MS": "50"}  # fmt: skip
+        client = Client(Settings.from_env({**env, "KIQ_QUEUE": queue}))  # straight to Redis
+        worker, log = spawn_worker("cut-off", **overrides)
+        job_id = client.submit(tiny_job(decoder_steps=60))
+        wait_for_step(client, job_id, step=3, timeout=180)
+        proxy.silence()  # no reset, no FIN: as a partition or a host loss looks to the worker
+        silenced_at = time.time()
+        stopped = re.compile(rf"the leases of {job_id} were last renewed .* stopped without writing at ([0-9.]+)")
+
+        def stop_line():
+            return stopped.search(log.read_text(errors="replace"))
+
+        try:
+            devstack.wait_until(stop_line, 40, "the cut-off run to stop")
+        except devstack.StackError:
+            raise AssertionError("the run cut off from Redis did not stop within 40 s (blocked in a write?)") from None
+        took = float(stop_line()[1]) - silenced_at
+        print(f"cut-off run stopped {took:.1f} s after its worker lost Redis (visibility timeout {timeout_s:g} s)")
+        # Its leases lapse two thirds of the timeout after their last renewal (at most an interval before the silence),
+        # and it stops at its next step, before its lease could have expired for another worker's sweep.
+        assert took < timeout_s, f"stopped {took:.1f} s after the partition"
+        assert client.status(job_id).state != "SUCCESS"
+        proxy.unsilence()
+        # It let go of the message unacknowledged: the sweep hands it back, and it runs to the end once.
+        assert client.wait(job_id, timeout=300).state == "SUCCESS"
+        assert log.read_text(errors="replace").count(f"{job_id}] succeeded") == 1
         assert worker.poll() is None
     finally:
         proxy.stop()

@@ -255,3 +255,26 @@ def test_a_run_whose_leases_lapsed_stops_at_its_next_step_even_when_redis_is_unr
         ctx.cancelled()
     with pytest.raises(StaleDelivery):
         records.check_fence(job)
+
+
+def test_a_run_stopped_as_its_leases_lapsed_lets_go_of_the_prefetched_jobs_too(monkeypatch):
+    """Their leases lapsed with the running job's: another worker may take them, and a copy run here later would
+    take a newer token and fence that worker's run out (the chaos campaign, seed 4: a batching worker's prefetched
+    job held through a partition while another worker ran it)."""
+    from celery.worker import state
+
+    delivered = {"tag-run": 1, "tag-next": 2}
+    channel = SimpleNamespace(qos=SimpleNamespace(_delivered=delivered))
+
+    def request(job_id, tag):
+        return SimpleNamespace(
+            id=job_id, acknowledged=False, message=SimpleNamespace(channel=channel, delivery_tag=tag)
+        )
+
+    running, prefetched = request("run-2", "tag-run"), request("next-2", "tag-next")
+    monkeypatch.setattr(state, "active_requests", [running])
+    monkeypatch.setattr(state, "reserved_requests", [running, prefetched])
+    stale_runs.let_go_reserved()
+    assert prefetched.acknowledged and delivered == {"tag-run": 1}  # the running one is its run's to let go of
+    assert not running.acknowledged
+    assert stale_runs.was_let_go("next-2")  # its turn, if Celery keeps it, does not run it
