@@ -35,6 +35,8 @@ from kiq.transport import hold_while, kept_leases, server_time
 
 log = logging.getLogger(__name__)
 renewal_failures = [0]  # failed renewal rounds in this process since start: worker/metrics.py exports it
+# Set by the worker (worker/fencing.py): let go of every held message not running, once this process's leases lapsed.
+on_lapse: Callable[[], None] | None = None
 
 
 class LeaseKeeper:
@@ -51,6 +53,9 @@ class LeaseKeeper:
         # `on_safe` at the next success.
         self.unsafe_after_s, self.on_unsafe, self.on_safe = unsafe_after_s, on_unsafe, on_safe
         self.last_renewed, self.unsafe = time.monotonic(), False
+        # Past `lapse_after_s` (the self-fencing point) `on_lapse` is called, once until the next success: another
+        # worker may take any message held here, so none that is not running may start here from its stale copy.
+        self.lapse_after_s, self.on_lapse, self.let_go = float("inf"), on_lapse_of_process, False
 
     def start(self) -> None:
         self._stop.clear()
@@ -78,6 +83,7 @@ class LeaseKeeper:
 
     def _loop(self) -> None:
         while not self._stop.wait(self.interval_s):
+            self._let_go_if_lapsed()  # before renewing: a round that comes late (a starved thread) is no renewal
             try:
                 self.renew()
             except Exception as exc:  # noqa: BLE001 - a Redis blip: keep trying, the lease has slack for it
@@ -93,13 +99,28 @@ class LeaseKeeper:
             self.unsafe = True
             if self.on_unsafe is not None:
                 self.on_unsafe(late_s, exc)
+        self._let_go_if_lapsed()
+
+    def _let_go_if_lapsed(self) -> None:
+        if self.let_go or time.monotonic() - self.last_renewed <= self.lapse_after_s:
+            return
+        self.let_go = True
+        try:
+            self.on_lapse()
+        except Exception:  # the keeper must keep renewing; each start checks the lapse again
+            log.exception("could not let go of the messages held past the leases' lapse")
 
     def _renewed(self) -> None:
-        self.last_renewed = time.monotonic()
+        self.last_renewed, self.let_go = time.monotonic(), False
         if self.unsafe:
             self.unsafe = False
             if self.on_safe is not None:
                 self.on_safe()
+
+
+def on_lapse_of_process() -> None:
+    if on_lapse is not None:
+        on_lapse()
 
 
 def lapse_after_s(visibility_timeout_s: float) -> float:
@@ -353,6 +374,7 @@ def install(app: Any, redis_factory: Callable[[], Any], visibility_timeout_s: fl
                 held = lambda: held_by_consumer(c, visibility_timeout_s)  # noqa: E731
                 self.keeper = LeaseKeeper(redis_factory(), held, interval, visibility_timeout_s / 2,
                                           *_stop_taking_jobs(Intake.of(c), visibility_timeout_s))  # fmt: skip
+                self.keeper.lapse_after_s = lapse_after_s(visibility_timeout_s)
                 self.keeper.start()
                 _process_keeper[:] = [(self.keeper, lapse_after_s(visibility_timeout_s))]
                 log.info("renewing message leases every %.1f s", interval)

@@ -15,7 +15,7 @@ from typing import Any
 from celery import Task
 from celery.exceptions import Ignore
 
-from kiq import expiry, fencing, logs, quota_counts, redisconn, tracing
+from kiq import expiry, fencing, leases, logs, quota_counts, redisconn, tracing
 from kiq.contract import MAX_EXPIRES_S, Job, parse_job
 from kiq.errors import KiqError, PipelineError
 from kiq.names import fence_key
@@ -70,6 +70,13 @@ class JobDelivery:
     def _deliver(self, raw: dict[str, Any]) -> dict[str, Any]:
         if stale_runs.was_let_go(self.job_id):  # a batch mate whose batch delivery went stale: not ours any more
             stale_runs.let_go(self.job_id)
+            raise Ignore()
+        lapsed_s = leases.lapsed()
+        if lapsed_s is not None:  # its lease may be another worker's now: never start it; no ack, a sweep hands it back
+            log.warning("job %s not started at %.3f: this worker's leases were last renewed %.1f s ago",
+                        self.job_id, time.time(), lapsed_s)  # fmt: skip
+            stale_runs.let_go(self.job_id)
+            stale_runs.let_go_reserved()
             raise Ignore()
         if self.records.final(self.job_id):
             raise Ignore()  # redelivered after its final state was stored (or cancelled while queued)

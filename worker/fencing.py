@@ -15,7 +15,7 @@ import time
 from collections import OrderedDict
 from typing import Any
 
-from kiq import fencing, transport
+from kiq import fencing, leases, transport
 from kiq import library_internals as internals
 
 log = logging.getLogger(__name__)
@@ -66,5 +66,7 @@ def _settle_locally(message: Any) -> None:
 
 
 def install() -> None:
-    """A write refused for a stale run lets go of the job's message (before Celery would ack it)."""
+    """A write refused for a stale run lets go of the job's message (before Celery would ack it); the lease keeper,
+    once this process's leases lapsed, lets go of every job held but not started (even with no run to notice)."""
     fencing.on_refused = let_go
+    leases.on_lapse = let_go_reserved
