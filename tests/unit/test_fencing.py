@@ -3,6 +3,7 @@ script that would make them; the Celery and kombu parts the worker relies on to 
 
 import inspect
 import json
+import time
 import uuid
 from types import SimpleNamespace
 
@@ -278,3 +279,70 @@ def test_a_run_stopped_as_its_leases_lapsed_lets_go_of_the_prefetched_jobs_too(m
     assert prefetched.acknowledged and delivered == {"tag-run": 1}  # the running one is its run's to let go of
     assert not running.acknowledged
     assert stale_runs.was_let_go("next-2")  # its turn, if Celery keeps it, does not run it
+
+
+class _Unreachable:
+    """The leases' Redis cut off by a partition: every renewal fails."""
+
+    def zadd(self, *args, **kwargs):
+        raise redis.ConnectionError("partitioned")
+
+    ping = zadd
+
+
+def test_the_lease_keeper_lets_go_of_prefetched_jobs_once_its_leases_lapse_with_no_run_in_progress(monkeypatch):
+    """Issue 20 (the long chaos campaign): a batching worker with no running job held a prefetched copy through a
+    partition, then started it as a new delivery and fenced out the worker that had taken the job meanwhile. No run
+    was there to stop and let go: the keeper itself does, past the self-fencing point."""
+    from celery.worker import state
+
+    from kiq import leases
+
+    delivered = {"tag-next": 1}
+    message = SimpleNamespace(
+        channel=SimpleNamespace(qos=SimpleNamespace(_delivered=delivered)), delivery_tag="tag-next"
+    )
+    prefetched = SimpleNamespace(id="next-3", acknowledged=False, message=message)
+    monkeypatch.setattr(state, "active_requests", [])
+    monkeypatch.setattr(state, "reserved_requests", [prefetched])
+    monkeypatch.setattr(leases, "on_lapse", None)
+    stale_runs.install()  # what the worker's task module does
+    assert leases.on_lapse is stale_runs.let_go_reserved
+    keeper = leases.LeaseKeeper(_Unreachable(), lambda: [("index", "tag-next")], interval_s=0.02)
+    keeper.lapse_after_s = 0.2
+    keeper.start()
+    try:
+        deadline = time.monotonic() + 5
+        while not prefetched.acknowledged and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert keeper.let_go and time.monotonic() - keeper.last_renewed > 0.2
+    finally:
+        keeper.stop()
+    assert prefetched.acknowledged and delivered == {}  # settled here only: no ack, no more renewals of its lease
+    assert stale_runs.was_let_go("next-3")  # its turn, after the partition heals, does not run it
+
+
+def test_a_job_is_never_started_while_this_workers_leases_are_lapsed(monkeypatch):
+    """The check at start: a prefetched request whose lease lapsed (the keeper's let-go not reached yet) is dropped
+    without running and without an ack; a sweep hands the job back."""
+    from celery.exceptions import Ignore
+    from celery.worker import state
+
+    from kiq import leases
+    from worker.execution import JobDelivery
+
+    delivered = {"tag-start": 1}
+    message = SimpleNamespace(
+        channel=SimpleNamespace(qos=SimpleNamespace(_delivered=delivered)), delivery_tag="tag-start"
+    )
+    starting = SimpleNamespace(id="start-4", acknowledged=False, message=message)
+    monkeypatch.setattr(state, "active_requests", [starting])
+    monkeypatch.setattr(state, "reserved_requests", [starting])
+    keeper = leases.LeaseKeeper(redis=None, held=list, interval_s=1.0)
+    keeper.last_renewed -= 5.0
+    monkeypatch.setattr(leases, "_process_keeper", [(keeper, leases.lapse_after_s(6))])
+    delivery = object.__new__(JobDelivery)  # no records, runner or guard: touching any of them fails the test
+    delivery.job_id = "start-4"
+    with pytest.raises(Ignore):
+        delivery._deliver({})
+    assert starting.acknowledged and delivered == {}  # Celery sends no ack for it
