@@ -9,6 +9,7 @@ status JSON's `error.type`.
     ├── WaitTimeout            `wait` gave up before the job ended
     ├── InvalidEventId         a resume id (Last-Event-ID) that is not a stream id Redis accepts
     ├── SubmitAbandoned        a submit gave up before enqueueing anything (its Idempotency-Key's claim lapsed)
+    ├── SubmitNotReplicated    the job is on the Redis master but not yet on KIQ_SUBMIT_REPLICAS replicas (HTTP 503)
     ├── QuotaExceeded          a submit over one of its tenant's quotas (HTTP 429): nothing was enqueued
     ├── OutputsDeleted         the job's outputs were deleted (HTTP 410): its status and images are gone
     ├── JobNotFinished         outputs of a job still queued or running cannot be deleted (HTTP 409)
@@ -71,6 +72,15 @@ class InvalidEventId(KiqError, ValueError):
 
 class SubmitAbandoned(KiqError):
     """The submit outlived its Idempotency-Key's pending mark: nothing was enqueued; retry with the same key."""
+
+
+class SubmitNotReplicated(KiqError):
+    """The job `job_id` is on the Redis master but not confirmed on KIQ_SUBMIT_REPLICAS replicas: a failover now
+    could lose it, so it may or may not exist. Retry with the same Idempotency-Key: exactly one job results."""
+
+    def __init__(self, message: str, job_id: str = "") -> None:
+        super().__init__(message)
+        self.job_id = job_id
 
 
 class AdminOnly(KiqError, PermissionError):

@@ -28,6 +28,7 @@ from kiq.errors import (
     SettingsError,
     StorageError,
     SubmitAbandoned,
+    SubmitNotReplicated,
     UnknownJob,
 )
 from kiq.event_reads import parse_event_id
@@ -38,7 +39,7 @@ from kiq.status import JobList, JobStatus, State
 from kiq.version import __version__
 from producer import admin_api, metrics, retention
 from producer.bodylimit import BodyLimit
-from producer.client import Client
+from producer.client import Client, not_replicated
 from producer.events import EventHub, job_events
 from producer.quotas import rate_limit_headers
 from producer.tenants import Tenant, Tenants
@@ -134,15 +135,16 @@ def create_api(settings: Settings, client: Client | None = None, s3: Any = None)
         admission = None
         try:
             replay = claim.acquire(job_id) if claim else None
-            if replay is not None:
-                return Submitted(id=replay, status_url=f"/v1/jobs/{replay}")
+            if replay is not None:  # the earlier try may have answered 503: the job must be replicated now too
+                return confirmed(replay)
             client.check_feasible(job)  # before the uploads: a job no worker could finish stores nothing
             admission = client.admit(job, tenant.owner, job_id, tenant.quotas)  # so is one over a quota
             with claim.kept() if claim else nullcontext():
                 for key, data, content_type in uploads:
                     put(s3, settings.s3_bucket, key, data, content_type)
                 client.submit(job, tenant.owner, job_id, before_publish=claim.confirm if claim else None, feasible=True,
-                              weight=tenant.weight, quotas=tenant.quotas, admission=admission)  # fmt: skip
+                              weight=tenant.weight, quotas=tenant.quotas, admission=admission,
+                              require_replicas=None if claim else False)  # fmt: skip
                 if claim is not None:
                     claim.commit()
         except Rejected:
@@ -164,6 +166,15 @@ def create_api(settings: Settings, client: Client | None = None, s3: Any = None)
                 raise Rejected(503, f"storage or queue unavailable ({type(exc).__name__}); nothing was enqueued: "
                                     "retry, with the same Idempotency-Key if you sent one") from None  # fmt: skip
             raise
+        return confirmed(job_id) if claim else Submitted(id=job_id, status_url=f"/v1/jobs/{job_id}")
+
+    def confirmed(job_id: str) -> Submitted:
+        """With an Idempotency-Key, 202 only once the job and its committed mark are on KIQ_SUBMIT_REPLICAS
+        replicas (one WAIT covers both); else 503 SubmitNotReplicated: a retry with the key finds the job (and
+        WAITs again) or, if a failover lost job and mark together, creates it anew. Either way one job."""
+        if not client.replicated(job_id):
+            exc = SubmitNotReplicated(not_replicated(job_id, settings), job_id)
+            raise Rejected(503, {"msg": str(exc), "type": "SubmitNotReplicated", "job_id": job_id})
         return Submitted(id=job_id, status_url=f"/v1/jobs/{job_id}")
 
     @app.post("/v1/jobs", status_code=202, response_model=Submitted, openapi_extra=SUBMIT_BODY,
@@ -175,7 +186,10 @@ def create_api(settings: Settings, client: Client | None = None, s3: Any = None)
                                               "RateLimit fields (none for the job_size quota: retrying cannot help)"},
                          422: {"description": "invalid job, or one no live worker of its queue could finish within "
                                               "the time-limit cap (type JobTooLong)"},
-                         503: {"description": "Redis or S3 unavailable: nothing enqueued, retry"}})  # fmt: skip
+                         503: {"description": "Redis or S3 unavailable: nothing enqueued, retry; or, with an "
+                                              "Idempotency-Key, the job is not yet on KIQ_SUBMIT_REPLICAS replicas "
+                                              "(type SubmitNotReplicated): it may or may not exist, retry with the "
+                                              "same key"}})  # fmt: skip
     async def submit(request: Request, tenant: Caller,
                      idempotency: Annotated[str | None, Header(alias="Idempotency-Key", max_length=255)] = None,
                      ) -> Submitted:  # fmt: skip

@@ -17,7 +17,7 @@ from celery.result import AsyncResult
 from kiq import expiry, fairshare, logs, quota_counts, redisconn, s3, tracing
 from kiq.celeryconf import PRIORITY_STEPS, common_config, priority_lists
 from kiq.contract import MAX_PRIORITY, Job, parse_job
-from kiq.errors import JobExpired, OutputsDeleted, TransientError, UnknownJob, WaitTimeout
+from kiq.errors import JobExpired, OutputsDeleted, SubmitNotReplicated, TransientError, UnknownJob, WaitTimeout
 from kiq.event_reads import PAGE_SCRIPT, page_args, parse_event_id, parse_page, parse_snapshot
 from kiq.limits import check_feasible, live_worker
 from kiq.names import (
@@ -68,14 +68,20 @@ class Client:
 
     def submit(self, job: Job | Mapping[str, Any], owner: str = "", job_id: str | None = None,
                before_publish: Callable[[], None] | None = None, feasible: bool = False,
-               weight: int = 1, quotas: Quotas | None = None, admission: Admission | None = None) -> str:  # fmt: skip
+               weight: int = 1, quotas: Quotas | None = None, admission: Admission | None = None,
+               require_replicas: bool | None = False) -> str:  # fmt: skip
         """Validate, store inline images, record and enqueue the job; return its id.
 
         All or nothing: invalid jobs raise JobInvalid and touch nothing, as do jobs no live worker of the queue could
         finish within the time-limit cap (JobTooLong) and jobs over a quota (QuotaExceeded: `quotas`, else this
         process's KIQ_QUOTA_* settings); if S3 or Redis fails, the error (StorageError, a Redis or kombu error)
         propagates and no job record is left behind. `before_publish` is the last moment to give up with nothing
-        enqueued: whatever it raises propagates the same way. `admission`: the API counted the submit already."""
+        enqueued: whatever it raises propagates the same way. `admission`: the API counted the submit already.
+
+        With Sentinel, the submit then WAITs (KIQ_SUBMIT_REPLICA_TIMEOUT_MS) for KIQ_SUBMIT_REPLICAS replicas. If they
+        do not acknowledge, the job is enqueued on the master only, and a failover before they catch up loses it:
+        by default a warning is logged and the id returned; `require_replicas=True` raises SubmitNotReplicated
+        (carrying the id) instead; None skips the WAIT (the caller confirms with `replicated`)."""
         parsed = job if isinstance(job, Job) else parse_job(job)
         if not feasible:  # the API checks before its uploads and says so: one fleet read per submit
             self.check_feasible(parsed)
@@ -96,7 +102,9 @@ class Client:
                 log.warning("job %s: could not confirm its quota entry: %s", job_id, exc)
         with logs.context(job_id=job_id, tenant=owner):
             log.info("job queued on %s at priority %d", route(parsed, self.settings), parsed.priority)
-        self._replicate(job_id)
+        if require_replicas is not None:
+            if not self.replicated(job_id) and require_replicas:
+                raise SubmitNotReplicated(not_replicated(job_id, self.settings), job_id)
         return job_id
 
     def admit(self, job: Job, owner: str, job_id: str, quotas: Quotas) -> Admission | None:
@@ -164,11 +172,12 @@ class Client:
         workers = [live_worker(w.get("hostname", "?"), w, self.settings) for w in beats]
         return check_feasible(job, route(job, self.settings), workers, self.settings)
 
-    def _replicate(self, job_id: str) -> None:
-        """With Sentinel, return only once the job (message and record) is on a replica, so that a failover
-        right after the submit cannot lose it. Past the timeout the job stands (it is enqueued on the master,
-        and failing now would make the caller submit it twice): a warning says the guarantee was not met."""
+    def replicated(self, job_id: str) -> bool:
+        """With Sentinel, WAIT until everything written so far (the job's message and record) is on
+        KIQ_SUBMIT_REPLICAS replicas, so that a failover cannot lose it; True once it is (or without Sentinel).
+        Past KIQ_SUBMIT_REPLICA_TIMEOUT_MS the job stands on the master alone: a warning says so, and False."""
         wanted, timeout_ms = self.settings.submit_replicas, self.settings.submit_replica_timeout_ms
+        ok = True
         servers = {self.settings.broker_server, self.settings.results_server}
         for server in (s for s in servers if s.sentinel and wanted > 0):
             client = self.redis if server == self.settings.results_server else self.broker_redis
@@ -180,6 +189,8 @@ class Client:
             if acked < wanted:
                 log.warning("job %s is on the Redis master but on %d of %d replicas after %d ms: a failover "
                             "now could lose it", job_id, acked, wanted, timeout_ms)  # fmt: skip
+                ok = False
+        return ok
 
     @property
     def broker_redis(self) -> Any:
@@ -443,6 +454,12 @@ _PRUNE_GONE = (  # KEYS[1]: the index; the rest: heartbeats found expired
     "for i = 2, #KEYS do if redis.call('exists', KEYS[i]) == 0 then redis.call('zrem', KEYS[1], KEYS[i]) end end "
     "return 0"
 )
+
+
+def not_replicated(job_id: str, settings: Settings) -> str:
+    return (f"job {job_id} is on the Redis master but not confirmed on {settings.submit_replicas} replica(s) after "
+            f"{settings.submit_replica_timeout_ms} ms: a failover could lose it, so it may or may not exist; retry "
+            "with the same Idempotency-Key")  # fmt: skip
 
 
 def route(job: Job, settings: Settings) -> str:

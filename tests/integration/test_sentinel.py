@@ -2,13 +2,19 @@
 submitted before and after ends SUCCESS once with its one object. kiq runs on its defaults; only the broker URL
 (Sentinels) and the queue are set."""
 
+import os
+import signal
 import threading
 import time
 import uuid
 
+import httpx
 import pytest
+import redis
 
+from kiq.errors import SubmitNotReplicated
 from kiq.settings import Settings
+from producer import devstack
 from producer.client import Client
 from tests.helpers import count_in_logs, objects_of, wait_for_step
 from tests.integration.jobs import tiny_job
@@ -75,3 +81,52 @@ def test_primary_killed_mid_stream_fails_over_without_losing_or_repeating_a_job(
         assert objects_of(s3, settings, job_id) == [f"jobs/{job_id}/0.png"]
         assert count_in_logs([log], f"[{job_id}] succeeded") == 1, job_id
     assert redis_ha.master_port() == replica
+
+
+def queued_copies(port: int, job_id: str) -> int:
+    """Messages of `job_id` in any list on the Redis at `port` (the queues, with no worker to take them)."""
+    server = redis.Redis(port=port)
+    lists = [k for k in server.scan_iter(count=1000) if server.type(k) == b"list"]
+    return sum(job_id.encode() in item for key in lists for item in server.lrange(key, 0, -1))
+
+
+def test_submit_not_on_a_replica_answers_503_and_the_retry_with_its_key_confirms_the_one_job(
+    env, redis_ha, logs, tmp_path
+):
+    overrides = {"KIQ_BROKER_URL": redis_ha.url, "KIQ_QUEUE": f"kiq-ha-{uuid.uuid4().hex[:8]}",
+                 "KIQ_SUBMIT_REPLICA_TIMEOUT_MS": "300", "KIQ_API_PORT": str(devstack.free_port()),
+                 "KIQ_API_KEYS": "", "KIQ_API_TENANTS": ""}  # fmt: skip
+    api_env = {**env, **overrides}
+    base = f"http://127.0.0.1:{api_env['KIQ_API_PORT']}"
+    replica = redis_ha.procs["replica"]
+    key = {"Idempotency-Key": str(uuid.uuid4())}
+    with devstack.Stack() as stack, httpx.Client(base_url=base, timeout=60) as api:
+        proc = stack.spawn([*devstack.kiq_command(), "api"], logs / "api-ha.log", api_env)
+        devstack.wait_until(lambda: devstack.http_up(base + "/healthz"), 60, "kiq api", proc, logs / "api-ha.log")
+        os.kill(replica.pid, signal.SIGSTOP)  # the replica cannot acknowledge: WAIT times out
+        try:
+            refused = api.post("/v1/jobs", json=tiny_job(seed=7), headers=key)
+        finally:
+            os.kill(replica.pid, signal.SIGCONT)
+        assert refused.status_code == 503 and refused.headers["Retry-After"] == "1"
+        detail = refused.json()["detail"]
+        assert detail["type"] == "SubmitNotReplicated" and "same Idempotency-Key" in detail["msg"]
+        devstack.wait_until(lambda: redis_ha._linked(redis_ha.ports["replica"]), 30, "replica back in sync")
+        retried = api.post("/v1/jobs", json=tiny_job(seed=7), headers=key)
+        assert retried.status_code == 202, retried.text
+        assert retried.json()["id"] == detail["job_id"]
+        assert api.post("/v1/jobs", json=tiny_job(seed=7), headers=key).json()["id"] == detail["job_id"]
+    job_id = detail["job_id"]
+    assert queued_copies(redis_ha.ports["primary"], job_id) == 1  # enqueued once, on the master...
+    assert queued_copies(redis_ha.ports["replica"], job_id) == 1  # ...and on the replica a failover would promote
+    client = Client(Settings.from_env(api_env))
+    assert client.record(job_id) is not None
+    os.kill(replica.pid, signal.SIGSTOP)  # the Python client: a warning by default, the typed error on request
+    try:
+        with pytest.raises(SubmitNotReplicated) as raised:
+            client.submit(tiny_job(seed=8), require_replicas=True)
+        warned = client.submit(tiny_job(seed=9))
+    finally:
+        os.kill(replica.pid, signal.SIGCONT)
+    assert queued_copies(redis_ha.ports["primary"], raised.value.job_id) == 1
+    assert queued_copies(redis_ha.ports["primary"], warned) == 1
