@@ -16,6 +16,7 @@ from fastapi import Depends, FastAPI, Header, HTTPException, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
+from redis.exceptions import RedisError
 
 from kiq import logs, redisconn, tracing
 from kiq.contract import Job, validation_errors
@@ -106,6 +107,12 @@ def create_api(settings: Settings, client: Client | None = None, s3: Any = None)
     async def rejected(_: Request, exc: Rejected) -> JSONResponse:
         headers = {"Retry-After": "1"} if exc.status == 503 else exc.headers
         return JSONResponse({"detail": exc.detail}, status_code=exc.status, headers=headers)
+
+    @app.exception_handler(RedisError)
+    async def redis_down(_: Request, exc: RedisError) -> JSONResponse:
+        # Redis or Sentinel unreachable (a partition, a failover): a retryable 503, not an unhandled 500
+        detail = {"msg": f"Redis unavailable ({type(exc).__name__}): retry", "type": "Unavailable"}
+        return JSONResponse({"detail": detail}, status_code=503, headers={"Retry-After": "1"})
 
     @app.exception_handler(OutputsDeleted)
     async def gone(_: Request, exc: OutputsDeleted) -> JSONResponse:
@@ -248,7 +255,8 @@ def create_api(settings: Settings, client: Client | None = None, s3: Any = None)
     @app.get("/v1/jobs/{job_id}/events", response_class=StreamingResponse,
              responses={200: {"content": {"text/event-stream": {}}, "description": EVENTS_DOC},
                         204: {"description": "resumed after the final event: nothing more will come"},
-                        404: {"description": "unknown job, or another key's"}})  # fmt: skip
+                        404: {"description": "unknown job, or another key's"},
+                        503: {"description": "Redis unavailable (type Unavailable): retry"}})  # fmt: skip
     async def events(job_id: str, tenant: Caller,
                      last_event_id: Annotated[str | None, Header(alias="Last-Event-ID")] = None,
                      ) -> Response:  # fmt: skip
@@ -285,15 +293,18 @@ def create_api(settings: Settings, client: Client | None = None, s3: Any = None)
             if first.done:
                 return
         # aclosing: the subscription is let go on every way out, a client that left included
-        async with aclosing(job_events(hub, job_id, after, heartbeat_s)) as events:
-            async for event in events:
-                if event is None:
-                    yield ": heartbeat\n\n"
-                    continue
-                current = client.decode_event(job_id, event.meta, frames=event.frames)
-                yield _sse_event(event.id, current)
-                if current.done:
-                    return
+        try:
+            async with aclosing(job_events(hub, job_id, after, heartbeat_s)) as events:
+                async for event in events:
+                    if event is None:
+                        yield ": heartbeat\n\n"
+                        continue
+                    current = client.decode_event(job_id, event.meta, frames=event.frames)
+                    yield _sse_event(event.id, current)
+                    if current.done:
+                        return
+        except RedisError as exc:  # the stream ends; the client reconnects (retry: 2000) with its Last-Event-ID
+            log.warning("job %s: event stream ended, Redis unavailable: %s", job_id, exc)
 
     image_errors = {404: {"description": "no such job or image"}, 409: {"description": "job not finished"}}
 
