@@ -10,12 +10,14 @@ resume queued during one job would otherwise run resume-then-pause and leave the
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 
 class Intake:
     def __init__(self, consumer: Any) -> None:
         self.consumer = consumer
+        self._lock = threading.Lock()
         self.holds: set[str] = set()  # why the worker should not take jobs; written by any thread, read on the loop
         self._paused: list[Any] = []  # the kombu Queues it stopped consuming; only the event loop touches it
         self._stopped = False  # whether the pause is applied; only the event loop touches it
@@ -33,11 +35,13 @@ class Intake:
         return not self.holds
 
     def pause(self, why: str = "leases") -> None:
-        self.holds = self.holds | {why}
+        with self._lock:  # the lease keeper and the drain watcher change holds from their own threads
+            self.holds = self.holds | {why}
         self.consumer.call_soon(self._apply)
 
     def resume(self, why: str = "leases") -> None:
-        self.holds = self.holds - {why}
+        with self._lock:
+            self.holds = self.holds - {why}
         self.consumer.call_soon(self._apply)
 
     def add(self, queue: Any) -> None:

@@ -140,6 +140,11 @@ class Settings:
                 raise SettingsError(f"{env_name(name)} must be positive: {getattr(self, name)}")
         if self.job_expires_s > MAX_EXPIRES_S:
             raise SettingsError(f"{env_name('job_expires_s')} must be at most {MAX_EXPIRES_S} (30 days)")
+        if self.retention_days and not (self.s3_prefix.endswith("/") and self.s3_prefix.strip("/")):
+            # the lifecycle rule and `kiq gc` act on everything under it: never the whole bucket
+            raise SettingsError(
+                f"{env_name('retention_days')} needs {env_name('s3_prefix')} of kiq's own, ending in '/'"
+            )
         if self.retention_days and self.retention_days * 86400 < self.job_expires_s:
             # A queued job's uploaded inputs must outlive its deadline to start.
             raise SettingsError(f"{env_name('retention_days')} must cover {env_name('job_expires_s')}")

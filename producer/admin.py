@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
+from kiq import quota_counts
 from kiq.celeryconf import priority_lists
 from kiq.errors import NotConfirmed, UnknownTenant, UnknownWorker
 from kiq.names import TERMINAL_STATES, cancel_key, drain_key, tenant_queue, tenant_queues_key
@@ -21,7 +23,7 @@ if TYPE_CHECKING:  # the CLI imports this module for its parsers: Celery only wh
     from producer.client import Client
 
 PAGE = 200  # messages read per LRANGE while purging
-DRAIN_TTL_S = 30  # a drain request outlives the workers' next reads (KIQ_FAIR_SHARE_POLL_S), not their restart
+DRAIN_TTL_S = 30  # a drain request outlives the workers' next reads (3 polls at least), not their restart
 
 
 def purge(client: Client, queue: str, owner: str | None = None) -> int:
@@ -90,6 +92,9 @@ def _revoke(client: Client, raw: bytes) -> int:
         return 0
     client.redis.set(cancel_key(job_id), "1", ex=client.settings.result_ttl_s)
     client.app.backend.mark_as_revoked(job_id, reason="purged")
+    headers = json.loads(raw).get("headers") or {}
+    if headers.get(quota_counts.HEADER):  # it counted against its tenant's queued quota: not any more
+        quota_counts.ended(client.redis, str(headers.get("kiq_owner") or ""), job_id)
     client.notify(job_id)
     return 1
 
@@ -99,7 +104,8 @@ def drain(client: Client, hostname: str) -> list[dict[str, Any]]:
     workers = [w for w in client.fleet() if w.get("hostname") == hostname]
     if not workers:
         raise UnknownWorker(f"no live worker named {hostname!r} (see `kiq fleet`)")
-    client.redis.set(drain_key(hostname), "1", ex=DRAIN_TTL_S)
+    ttl = max(DRAIN_TTL_S, math.ceil(3 * client.settings.fair_share_poll_s))
+    client.redis.set(drain_key(hostname), "1", ex=ttl)
     return workers
 
 

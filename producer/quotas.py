@@ -98,6 +98,9 @@ local function count(key, cap)
   end
   return n
 end
+-- lapsed entries go whichever quotas are set, so a set no cap reads cannot grow
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
 local window = tostring(math.floor(now / tonumber(ARGV[8])))
 if redis.call('HGET', KEYS[3], 'w') ~= window then redis.call('HSET', KEYS[3], 'w', window, 'n', 0) end
 local submits = tonumber(redis.call('HGET', KEYS[3], 'n'))

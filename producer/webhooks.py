@@ -20,7 +20,7 @@ from kombu import Exchange, Queue
 
 from kiq import brokerformat, leases, logs, safe_http, tracing
 from kiq.celeryconf import WORKER_AMQP, common_config, worker_config
-from kiq.errors import FetchUnavailable, InputError, SettingsError
+from kiq.errors import FetchUnavailable, InputError, OutputsDeleted, SettingsError
 from kiq.names import WEBHOOK_QUEUE, WEBHOOK_TASK
 from kiq.settings import Settings
 from kiq.webhooks import DELIVERY_HEADER, JOB_HEADER, SIGNATURE_HEADER, sign
@@ -52,7 +52,11 @@ def create_webhook_app(settings: Settings) -> Celery:
 
     def _deliver(self: Task, job_id: str, url: str, first_try_at: float | None) -> dict[str, Any]:
         first = first_try_at or time.time()
-        status = client.status(job_id)
+        try:
+            status = client.status(job_id)
+        except OutputsDeleted:  # deleted by its owner before the webhook went out: nothing left to send
+            log.warning("webhook for %s not sent: the job's outputs were deleted", job_id)
+            return {"delivered": False, "reason": "outputs deleted"}
         if not status.done:  # queued the moment the job ended; its result may land a moment later
             return _retry(self, job_id, url, first, settings, "status not final yet", delay=1.0)
         body = status.model_dump_json(exclude_none=True).encode()

@@ -114,17 +114,20 @@ class JobDelivery:
         late = redisconn.retrying(
             lambda: expiry.lateness(client, self.job_id, getattr(request, expiry.HEADER, None), expires_in,
                                     self.settings.result_ttl_s),
-            self.settings.redis_retry_s, "expiry check",
+            self.settings.redis_retry_s, "expiry check", give_up=lambda: leases.lapsed() is not None,
         )  # fmt: skip
         if late is None:
             return False
+        lapsed_s = leases.lapsed()
+        if lapsed_s is not None:  # another worker may run the job now: a token here would fence it out
+            raise LeasesLapsed(f"job {self.job_id}: not expired here, this worker's leases lapsed {lapsed_s:.1f} s ago")
         # A token of its own: a run of an earlier delivery still going somewhere is stale from now on.
         fence = fence_key(self.job_id)
         with client.pipeline() as pipe:
             token = pipe.incr(fence).expire(fence, self.settings.result_ttl_s).execute()[0]
         fencing.hold(self.job_id, int(token))
         self.records.expired(self.job_id, late)
-        metrics.job_finished("expired", 0.0, None)
+        metrics.job_expired()
         log.warning("job %s expired: its deadline to start passed %.1f s ago; not run", self.job_id, late)
         return True
 

@@ -56,6 +56,11 @@ def job_finished(outcome: str, seconds: float, timings: dict[str, float] | None,
         STAGE_SECONDS.labels(stage).observe(value)
 
 
+def job_expired() -> None:
+    """An expired job never ran: counted, with no duration (it would skew the run-time histogram)."""
+    JOBS.labels("expired").inc()
+
+
 def observe_queue_wait(submitted_at: Any, now: float) -> None:
     if isinstance(submitted_at, int | float) and 0 <= now - submitted_at < 30 * 24 * 3600:
         QUEUE_WAIT.observe(now - submitted_at)

@@ -15,7 +15,7 @@ from typing import Any
 from kiq import fencing, leases, redisconn
 from kiq.errors import JobExpired, JobTimeout
 from kiq.leases import lease_sockets
-from kiq.names import PROGRESS, TERMINAL_STATES, cancel_key, fence_key, frames_key
+from kiq.names import PROGRESS, TERMINAL_STATES, cancel_key, deleted_key, fence_key, frames_key
 from kiq.redisconn import REDIS_ERRORS as _BACKEND_ERRORS
 from kiq.settings import Settings
 from kiq.status import ImageRef, JobResult, Progress
@@ -46,7 +46,10 @@ class JobRecords:
         self.checks = checks if checks is not None else backend.client  # per-step reads (see checks_client)
 
     def final(self, job_id: str) -> bool:
-        return self.backend.get_task_meta(job_id)["status"] in TERMINAL_STATES
+        """Ended, or its outputs deleted (the tombstone drops the result: a redelivery must not run it again)."""
+        if self.backend.get_task_meta(job_id)["status"] in TERMINAL_STATES:
+            return True
+        return bool(self.backend.client.exists(deleted_key(job_id)))
 
     def started(self, job_id: str, attempt: int, batched: bool = False) -> None:
         meta = {"hostname": socket.gethostname(), "attempt": attempt, "batch": batched}

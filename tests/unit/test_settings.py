@@ -48,6 +48,9 @@ def test_reads_prefixed_variables():
         ({"KIQ_S3_BUCKET": ""}, "KIQ_S3_BUCKET"),
         ({"KIQ_FETCH_MAX_BYTES": "0"}, "KIQ_FETCH_MAX_BYTES"),
         ({"KIQ_RESULT_TTL_S": "a week"}, "KIQ_RESULT_TTL_S"),
+        # retention acts on everything under the prefix: never the whole bucket
+        ({"KIQ_RETENTION_DAYS": "30", "KIQ_S3_PREFIX": ""}, "KIQ_S3_PREFIX"),
+        ({"KIQ_RETENTION_DAYS": "30", "KIQ_S3_PREFIX": "/"}, "KIQ_S3_PREFIX"),
     ],
 )
 def test_bad_values_name_the_variable(env, variable):
