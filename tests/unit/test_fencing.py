@@ -169,18 +169,17 @@ def test_the_step_check_and_the_upload_check_stop_a_stale_run_before_it_writes(d
     assert metas == ["PROGRESS"] and Progress(**json.loads(client.get(f"celery-task-meta-{job}"))["result"]).step == 1
 
 
+def _request(delivered: dict, job_id: str, tag: str) -> SimpleNamespace:
+    """A Celery request as the let-go code reads it: its message on a channel whose QoS holds `delivered`."""
+    channel = SimpleNamespace(qos=SimpleNamespace(_delivered=delivered))
+    return SimpleNamespace(id=job_id, acknowledged=False, message=SimpleNamespace(channel=channel, delivery_tag=tag))
+
+
 def test_letting_go_settles_the_message_in_this_process_only(monkeypatch):
     from celery.worker import state
 
     delivered = {"tag-a": object(), "tag-b": object()}
-    channel = SimpleNamespace(qos=SimpleNamespace(_delivered=delivered))
-
-    def request(job_id, tag):
-        return SimpleNamespace(
-            id=job_id, acknowledged=False, message=SimpleNamespace(channel=channel, delivery_tag=tag)
-        )
-
-    running, reserved = request("a", "tag-a"), request("b", "tag-b")
+    running, reserved = _request(delivered, "a", "tag-a"), _request(delivered, "b", "tag-b")
     monkeypatch.setattr(state, "active_requests", [running])
     monkeypatch.setattr(state, "reserved_requests", [reserved])
     stale_runs.let_go("a")
@@ -265,14 +264,7 @@ def test_a_run_stopped_as_its_leases_lapsed_lets_go_of_the_prefetched_jobs_too(m
     from celery.worker import state
 
     delivered = {"tag-run": 1, "tag-next": 2}
-    channel = SimpleNamespace(qos=SimpleNamespace(_delivered=delivered))
-
-    def request(job_id, tag):
-        return SimpleNamespace(
-            id=job_id, acknowledged=False, message=SimpleNamespace(channel=channel, delivery_tag=tag)
-        )
-
-    running, prefetched = request("run-2", "tag-run"), request("next-2", "tag-next")
+    running, prefetched = _request(delivered, "run-2", "tag-run"), _request(delivered, "next-2", "tag-next")
     monkeypatch.setattr(state, "active_requests", [running])
     monkeypatch.setattr(state, "reserved_requests", [running, prefetched])
     stale_runs.let_go_reserved()
@@ -299,10 +291,7 @@ def test_the_lease_keeper_lets_go_of_prefetched_jobs_once_its_leases_lapse_with_
     from kiq import leases
 
     delivered = {"tag-next": 1}
-    message = SimpleNamespace(
-        channel=SimpleNamespace(qos=SimpleNamespace(_delivered=delivered)), delivery_tag="tag-next"
-    )
-    prefetched = SimpleNamespace(id="next-3", acknowledged=False, message=message)
+    prefetched = _request(delivered, "next-3", "tag-next")
     monkeypatch.setattr(state, "active_requests", [])
     monkeypatch.setattr(state, "reserved_requests", [prefetched])
     monkeypatch.setattr(leases, "on_lapse", None)
