@@ -59,11 +59,11 @@ def _purge_list(client: Client, key: str, owner: str | None) -> int:
         page = broker.lrange(key, start, start + PAGE - 1)
         if not page:
             return purged
-        taken = [raw for raw, message in _parsed(page) if owner is None or _owner(message) == owner]
-        for raw in taken:
-            purged += _revoke(client, raw)
+        taken = [(raw, message) for raw, message in _parsed(page) if owner is None or _owner(message) == owner]
+        for _, message in taken:
+            purged += _revoke(client, message)
         with broker.pipeline(transaction=False) as pipe:
-            for raw in taken:
+            for raw, _ in taken:
                 pipe.lrem(key, 1, raw)
             removed = sum(pipe.execute())
         start += len(page) - removed
@@ -83,18 +83,18 @@ def _owner(message: dict[str, Any]) -> str:
     return str((message.get("headers") or {}).get("kiq_owner") or "")
 
 
-def _revoke(client: Client, raw: bytes) -> int:
+def _revoke(client: Client, message: dict[str, Any]) -> int:
     """Mark the message's job REVOKED (flag, state, webhook) unless it has ended; 1 if it was marked."""
-    job_id = (json.loads(raw).get("headers") or {}).get("id")
+    headers = message.get("headers") or {}
+    job_id = headers.get("id")
     if not isinstance(job_id, str) or not job_id:
         return 0
     if client.app.backend.get_task_meta(job_id)["status"] in TERMINAL_STATES:
         return 0
     client.redis.set(cancel_key(job_id), "1", ex=client.settings.result_ttl_s)
     client.app.backend.mark_as_revoked(job_id, reason="purged")
-    headers = json.loads(raw).get("headers") or {}
     if headers.get(quota_counts.HEADER):  # it counted against its tenant's queued quota: not any more
-        quota_counts.ended(client.redis, str(headers.get("kiq_owner") or ""), job_id)
+        quota_counts.ended(client.redis, _owner(message), job_id)
     client.notify(job_id)
     return 1
 
