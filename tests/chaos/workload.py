@@ -14,6 +14,7 @@ from typing import Any
 
 import httpx
 
+from kiq.errors import SubmitNotReplicated
 from kiq.settings import Settings
 from producer.client import Client
 from producer.tenants import Tenants
@@ -178,10 +179,17 @@ class Workload:
             time.sleep(min(5.0, 0.3 * 2**attempt) * random.uniform(0.5, 1.0))
 
     def _submit_client(self, spec: Spec) -> str | None:
-        """The Python client has no idempotency key: a failed submit is retried as a new job (up to 3 times)."""
+        """The Python client has no idempotency key: a failed submit is retried as a new job (up to 3 times).
+
+        With `require_replicas=True`, as the README says a client must submit to be safe from a failover: a job not
+        on a replica in time is not acknowledged (it may still run: the checker holds it to nothing)."""
         for attempt in range(1, 4):
             try:
-                return self._client().submit(spec.body(self.seed, self.webhook_url), owner=self.owner(spec.tenant))
+                return self._client().submit(spec.body(self.seed, self.webhook_url), owner=self.owner(spec.tenant),
+                                             require_replicas=True)  # fmt: skip
+            except SubmitNotReplicated as exc:
+                self.history.add("submit_unconfirmed", n=spec.n, job=exc.job_id, error=str(exc))
+                return None
             except Exception as exc:  # noqa: BLE001 - Redis or S3 errors: a new try
                 self.history.add("submit_error", n=spec.n, attempt=attempt, error=f"{type(exc).__name__}: {exc}")
                 time.sleep(2.0 * attempt)
