@@ -315,6 +315,8 @@ def held_tags(consumer: Any) -> set[str]:
 def _tags(requests: Iterable[Any]) -> set[str]:
     tags = set()
     for request in requests:
+        if getattr(request, "acknowledged", False):  # settled (or let go of): its lease is not ours to renew
+            continue
         tag = getattr(getattr(request, "message", None), "delivery_tag", None)
         if tag is not None:
             tags.add(tag)

@@ -57,6 +57,13 @@ def kept_leases() -> list[tuple[str, str]]:
         return [(index, tag) for tag, (index, _) in _kept.items()]
 
 
+def kept_messages() -> list[Any]:
+    """The messages held across a reconnect and not yet settled (Celery forgot their reserved requests)."""
+    kept_leases()  # drops the acknowledged ones
+    with _kept_lock:
+        return [message for _, message in _kept.values()]
+
+
 def _held_now() -> set[str]:
     return {str(tag) for held in _holding for tag in held()}
 
@@ -118,12 +125,29 @@ class QoS(redis.QoS):
             log.warning("could not hand back message %s on close (the sweep will, after the timeout): %s", tag, exc)
 
     def ack(self, delivery_tag: str) -> None:
-        super().ack(delivery_tag)
+        try:
+            super().ack(delivery_tag)
+        except Exception:
+            self._unheld(delivery_tag)
+            raise
         forget(delivery_tag)
 
     def reject(self, delivery_tag: str, requeue: bool = False) -> None:
-        super().reject(delivery_tag, requeue=requeue)
+        try:
+            super().reject(delivery_tag, requeue=requeue)
+        except Exception:
+            self._unheld(delivery_tag)
+            raise
         forget(delivery_tag)
+
+    def _unheld(self, delivery_tag: str) -> None:
+        """An ack or reject whose Redis call failed (a partition) would leave the message in the delivered map, its
+        lease renewed forever and the job never handed back, with or without a final state stored. Dropped here,
+        its lease lapses and the sweep hands it back: a stored final state settles the redelivery, else it runs."""
+        internals.delivered(self).pop(delivery_tag, None)
+        forget(delivery_tag)
+        log.warning("could not settle message %s with Redis; its lease lapses and the sweep hands it back",
+                    delivery_tag)  # fmt: skip
 
 
 def forget(delivery_tag: str) -> None:

@@ -19,7 +19,7 @@ from typing import Any, NamedTuple
 
 from celery import Task
 
-from kiq import expiry, fencing, quota_counts, tracing
+from kiq import expiry, fencing, leases, quota_counts, redisconn, tracing
 from kiq import library_internals as internals
 from kiq.contract import Job, parse_job
 from kiq.errors import JobInvalid
@@ -53,7 +53,10 @@ def find_mates(task: Task, leader: Job, settings: Settings, may_join: Callable[[
     deadline = time.monotonic() + settings.decoder_batch_wait_ms / 1000
     refused: set[str] = set()
     # A mate must start well before its deadline to start; others run (or expire) on their own turn.
-    start_by = server_time(task.backend.client) + settings.decoder_batch_wait_ms / 1000 + 1.0
+    # Retried as every pre-run Redis call is: a blip must not fail the leader (it has no fencing token yet).
+    now = redisconn.retrying(lambda: server_time(task.backend.client), settings.redis_retry_s, "Redis time",
+                             give_up=lambda: leases.lapsed() is not None)  # fmt: skip
+    start_by = now + settings.decoder_batch_wait_ms / 1000 + 1.0
     while True:
         mates = _reserved_mates(task, leader, settings.decoder_batch - 1, may_join, refused, start_by)
         if len(mates) == settings.decoder_batch - 1 or time.monotonic() >= deadline:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 
 from celery import Task
 from celery.exceptions import Ignore
@@ -78,7 +78,13 @@ class JobDelivery:
             stale_runs.let_go(self.job_id)
             stale_runs.let_go_reserved()
             raise Ignore()
-        if self.records.final(self.job_id):
+        try:
+            final = self._final()
+        except Exception as exc:
+            if leases.lapsed() is None:
+                raise
+            self._let_go(exc)
+        if final:
             raise Ignore()  # redelivered after its final state was stored (or cancelled while queued)
         stale = False
         try:
@@ -87,22 +93,38 @@ class JobDelivery:
             result = self._run(raw)
             self.records.check_fence(self.job_id)  # the last check before Celery stores the result
             return result
-        except StaleDelivery as exc:
-            stale = True
-            log.warning("%s; stopped without writing at %.3f", exc, time.time())
-            stale_runs.let_go(self.job_id)
-            if isinstance(exc, LeasesLapsed):  # the batch mates and prefetched jobs' leases lapsed as well
-                stale_runs.let_go_reserved()
-            raise Ignore() from None
-        except (Ignore, KiqError):
+        except Ignore:
             raise
         except Exception as exc:
-            log.exception("job %s failed unexpectedly", self.job_id)
-            raise PipelineError(f"unexpected {type(exc).__name__}: {exc}") from None
+            stale = isinstance(exc, StaleDelivery) or leases.lapsed() is not None
+            if not stale:
+                if isinstance(exc, KiqError):
+                    raise
+                log.exception("job %s failed unexpectedly", self.job_id)
+                raise PipelineError(f"unexpected {type(exc).__name__}: {exc}") from None
+            self._let_go(exc)
         finally:
             if not stale:
                 self._uncount()
                 self.records.notify(self.job_id, webhook_url(raw))
+
+    def _final(self) -> bool:
+        """A blip must not fail the job: retried within KIQ_REDIS_RETRY_S, or until the leases lapse (then the
+        delivery lets go of the job: no FAILURE, no ack, a sweep hands it back)."""
+        return redisconn.retrying(lambda: self.records.final(self.job_id), self.settings.redis_retry_s,
+                                  "final state check", give_up=lambda: leases.lapsed() is not None)  # fmt: skip
+
+    def _let_go(self, exc: Exception) -> NoReturn:
+        """Stale, or failed once this worker's leases lapsed (a Redis call that gave up at the lapse, before the run
+        held a token, or a partition's error): the job may be another worker's by now. Neither FAILURE nor an ack:
+        let go of its message, so its lease lapses and a sweep hands it back."""
+        lapsed = not isinstance(exc, StaleDelivery) or isinstance(exc, LeasesLapsed)
+        why = f"job {self.job_id}: {type(exc).__name__} after this worker's leases lapsed ({exc})"
+        log.warning("%s; stopped without writing at %.3f", exc if isinstance(exc, StaleDelivery) else why, time.time())
+        stale_runs.let_go(self.job_id)
+        if lapsed:
+            stale_runs.let_go_reserved()  # the batch mates and prefetched jobs' leases lapsed as well
+        raise Ignore() from None
 
     def _expire_if_late(self, raw: dict[str, Any]) -> bool:
         """End the job EXPIRED, unrun, if this delivery begins past its deadline to start (Redis's clock): also a

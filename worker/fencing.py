@@ -34,9 +34,14 @@ def let_go(job_id: str) -> None:
         # A batch mate still waiting for its turn: that turn must not run it. Not the running request (Celery lists
         # it as reserved too): marking it would make every later delivery of the job be let go of in turn, forever.
         if request not in active and internals.is_reserved(request):
-            _let_go[job_id] = None
-            while len(_let_go) > _LET_GO_MAX:
-                _let_go.popitem(last=False)
+            _mark(job_id)
+
+
+def _mark(job_id: str) -> None:
+    """Its turn, if one comes, must not run it."""
+    _let_go[job_id] = None
+    while len(_let_go) > _LET_GO_MAX:
+        _let_go.popitem(last=False)
 
 
 def let_go_reserved() -> None:
@@ -48,6 +53,15 @@ def let_go_reserved() -> None:
         if request.id not in active and not request.acknowledged:
             let_go(request.id)
             log.warning("let go of reserved job %s at %.3f: this worker's leases lapsed", request.id, time.time())
+    # Held across a reconnect: Celery cleared its reserved requests, but the threads pool may still run them.
+    for message in transport.kept_messages():
+        job_id = (getattr(message, "headers", None) or {}).get("id")
+        if job_id is None or job_id in active:
+            continue
+        _settle_locally(message)
+        _mark(job_id)
+        log.warning("let go of job %s kept across a reconnect at %.3f: this worker's leases lapsed", job_id,
+                    time.time())  # fmt: skip
 
 
 def was_let_go(job_id: str) -> bool:

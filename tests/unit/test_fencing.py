@@ -335,3 +335,114 @@ def test_a_job_is_never_started_while_this_workers_leases_are_lapsed(monkeypatch
     with pytest.raises(Ignore):
         delivery._deliver({})
     assert starting.acknowledged and delivered == {}  # Celery sends no ack for it
+
+
+def _lapsed_keeper(monkeypatch):
+    from kiq import leases
+
+    keeper = leases.LeaseKeeper(redis=None, held=list, interval_s=1.0)
+    monkeypatch.setattr(leases, "_process_keeper", [(keeper, leases.lapse_after_s(6))])
+    return keeper
+
+
+def _delivery(job_id: str, **methods):
+    """A JobDelivery with no records, runner or guard: touching any of them fails the test."""
+    from worker.execution import JobDelivery
+
+    delivery = object.__new__(JobDelivery)
+    delivery.job_id = job_id
+    for name, method in methods.items():
+        setattr(delivery, name, method)
+    return delivery
+
+
+@pytest.mark.parametrize("where", ["final state check", "expiry check"])
+def test_a_redis_error_once_the_leases_lapsed_lets_go_instead_of_failing_the_job(monkeypatch, where):
+    """Review of issue 20: a pre-run Redis call that gave up as the leases lapsed raised an ordinary error, so Celery
+    stored FAILURE (or, partitioned, failed that and its ack, and the job hung): now the delivery lets go of the job,
+    writes nothing, sends no ack, and a sweep hands it back."""
+    from celery.exceptions import Ignore
+    from celery.worker import state
+
+    keeper = _lapsed_keeper(monkeypatch)
+    delivered = {"tag-d1": 1}
+    running = _request(delivered, "d1", "tag-d1")
+    monkeypatch.setattr(state, "active_requests", [running])
+    monkeypatch.setattr(state, "reserved_requests", [running])
+
+    def cut_off(*args):
+        keeper.last_renewed -= 5.0  # the lapse comes while the call retries
+        raise redis.ConnectionError("partitioned")
+
+    calls = {"_final": cut_off}
+    if where == "expiry check":
+        calls = {"_final": lambda: False, "_expire_if_late": cut_off}
+    with pytest.raises(Ignore):
+        _delivery("d1", **calls)._deliver({})
+    assert running.acknowledged and delivered == {}
+
+
+def test_a_redis_error_with_the_leases_current_still_fails_as_before(monkeypatch):
+    from celery.worker import state
+
+    _lapsed_keeper(monkeypatch)
+    monkeypatch.setattr(state, "active_requests", [])
+    monkeypatch.setattr(state, "reserved_requests", [])
+
+    def blip():
+        raise redis.ConnectionError("down for longer than KIQ_REDIS_RETRY_S")
+
+    with pytest.raises(redis.ConnectionError):
+        _delivery("d2", _final=blip)._deliver({})
+
+
+def test_the_keeper_lets_go_of_jobs_kept_across_a_reconnect_that_celery_forgot(monkeypatch):
+    """Review of issue 20: a reconnect clears Celery's reserved requests while the threads pool still holds them and
+    kiq's transport keeps their messages; at a lapse those too are let go of, and their turns do not run them."""
+    from celery.worker import state
+
+    from kiq import transport
+
+    delivered = {"tag-k": 1}
+    message = SimpleNamespace(delivery_tag="tag-k", acknowledged=False, headers={"id": "kept-5"},
+                              channel=SimpleNamespace(qos=SimpleNamespace(_delivered=delivered)))  # fmt: skip
+    monkeypatch.setattr(transport, "_kept", {"tag-k": ("kiq:unacked_index:60s", message)})
+    monkeypatch.setattr(state, "active_requests", [])
+    monkeypatch.setattr(state, "reserved_requests", [])
+    stale_runs.let_go_reserved()
+    assert transport.kept_leases() == [] and delivered == {}
+    assert stale_runs.was_let_go("kept-5") and not stale_runs.was_let_go("kept-5")
+
+
+def test_a_let_go_request_is_not_renewed_by_the_keeper(monkeypatch):
+    from celery.worker import state
+
+    from kiq import leases
+
+    delivered = {"tag-a": 1, "tag-b": 1}
+    kept, settled = _request(delivered, "a", "tag-a"), _request(delivered, "b", "tag-b")
+    settled.acknowledged = True
+    monkeypatch.setattr(state, "active_requests", [kept])
+    monkeypatch.setattr(state, "reserved_requests", [settled])
+    assert leases.held_tags(SimpleNamespace()) == {"tag-a"}
+
+
+def test_a_blip_while_a_batch_leader_looks_for_mates_is_retried(monkeypatch):
+    """Review of issue 20: the leader's Redis TIME had no retry, so a blip failed the job (without a token yet)."""
+    from kiq.settings import Settings
+    from worker import batching
+
+    answers = [redis.ConnectionError("blip"), (1_700_000_000, 0)]
+
+    def time_or_blip():
+        answer = answers.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    task = SimpleNamespace(backend=SimpleNamespace(client=SimpleNamespace(time=time_or_blip)),
+                           request=SimpleNamespace(id="leader"))  # fmt: skip
+    monkeypatch.setattr(batching.internals, "reserved_requests", lambda: [])
+    settings = Settings(decoder_batch=2, decoder_batch_wait_ms=0, redis_retry_s=5)
+    leader = parse_job({"inputs": [{"text": "a cat", "weight": 1.0}]})
+    assert batching.find_mates(task, leader, settings, lambda _: True) == [] and answers == []

@@ -95,3 +95,23 @@ def test_a_kept_message_whose_run_let_go_of_it_is_no_longer_renewed(monkeypatch)
     assert transport.kept_leases() == [("kiq:unacked_index:60s", "tag-1")]
     stale_runs._settle_locally(message)
     assert transport.kept_leases() == []
+
+
+def test_an_ack_that_fails_with_redis_unreachable_stops_renewing_the_lease(monkeypatch):
+    """Review of issue 20: a failed ack (a partition) left the tag in the delivered map, so the lease keeper renewed
+    it forever and the job never came back, final state or not. Dropped, the lease lapses and the sweep hands the
+    message back; a stored final state settles the redelivery."""
+    import pytest
+    import redis as redis_py
+
+    monkeypatch.setattr(transport, "_kept", {})
+    qos = transport.QoS(SimpleNamespace(do_restore=True))
+    cut_off = SimpleNamespace(execute=lambda: (_ for _ in ()).throw(redis_py.ConnectionError("partitioned")))
+    monkeypatch.setattr(qos, "_remove_from_indices", lambda tag: cut_off)
+    for tag, settle in (("tag-ack", qos.ack), ("tag-reject", qos.reject)):
+        message = SimpleNamespace(delivery_tag=tag, acknowledged=False)
+        qos._delivered[tag] = message
+        transport._kept[tag] = ("kiq:unacked_index:60s", message)  # or kept across a reconnect
+        with pytest.raises(redis_py.ConnectionError):
+            settle(tag)
+        assert tag not in qos._delivered and transport.kept_leases() == []
