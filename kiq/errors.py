@@ -76,7 +76,8 @@ class SubmitAbandoned(KiqError):
 
 class SubmitNotReplicated(KiqError):
     """The job `job_id` is on the Redis master but not confirmed on KIQ_SUBMIT_REPLICAS replicas: a failover now
-    could lose it, so it may or may not exist. Retry with the same Idempotency-Key: exactly one job results."""
+    could lose it, so it may or may not exist. Retry with the same Idempotency-Key: one job results (the windows
+    left are in docs/reliability.md, "Submit is all or nothing")."""
 
     def __init__(self, message: str, job_id: str = "") -> None:
         super().__init__(message)
