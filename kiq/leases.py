@@ -56,6 +56,7 @@ class LeaseKeeper:
         # Past `lapse_after_s` (the self-fencing point) `on_lapse` is called, once until the next success: another
         # worker may take any message held here, so none that is not running may start here from its stale copy.
         self.lapse_after_s, self.on_lapse, self.let_go = float("inf"), on_lapse_of_process, False
+        self.lapses = 0  # how many times the leases lapsed: a run that began before one stops (see lapse_count)
 
     def start(self) -> None:
         self._stop.clear()
@@ -105,6 +106,7 @@ class LeaseKeeper:
         if self.let_go or time.monotonic() - self.last_renewed <= self.lapse_after_s:
             return
         self.let_go = True
+        self.lapses += 1
         try:
             self.on_lapse()
         except Exception:  # the keeper must keep renewing; each start checks the lapse again
@@ -141,6 +143,13 @@ def lapsed() -> float | None:
     keeper, bound_s = _process_keeper[0]
     age_s = time.monotonic() - keeper.last_renewed
     return age_s if age_s > bound_s else None
+
+
+def lapse_count() -> int:
+    """How many times this process's leases lapsed (0 without a keeper). A run compares it with the count when it
+    began: after a pause (SIGSTOP, a frozen VM) the keeper's first round notes the lapse and then renews within
+    milliseconds, so `lapsed()` alone could miss that another worker may have taken the job meanwhile."""
+    return _process_keeper[0][0].lapses if _process_keeper else 0
 
 
 class OtherIndexes:

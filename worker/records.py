@@ -100,6 +100,7 @@ class JobRecords:
         sent = [0]  # frames already in a written progress
         client, token = self.backend.client, fencing.held(job_id)
         checked: list[Progress] = []  # the last progress point found current, for the stale run's log
+        began = leases.lapse_count()  # a lapse after this stops the run, even once renewals resumed
 
         def report(progress: Progress) -> None:  # called once the step's checks passed
             checked[:] = [progress]
@@ -110,15 +111,15 @@ class JobRecords:
                 sent[0] = len(progress.frames or ())
             except _BACKEND_ERRORS as exc:  # progress is best effort: a Redis blip must not fail the job
                 log.warning("could not report progress of %s: %s", job_id, exc)
-                _raise_if_lapsed(job_id, progress)  # the write gave up as the leases lapsed: stop now
+                _raise_if_lapsed(job_id, progress, began)  # the write gave up as the leases lapsed: stop now
 
         def cancelled() -> bool:  # at every step: the cancel flag and the fence, in one round trip
-            _raise_if_lapsed(job_id, checked[0] if checked else None)
+            _raise_if_lapsed(job_id, checked[0] if checked else None, began)
             try:
                 pipe = self.checks.pipeline(transaction=False)
                 flag, current = pipe.exists(cancel_key(job_id)).get(fence_key(job_id)).execute()
             except _BACKEND_ERRORS:
-                _raise_if_lapsed(job_id, checked[0] if checked else None)
+                _raise_if_lapsed(job_id, checked[0] if checked else None, began)
                 return False  # a blip: the fenced writes still refuse a stale run's output
             _raise_if_stale(job_id, token, current, checked[0] if checked else None)
             return bool(flag)
@@ -135,16 +136,19 @@ class JobRecords:
                           record_frames=record_frames, fence=lambda: self.check_fence(job_id))  # fmt: skip
 
 
-def _raise_if_lapsed(job_id: str, last: Progress | None = None) -> None:
+def _raise_if_lapsed(job_id: str, last: Progress | None = None, began: int | None = None) -> None:
     """Self-fencing: a run whose worker has not renewed its leases for two thirds of the visibility timeout stops
-    before another worker can take its job (its message stays unacked and comes back through a sweep)."""
+    before another worker can take its job (its message stays unacked and comes back through a sweep), and so does
+    a run that began before a lapse that has healed since (`began`: leases.lapse_count() at its start)."""
     age_s = leases.lapsed()
     if age_s is not None:
-        where = f", after {last.stage} step {last.step} of {last.total}" if last is not None else ""
-        raise LeasesLapsed(
-            f"the leases of {job_id} were last renewed {age_s:.1f} s ago: another worker may take it; "
-            f"stopping this run{where}"
-        )
+        why = f"were last renewed {age_s:.1f} s ago"
+    elif began is not None and leases.lapse_count() != began:
+        why = "lapsed during this run (renewed again since: a pause)"
+    else:
+        return
+    where = f", after {last.stage} step {last.step} of {last.total}" if last is not None else ""
+    raise LeasesLapsed(f"the leases of {job_id} {why}: another worker may take it; stopping this run{where}")
 
 
 def _raise_if_stale(job_id: str, token: int | None, current: Any, last: Progress | None = None) -> None:

@@ -446,3 +446,26 @@ def test_a_blip_while_a_batch_leader_looks_for_mates_is_retried(monkeypatch):
     settings = Settings(decoder_batch=2, decoder_batch_wait_ms=0, redis_retry_s=5)
     leader = parse_job({"inputs": [{"text": "a cat", "weight": 1.0}]})
     assert batching.find_mates(task, leader, settings, lambda _: True) == [] and answers == []
+
+
+def test_a_run_that_began_before_a_lapse_stops_even_once_renewals_resumed(monkeypatch):
+    """Review of issue 20: after SIGCONT the paused worker's keeper notes the lapse and renews within milliseconds,
+    before the run's next step check, which then saw current leases and went on beside the worker that took the
+    job. The lapse is counted, and a run that began before it stops."""
+    from kiq import leases
+    from worker import records
+    from worker.runner import LeasesLapsed
+
+    keeper = leases.LeaseKeeper(redis=None, held=list, interval_s=1.0)
+    keeper.lapse_after_s = 4.0
+    monkeypatch.setattr(leases, "_process_keeper", [(keeper, 4.0)])
+    monkeypatch.setattr(leases, "on_lapse", None)
+    began = leases.lapse_count()
+    records._raise_if_lapsed("p1", None, began)  # current leases: the run goes on
+    keeper.last_renewed -= 5.0  # SIGSTOPped for 5 s
+    keeper._let_go_if_lapsed()  # the keeper's first round after SIGCONT …
+    keeper._renewed()  # … renews at once
+    assert leases.lapsed() is None
+    with pytest.raises(LeasesLapsed, match="lapsed during this run"):
+        records._raise_if_lapsed("p1", None, began)
+    records._raise_if_lapsed("p2", None, leases.lapse_count())  # a run begun since goes on
