@@ -15,7 +15,9 @@ from producer import devstack
 from tests.helpers import FAST_REDELIVERY, client_for, count_in_logs, objects_of, own_queue, wait_for_step
 from tests.integration.jobs import tiny_job
 
-STOPPED = re.compile(r"delivery (\d+) of (\S+) is stale: .*, after (\w+) step (\d+) of \d+; .* at ([0-9.]+)")
+# A resumed run stops as stale (B began) or, first, as having begun before its worker's leases lapsed.
+STOPPED = re.compile(r"(?:delivery \d+ of (\S+) is stale: .*|the leases of (\S+) lapsed during this run .*), "
+                     r"after (\w+) step (\d+) of \d+; .* at ([0-9.]+)")  # fmt: skip
 
 
 def text(log):
@@ -24,7 +26,7 @@ def text(log):
 
 def stopped_at(log, job_id):
     """(When the stale run logged that it stopped, on this host's clock; the last step it found current), or None."""
-    found = [(float(m[5]), m[3], int(m[4])) for m in STOPPED.finditer(text(log)) if m[2] == job_id]
+    found = [(float(m[5]), m[3], int(m[4])) for m in STOPPED.finditer(text(log)) if job_id in (m[1], m[2])]
     return (found[0][0], found[0][1:]) if found else None
 
 

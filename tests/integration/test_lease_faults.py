@@ -144,7 +144,9 @@ def test_a_run_cut_off_from_redis_mid_write_stops_before_its_job_can_be_taken(en
         proxy.unsilence()
         # It let go of the message unacknowledged: the sweep hands it back, and it runs to the end once.
         assert client.wait(job_id, timeout=300).state == "SUCCESS"
-        assert log.read_text(errors="replace").count(f"{job_id}] succeeded") == 1
+        succeeded = f"{job_id}] succeeded"  # logged after the state is stored: under load the client sees it first
+        devstack.wait_until(lambda: succeeded in log.read_text(errors="replace"), 30, "the worker's succeeded line")
+        assert log.read_text(errors="replace").count(succeeded) == 1
         assert worker.poll() is None
     finally:
         proxy.stop()
