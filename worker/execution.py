@@ -78,14 +78,17 @@ class JobDelivery:
             stale_runs.let_go(self.job_id)
             stale_runs.let_go_reserved()
             raise Ignore()
+        self.records.began = leases.lapse_count()  # a lapse from here on stops this delivery, even once healed
         try:
             final = self._final()
         except Exception as exc:
-            if leases.lapsed() is None:
+            if not self._lapsed():
                 raise
             self._let_go(exc)
-        if final:
-            raise Ignore()  # redelivered after its final state was stored (or cancelled while queued)
+        if final:  # redelivered after its final state was stored (or cancelled while queued)
+            self._uncount()  # both idempotent: an earlier delivery may have stored the end and then let go
+            self.records.notify(self.job_id, webhook_url(raw))
+            raise Ignore()
         stale = False
         try:
             if self._expire_if_late(raw):
@@ -96,7 +99,7 @@ class JobDelivery:
         except Ignore:
             raise
         except Exception as exc:
-            stale = isinstance(exc, StaleDelivery) or leases.lapsed() is not None
+            stale = isinstance(exc, StaleDelivery) or self._lapsed()
             if not stale:
                 if isinstance(exc, KiqError):
                     raise
@@ -107,6 +110,10 @@ class JobDelivery:
             if not stale:
                 self._uncount()
                 self.records.notify(self.job_id, webhook_url(raw))
+
+    def _lapsed(self) -> bool:
+        """The leases are lapsed now, or lapsed (and healed) since this delivery began."""
+        return leases.lapsed() is not None or leases.lapse_count() != self.records.began
 
     def _final(self) -> bool:
         """A blip must not fail the job: retried within KIQ_REDIS_RETRY_S, or until the leases lapse (then the
@@ -196,7 +203,8 @@ class JobDelivery:
             error = exc
             raise
         finally:
-            self.guard.end(self.job_id)
+            if outcome != "stale" and not self._lapsed():  # a paused or cut-off delivery counts as one that died:
+                self.guard.end(self.job_id)  # a job that stalls its worker every time ends PoisonJob, never loops
             self.observers.finished(outcome, time.monotonic() - started, timings, error)
 
     def _alone(self, job: Job, raw: dict[str, Any]) -> dict[str, Any]:

@@ -44,6 +44,7 @@ class JobRecords:
     def __init__(self, backend: Any, app: Any, settings: Settings, checks: Any = None) -> None:
         self.backend, self.app, self.settings = backend, app, settings
         self.checks = checks if checks is not None else backend.client  # per-step reads (see checks_client)
+        self.began: int | None = None  # leases.lapse_count() when the delivery began; None: when a context is made
 
     def final(self, job_id: str) -> bool:
         """Ended, or its outputs deleted (the tombstone drops the result: a redelivery must not run it again)."""
@@ -100,7 +101,7 @@ class JobRecords:
         sent = [0]  # frames already in a written progress
         client, token = self.backend.client, fencing.held(job_id)
         checked: list[Progress] = []  # the last progress point found current, for the stale run's log
-        began = leases.lapse_count()  # a lapse after this stops the run, even once renewals resumed
+        began = leases.lapse_count() if self.began is None else self.began  # a later lapse stops the run
 
         def report(progress: Progress) -> None:  # called once the step's checks passed
             checked[:] = [progress]

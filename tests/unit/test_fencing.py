@@ -350,7 +350,7 @@ def _delivery(job_id: str, **methods):
     from worker.execution import JobDelivery
 
     delivery = object.__new__(JobDelivery)
-    delivery.job_id = job_id
+    delivery.job_id, delivery.records = job_id, SimpleNamespace(began=None)
     for name, method in methods.items():
         setattr(delivery, name, method)
     return delivery
