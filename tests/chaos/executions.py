@@ -3,9 +3,10 @@
 kiq records no per-execution start and end, so they come from Celery's own lines: `Task kiq.generate[<id>]
 received` opens an execution (with the solo pool the job starts at once; with decoder batching it may wait
 reserved, which still means the job is handed to this worker), and `succeeded`, `raised`, `ignored`,
-`rejected` or `retry` closes it; so does kiq's "let go of reserved job <id>" (a prefetched job given up unrun once
-the worker's leases lapsed: Celery may drop it on a reconnect without a line), the process's exit (SIGKILL) or the
-end of the log.
+`rejected` or `retry` closes it; so do Celery's "Discarding revoked task" (a cancelled job, never run), kiq's "let
+go of reserved job <id>" and "let go of job <id> kept across a reconnect" (a held job given up unrun once the
+worker's leases lapsed: Celery may drop it on a reconnect without a line), the process's exit (SIGKILL) or the end
+of the log.
 """
 
 from __future__ import annotations
@@ -20,7 +21,9 @@ TASK_LINE = re.compile(
     r"^(\d+\.\d+) .*Task kiq\.generate\[([0-9a-f-]{36})\] (received|succeeded|raised|ignored|rejected|retry)"
 )
 
-LET_GO_LINE = re.compile(r"^(\d+\.\d+) .*let go of reserved job ([0-9a-f-]{36})")
+LET_GO_LINE = re.compile(
+    r"^(\d+\.\d+) .*(let go of (?:reserved )?job |Discarding revoked task: kiq\.generate\[)([0-9a-f-]{36})"
+)
 
 
 def executions(worker: str, log: Path) -> list[dict[str, Any]]:
@@ -41,8 +44,9 @@ def executions(worker: str, log: Path) -> list[dict[str, Any]]:
         match = TASK_LINE.match(line)
         if match is None:
             let_go = LET_GO_LINE.match(line)
-            if let_go is not None and let_go.group(2) in running:
-                found.append(_run(worker, incarnation, let_go.group(2), running.pop(let_go.group(2)), last, "let-go"))
+            if let_go is not None and let_go.group(3) in running:
+                how = "discarded" if let_go.group(2).startswith("Discarding") else "let-go"
+                found.append(_run(worker, incarnation, let_go.group(3), running.pop(let_go.group(3)), last, how))
             continue
         job_id, what = match.group(2), match.group(3)
         if what == "received":
