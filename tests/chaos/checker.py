@@ -26,6 +26,7 @@ from tests.chaos.history import read
 
 FINAL = ("SUCCESS", "FAILURE", "REVOKED", "EXPIRED")
 BUCKET_PREFIX = "jobs/"
+Paused = dict[str, list[tuple[float, float]]]  # worker -> the intervals it was SIGSTOPped
 
 
 @dataclass
@@ -97,8 +98,12 @@ def check(path: Path) -> Verdict:
     verdict = Verdict()
     problems: dict[str, dict[str, int]] = {}
     overlaps: dict[str, list[float]] = {}
+    paused: Paused = defaultdict(list)
+    for fault in faults:
+        if fault["nemesis"] == "pause-worker":
+            paused[fault["target"]].append((fault["started"], fault["stopped"]))
     for view in jobs.values():
-        found, spans = job_problems(view, by_key, overlap_max_s)
+        found, spans = job_problems(view, by_key, overlap_max_s, paused)
         problems[view.id], overlaps[view.id] = {k: len(v) for k, v in found.items()}, spans
         verdict.violations += [f"{view.id}: {what}" for items in found.values() for what in items]
     verdict.violations += foreign_objects(objects, jobs)
@@ -119,8 +124,9 @@ def check(path: Path) -> Verdict:
     return verdict
 
 
-def job_problems(view: JobView, objects: dict[str, dict[str, Any]],
-                 overlap_max_s: float) -> tuple[dict[str, list[str]], list[float]]:  # fmt: skip
+def job_problems(view: JobView, objects: dict[str, dict[str, Any]], overlap_max_s: float,
+                 paused: Paused | None = None,
+                 ) -> tuple[dict[str, list[str]], list[float]]:  # fmt: skip
     found: dict[str, list[str]] = {k: [] for k in ("lost", "changed", "two_finals", "s3", "webhook", "overlap")}
     finals = {s["state"] for s in view.finals()}
     if not finals:
@@ -134,7 +140,7 @@ def job_problems(view: JobView, objects: dict[str, dict[str, Any]],
         found["s3"] += missing_objects(view.id, success[-1].get("uris", []), objects)
     if view.submit.get("webhook") and finals:
         found["webhook"] += webhook_problems(view, finals)
-    spans = overlap_spans(view.runs)
+    spans = overlap_spans(view.runs, paused)
     found["overlap"] += [f"executions overlapped for {s:.1f} s (over {overlap_max_s:g} s)"
                          for s in spans if s > overlap_max_s]  # fmt: skip
     return found, spans
@@ -198,17 +204,30 @@ def webhook_problems(view: JobView, finals: set[str]) -> list[str]:
     return out
 
 
-def overlap_spans(runs: list[dict[str, Any]]) -> list[float]:
-    """Seconds each pair of executions of one job on different workers or incarnations ran at the same time."""
+def overlap_spans(runs: list[dict[str, Any]], paused: Paused | None = None) -> list[float]:
+    """Seconds each pair of executions of one job on different workers or incarnations ran at the same time; a
+    worker SIGSTOPped by the pause nemesis (`paused`: worker -> intervals) runs nothing while it is stopped."""
     spans = []
     for i, a in enumerate(runs):
         for b in runs[i + 1 :]:
             if (a["worker"], a["incarnation"]) == (b["worker"], b["incarnation"]):
                 continue
-            both = min(a["end"], b["end"]) - max(a["start"], b["start"])
+            both = sum(
+                max(0.0, min(x_end, y_end) - max(x_start, y_start))
+                for x_start, x_end in _running(a, paused or {})
+                for y_start, y_end in _running(b, paused or {})
+            )
             if both > 0:
                 spans.append(both)
     return spans
+
+
+def _running(run: dict[str, Any], paused: Paused) -> list[tuple[float, float]]:
+    """The run's interval less the times its worker was stopped."""
+    pieces = [(run["start"], run["end"])]
+    for stop, cont in paused.get(run["worker"], []):
+        pieces = [p for start, end in pieces for p in ((start, min(end, stop)), (max(start, cont), end)) if p[1] > p[0]]
+    return pieces
 
 
 def _overlaps(view: JobView, fault: dict[str, Any]) -> bool:

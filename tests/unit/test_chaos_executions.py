@@ -20,3 +20,15 @@ def test_each_kind_of_end_closes_its_execution(tmp_path):
     )
     runs = {(r["job"], r["start"], r["end"], r["outcome"]) for r in executions("w2", log)}
     assert runs == {(A, 10.0, 10.1, "discarded"), (B, 11.0, 12.5, "let-go"), (C, 13.0, 15.0, "succeeded")}
+
+
+def test_a_worker_stopped_by_the_pause_nemesis_runs_nothing_meanwhile():
+    """The long campaign of 2026-12-07: w2 was SIGSTOPped holding a job that w1 then ran to the end; w2 stopped as
+    stale 1 s after SIGCONT. Counted wall to wall that was a 2.7 s overlap; no step of the two ran together."""
+    from tests.chaos.checker import overlap_spans
+
+    w2 = {"worker": "w2", "incarnation": 6, "start": 18.9, "end": 59.1}
+    w1 = {"worker": "w1", "incarnation": 1, "start": 50.5, "end": 53.3}
+    assert [round(s, 1) for s in overlap_spans([w2, w1])] == [2.8]
+    assert overlap_spans([w2, w1], {"w2": [(40.4, 58.1)]}) == []
+    assert [round(s, 1) for s in overlap_spans([w2, w1], {"w2": [(40.4, 52.0)]})] == [1.3]  # resumed during w1's run
