@@ -152,6 +152,11 @@ def lapse_count() -> int:
     return _process_keeper[0][0].lapses if _process_keeper else 0
 
 
+def lapsed_since(count: int | None) -> bool:
+    """Whether the leases are lapsed now or lapsed (and healed) since `lapse_count()` was `count`."""
+    return lapsed() is not None or (count is not None and lapse_count() != count)
+
+
 class OtherIndexes:
     """Hands back the jobs of dead workers whose visibility timeout is not ours, as a worker of theirs would.
 

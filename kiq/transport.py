@@ -51,17 +51,20 @@ def hold_while(held_tags: Callable[[], Iterable[str]]) -> None:
 
 def kept_leases() -> list[tuple[str, str]]:
     """(unacked index key, delivery tag) of messages held across a reconnect and not yet acknowledged."""
-    with _kept_lock:
-        for tag in [tag for tag, (_, message) in _kept.items() if message.acknowledged]:
-            del _kept[tag]
-        return [(index, tag) for tag, (index, _) in _kept.items()]
+    return [(index, tag) for tag, index, _ in _unsettled_kept()]
 
 
 def kept_messages() -> list[Any]:
     """The messages held across a reconnect and not yet settled (Celery forgot their reserved requests)."""
-    kept_leases()  # drops the acknowledged ones
+    return [message for _, _, message in _unsettled_kept()]
+
+
+def _unsettled_kept() -> list[tuple[str, str, Any]]:
+    """(delivery tag, unacked index key, message) of each kept message, the acknowledged ones dropped first."""
     with _kept_lock:
-        return [message for _, message in _kept.values()]
+        for tag in [tag for tag, (_, message) in _kept.items() if message.acknowledged]:
+            del _kept[tag]
+        return [(tag, index, message) for tag, (index, message) in _kept.items()]
 
 
 def _held_now() -> set[str]:

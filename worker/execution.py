@@ -113,7 +113,7 @@ class JobDelivery:
 
     def _lapsed(self) -> bool:
         """The leases are lapsed now, or lapsed (and healed) since this delivery began."""
-        return leases.lapsed() is not None or leases.lapse_count() != self.records.began
+        return leases.lapsed_since(self.records.began)
 
     def _final(self) -> bool:
         """A blip must not fail the job: retried within KIQ_REDIS_RETRY_S, or until the leases lapse (then the

@@ -144,7 +144,7 @@ def _raise_if_lapsed(job_id: str, last: Progress | None = None, began: int | Non
     age_s = leases.lapsed()
     if age_s is not None:
         why = f"were last renewed {age_s:.1f} s ago"
-    elif began is not None and leases.lapse_count() != began:
+    elif leases.lapsed_since(began):
         why = "lapsed during this run (renewed again since: a pause)"
     else:
         return
