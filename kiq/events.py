@@ -17,6 +17,7 @@ backend base class, which only the Celery side loads (by the `kiq.events:EventsB
 from __future__ import annotations
 
 import json
+import logging
 from typing import Any
 
 from celery.backends.redis import RedisBackend, SentinelBackend
@@ -26,9 +27,18 @@ from kiq.library_internals import BackendWrites
 from kiq.names import TERMINAL_STATES, events_channel, events_key
 from kiq.redisconn import REDIS_ERRORS
 
+log = logging.getLogger(__name__)
+
 # KEYS: meta key, stream key, event channel. ARGV: meta, ttl (0 = none), the stream's ttl (0 = none), its cap.
 # Run behind fencing.GUARD, which takes the fence key and the token last.
+# A final state is never replaced (the first final wins): a cancel's REVOKED written by the API while the job's
+# run was starting stays REVOKED through the run's later progress or SUCCESS. Returns 0 then, writing nothing.
 _WRITE = """
+local old = redis.call('GET', KEYS[1])
+if old then
+  local ok, meta = pcall(cjson.decode, old)
+  if ok and type(meta) == 'table' and FINAL[meta['status']] then return 0 end
+end
 local ttl, stream_ttl = tonumber(ARGV[2]), tonumber(ARGV[3])
 if ttl > 0 then redis.call('SETEX', KEYS[1], ttl, ARGV[1]) else redis.call('SET', KEYS[1], ARGV[1]) end
 local id = redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[4], '*', 'meta', ARGV[1])
@@ -37,6 +47,8 @@ redis.call('PUBLISH', KEYS[1], ARGV[1])
 redis.call('PUBLISH', KEYS[3], id .. ' ' .. ARGV[1])
 return id
 """
+
+_WRITE = "local FINAL = {%s}\n" % ", ".join(f"{state} = true" for state in sorted(TERMINAL_STATES)) + _WRITE
 
 _META_PREFIX = "celery-task-meta-"
 # A finished job's stream is kept this long for late resumes, not the result's days: it is some twenty times
@@ -82,6 +94,8 @@ class _EventStreams(BackendWrites):
             raise
         if done is None:
             fencing.refused(job_id, token, json.loads(value).get("status"))
+        elif done == 0:
+            log.info("job %s is final already; its %s write was dropped", job_id, json.loads(value).get("status"))
         return None
 
     def exception_safe_to_retry(self, exc: Exception) -> bool:

@@ -139,8 +139,10 @@ class QueueCollector:
     def collect(self) -> Iterator[Any]:
         try:
             snap = self.read()
-            if snap.stale or any(q not in {k[0] for k in snap.depth} for q in self.queues):
-                snap = self.read()  # a worker named a new queue, or a tenant came: report it in this scrape already
+            for _ in range(2):  # a worker named a new queue, or a tenant came: report it in this scrape already
+                if not (snap.stale or any(q not in {k[0] for k in snap.depth} for q in self.queues)):
+                    break
+                snap = self.read()  # a queue learned on the read before may bring its own tenant queues
         except redisconn.REDIS_ERRORS as exc:
             log.warning("queue metrics: Redis unavailable: %s", exc)
             yield _scrape_ok(0)

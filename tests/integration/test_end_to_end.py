@@ -10,7 +10,8 @@ import urllib.request
 import pytest
 
 from kiq.errors import UnknownJob
-from tests.helpers import image_bytes, kiq_cli
+from kiq.names import events_key
+from tests.helpers import image_bytes, kiq_cli, wait_for_step
 from tests.integration.jobs import image_input, read_object, tiny_job
 
 
@@ -115,6 +116,25 @@ def test_cancel_queued_and_running_jobs_and_wait_timeout(env, worker, client, s3
     keys = [o["Key"] for o in listed.get("Contents", [])]
     assert not [k for k in keys if running in k or queued in k]
     assert client.wait(client.submit(tiny_job()), timeout=120).state == "SUCCESS"
+
+
+def test_a_final_state_written_while_the_job_runs_is_the_one_that_stays(worker, client, logs):
+    """The API's cancel of a job it read as PENDING writes REVOKED unfenced, and the job's run may just have
+    started (the long campaign's run 3 polled REVOKED, then PROGRESS). Here that REVOKED lands mid-run without the
+    cancel flag, the most the race allows (the flag stops a run at its next step): the run's later PROGRESS and
+    SUCCESS writes are dropped, every poll reads REVOKED and the event stream ends with it, once."""
+    job_id = client.submit(tiny_job(decoder_steps=40))
+    wait_for_step(client, job_id, step=2)
+    client.app.backend.mark_as_revoked(job_id, reason="cancelled")
+    dropped, seen = f"job {job_id} is final already; its SUCCESS write was dropped", set()
+    deadline = time.monotonic() + 120
+    while dropped not in (logs / "worker.log").read_text(errors="replace"):
+        assert time.monotonic() < deadline, seen
+        seen.add(client.status(job_id).state)
+        time.sleep(0.02)
+    assert seen | {client.status(job_id).state} == {"REVOKED"}
+    events = [json.loads(meta[b"meta"])["status"] for _, meta in client.redis.xrange(events_key(job_id))]
+    assert events[-1] == "REVOKED" and events.count("REVOKED") == 1, events
 
 
 def test_wait_draws_a_progress_bar_only_on_a_terminal(env, worker, tmp_path):

@@ -92,6 +92,29 @@ def test_writes_without_a_held_token_or_without_a_count_are_not_fenced(db, job, 
     assert client.xlen(events_key(job)) == 2 and not refusals
 
 
+@pytest.mark.parametrize("first", ["REVOKED", "SUCCESS", "FAILURE"])
+def test_a_final_state_is_never_replaced_by_a_later_write_of_any_run(db, job, refusals, first):
+    """The API's cancel writes REVOKED (no token) while the job's run is starting; the run's STARTED, PROGRESS
+    and SUCCESS that follow are dropped whole: a state seen final never changes. Also the API's REVOKED after a
+    SUCCESS (its status read was older than the job's end). Not refusals: the run is not stale."""
+    client, _ = db
+    results = backend()
+    if first != "REVOKED":
+        fencing.hold(job, take(client, job))
+    {"REVOKED": lambda: results.mark_as_revoked(job, reason="cancelled"),
+     "SUCCESS": lambda: results.mark_as_done(job, {"images": []}),
+     "FAILURE": lambda: results.mark_as_failure(job, ValueError("boom"))}[first]()  # fmt: skip
+    fencing.hold(job, take(client, job))
+    results.store_result(job, {"hostname": "a"}, "STARTED")
+    results.store_result(job, {"stage": "decoder", "step": 3, "total": 9}, "PROGRESS")
+    results.mark_as_done(job, {"images": []})
+    fencing.release(job)
+    results.mark_as_revoked(job, reason="cancelled")  # as the API would, unfenced
+    assert json.loads(client.get(f"celery-task-meta-{job}"))["status"] == first
+    events = [json.loads(meta[b"meta"])["status"] for _, meta in client.xrange(events_key(job))]
+    assert events == [first] and not refusals
+
+
 def test_set_and_delete_if_current(db, job, refusals):
     client, _ = db
     take(client, job)
