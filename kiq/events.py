@@ -48,7 +48,8 @@ redis.call('PUBLISH', KEYS[3], id .. ' ' .. ARGV[1])
 return id
 """
 
-_WRITE = "local FINAL = {%s}\n" % ", ".join(f"{state} = true" for state in sorted(TERMINAL_STATES)) + _WRITE
+_FINAL = ", ".join(f"{state} = true" for state in sorted(TERMINAL_STATES))
+_WRITE = f"local FINAL = {{{_FINAL}}}\n" + _WRITE
 
 _META_PREFIX = "celery-task-meta-"
 # A finished job's stream is kept this long for late resumes, not the result's days: it is some twenty times
