@@ -12,8 +12,10 @@ from kiq.settings import Settings
 PRIORITY_STEPS = (0, 3, 6, 9)
 # The Celery `amqp` class of kiq's consumers (job and webhook workers): kombu's Redis transport with leases on
 # Redis's clock that a reconnect never hands back while the worker still holds them (kiq/transport.py).
-# Producers keep kombu's own: the broker URL is the same for both, and for any plain Celery client.
 WORKER_AMQP = "kiq.transport:AMQP"
+# kiq's producers: kombu's Redis transport whose publish of a job can commit its Idempotency-Key in the same
+# script (kiq/publish.py). The broker URL and the wire format are kombu's, for any plain Celery client too.
+PRODUCER_AMQP = "kiq.publish:AMQP"
 # kombu's Redis separator (its `sep` transport option, left at kombu's default): it names the priority lists and
 # joins binding members, so every Celery client must use the same one, and plain Celery apps and Flower use this.
 KOMBU_SEP = "\x06\x16"

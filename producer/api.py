@@ -18,7 +18,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Resp
 from pydantic import BaseModel, ValidationError
 from redis.exceptions import RedisError
 
-from kiq import logs, redisconn, tracing
+from kiq import logs, publish, redisconn, tracing
 from kiq.contract import Job, validation_errors
 from kiq.errors import (
     InvalidEventId,
@@ -143,6 +143,7 @@ def create_api(settings: Settings, client: Client | None = None, s3: Any = None)
         try:
             replay = claim.acquire(job_id) if claim else None
             if replay is not None:  # the earlier try may have answered 503: the job must be replicated now too
+                client.keep_record(replay, job, tenant.owner)  # its publish ran, then failed: it forgot the record
                 return confirmed(replay)
             client.check_feasible(job)  # before the uploads: a job no worker could finish stores nothing
             admission = client.admit(job, tenant.owner, job_id, tenant.quotas)  # so is one over a quota
@@ -470,6 +471,8 @@ class IdempotencyClaim:
         self.pending_ms, self.retry_s = int(settings.idempotency_pending_s * 1000), settings.redis_retry_s
         self.key = idempotency_key(owner, hashlib.sha256(key.encode()).hexdigest())
         self.job_id, self.value = "", ""
+        self.atomic = publish.shares_redis(settings)  # the publish commits the key itself (kiq/publish.py)
+        self.published: publish.Commit | None = None
 
     def acquire(self, job_id: str) -> str | None:
         self.job_id, self.value = job_id, json.dumps({"digest": self.digest, "id": job_id, "state": "pending"})
@@ -507,20 +510,34 @@ class IdempotencyClaim:
         return bool(self.redis.eval(_PEXPIRE_IF_EQUAL, 1, self.key, self.value, self.pending_ms))
 
     def confirm(self) -> None:
-        """Right before the publish: the pending mark must still be ours, renewed for a whole lifetime."""
+        """Right before the publish: the pending mark must still be ours, renewed for a whole lifetime. Then the
+        publish itself commits the key, in the script that pushes the message (where broker and results share one
+        Redis): the key points at the job exactly when the job is queued, whatever fails after."""
         if self.value and not self._renew():
             raise SubmitAbandoned(
                 "the submit outlived its Idempotency-Key's pending mark (Redis out of reach for "
                 f"{self.pending_ms / 1000:g} s or more); nothing was enqueued"
             )
+        if self.value and self.atomic:
+            self.published = publish.Commit(self.job_id, self.key, self.value, self._committed(), self.ttl_s)
+            publish.arm(self.published)
+
+    def _committed(self) -> str:
+        return json.dumps({"digest": self.digest, "id": self.job_id, "state": "enqueued"})
+
+    def committed_by_publish(self) -> bool:
+        """Whether the publish ran the commit (then `commit` has nothing left to do); disarms it either way."""
+        publish.disarm()
+        return self.published is not None and self.published.done
 
     def commit(self) -> None:
-        """Point the key at the enqueued job, only if it still holds our pending mark (kept alive until now);
-        retried for KIQ_REDIS_RETRY_S, and never raises: the job is enqueued (a commit that still fails leaves the
-        mark to expire, after which a retry would make a second job)."""
-        if not self.value:
+        """Point the key at the enqueued job, only if it still holds our pending mark (kept alive until now):
+        done by the publish itself where broker and results share one Redis. Otherwise retried for
+        KIQ_REDIS_RETRY_S, and never raises: the job is enqueued (a commit that still fails leaves the mark to
+        expire, after which a retry would make a second job: the window one shared Redis closes)."""
+        if not self.value or self.committed_by_publish():
             return
-        enqueued = json.dumps({"digest": self.digest, "id": self.job_id, "state": "enqueued"})
+        enqueued = self._committed()
         try:
             redisconn.retrying(
                 lambda: self.redis.eval(_SET_IF_EQUAL, 1, self.key, self.value, enqueued, self.ttl_s),
@@ -530,7 +547,8 @@ class IdempotencyClaim:
             log.error("job %s is enqueued but its idempotency key could not be committed: %s", self.job_id, exc)
 
     def release(self) -> None:
-        if not self.value:
+        """A failed submit frees the key for the retry, unless its publish committed it (the reply was lost)."""
+        if not self.value or self.committed_by_publish():
             return
         try:
             self.redis.eval(_DELETE_IF_EQUAL, 1, self.key, self.value)

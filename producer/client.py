@@ -15,7 +15,7 @@ from celery import Celery
 from celery.result import AsyncResult
 
 from kiq import expiry, fairshare, logs, quota_counts, redisconn, s3, tracing
-from kiq.celeryconf import PRIORITY_STEPS, common_config, priority_lists
+from kiq.celeryconf import PRIORITY_STEPS, PRODUCER_AMQP, common_config, priority_lists
 from kiq.contract import MAX_PRIORITY, Job, parse_job
 from kiq.errors import JobExpired, OutputsDeleted, SubmitNotReplicated, TransientError, UnknownJob, WaitTimeout
 from kiq.event_reads import PAGE_SCRIPT, page_args, parse_event_id, parse_page, parse_snapshot
@@ -47,7 +47,7 @@ log = logging.getLogger(__name__)
 class Client:
     def __init__(self, settings: Settings, app: Celery | None = None, s3_client: Any = None) -> None:
         self.settings = settings
-        self.app = app or Celery("kiq-producer", set_as_current=False)
+        self.app = app or Celery("kiq-producer", set_as_current=False, amqp=PRODUCER_AMQP)
         if app is None:
             self.app.conf.update(common_config(settings))
         self._s3 = s3_client
@@ -211,6 +211,17 @@ class Client:
                 item = item.model_copy(update={"image": uri})
             inputs.append(item)
         return job.model_copy(update={"inputs": inputs})
+
+    def keep_record(self, job_id: str, job: Job, owner: str) -> None:
+        """Write the job's record unless it exists: an idempotent retry whose first try's publish landed but
+        raised (its reply lost) finds the job committed to its key and its record removed as unsent."""
+        record = json.dumps({"owner": owner, "webhook_url": job.webhook_url or ""})
+        with self.redis.pipeline() as pipe:
+            pipe.set(job_record_key(job_id), record, ex=self.settings.result_ttl_s, nx=True)
+            pipe.zadd(jobs_index_key(owner), {job_id: time.time()}, nx=True)
+            written, _ = pipe.execute()
+        if written:
+            log.warning("job %s: its record was written again by an idempotent retry", job_id)
 
     def _forget(self, job_id: str, owner: str) -> None:
         try:

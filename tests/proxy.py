@@ -15,6 +15,8 @@ class Proxy:
         self._conns: list[socket.socket] = []
         self._lock = threading.Lock()
         self._held: list[socket.socket] | None = None  # a list while new connections are held, not forwarded
+        self._trip: tuple[bytes, float] | None = None  # (bytes a client sends, outage seconds): see trip_after
+        self.seen: list[bytes] = []  # the client chunks that carried a trip's bytes
 
     @property
     def url(self) -> str:
@@ -55,6 +57,29 @@ class Proxy:
         for client in held:
             self._forward(client)
 
+    def trip_after(self, needle: bytes, down_s: float) -> None:
+        """Once a client sends `needle`, forward that chunk, then go down (cut everything, refuse new connections)
+        for `down_s` seconds: the server ran the command, its reply is lost, and retries meet an outage."""
+        with self._lock:
+            self._trip = needle, down_s
+
+    def _watch(self, data: bytes, muted: threading.Event):
+        """Before a client chunk is forwarded: trip on it (its reply is muted before the server can answer); returns
+        what to do once it is forwarded (go down)."""
+        with self._lock:
+            trip = self._trip
+            if trip is None or trip[0] not in data:
+                return None
+            self._trip = None
+            self.seen.append(data)
+        muted.set()
+        return lambda: threading.Thread(target=self._outage, args=(trip[1],), daemon=True).start()
+
+    def _outage(self, down_s: float) -> None:
+        self.stop()
+        threading.Event().wait(down_s)
+        self.start()
+
     def _accept(self, listener: socket.socket) -> None:
         while True:
             try:
@@ -76,14 +101,21 @@ class Proxy:
         upstream.settimeout(None)  # the 5 s bound the connect only: an idle (pub/sub) connection stays up
         with self._lock:
             self._conns += [client, upstream]
-        for a, b in ((client, upstream), (upstream, client)):
-            threading.Thread(target=_pipe, args=(a, b), daemon=True).start()
+        muted = threading.Event()  # set once this connection tripped: the server's replies no longer reach the client
+        threading.Thread(target=_pipe, args=(client, upstream, lambda data: self._watch(data, muted)),
+                         daemon=True).start()  # fmt: skip
+        threading.Thread(target=_pipe, args=(upstream, client, None, muted), daemon=True).start()
 
 
-def _pipe(src: socket.socket, dst: socket.socket) -> None:
+def _pipe(src: socket.socket, dst: socket.socket, watch=None, muted: threading.Event | None = None) -> None:
     try:
         while data := src.recv(65536):
+            then = watch(data) if watch is not None else None
+            if muted is not None and muted.is_set():
+                continue
             dst.sendall(data)
+            if then is not None:
+                then()
     except OSError:
         pass
     finally:

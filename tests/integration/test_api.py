@@ -5,6 +5,7 @@ import base64
 import hashlib
 import io
 import json
+import re
 import time
 import uuid
 from urllib.parse import urlsplit
@@ -286,6 +287,46 @@ def test_a_submit_that_failed_on_s3_or_redis_is_created_by_the_idempotent_retry(
     retried = http.post("/v1/jobs", headers=key, json=tiny_job(seed=78))
     assert retried.status_code == 202, retried.text
     assert wait_state(api, retried.json()["id"], A)["state"] == "SUCCESS"
+
+
+@pytest.fixture
+def tripping_api(api_env, logs):
+    """A `kiq api` whose one Redis (broker and results, as by default) is behind a proxy that goes down right
+    after a chosen command reached Redis; short retry and pending-mark bounds so the outage outlasts both."""
+    proxy = Proxy(urlsplit(api_env["KIQ_BROKER_URL"]).port or 6379)
+    proxy.start()
+    url = f"redis://127.0.0.1:{proxy.port}{urlsplit(api_env['KIQ_BROKER_URL']).path}"
+    env = {**api_env, "KIQ_API_PORT": str(devstack.free_port()), "KIQ_BROKER_URL": url, "KIQ_RESULT_BACKEND": url,
+           "KIQ_REDIS_RETRY_S": "2", "KIQ_IDEMPOTENCY_PENDING_S": "2"}  # fmt: skip
+    try:
+        with devstack.Stack() as stack, start_api(stack, env, logs / f"api-trip-{uuid.uuid4().hex[:6]}.log") as http:
+            yield http, proxy
+    finally:
+        proxy.stop()
+
+
+def test_a_publish_whose_reply_is_lost_is_still_one_job_for_its_idempotency_key(tripping_api, api):
+    """Redis ran the publish, then went out of the API's reach for longer than its retries and the key's pending
+    mark: the submit answers 503. The key was committed by the publish itself (kiq/publish.py), so the retry gets
+    the job that was queued; before, the mark lapsed and the retry queued a second job."""
+    http, proxy = tripping_api
+    key = {"Idempotency-Key": str(uuid.uuid4()), **A}
+    proxy.trip_after(b"kiq.generate", down_s=7)
+    failed = http.post("/v1/jobs", headers=key, json=tiny_job(seed=79), timeout=60)
+    assert failed.status_code == 503, failed.text
+    assert len(proxy.seen) == 1
+    queued = re.search(rb'"id": "([0-9a-f-]{36})"', proxy.seen[0]).group(1).decode()
+    deadline = time.monotonic() + 30
+    while (retried := _post_when_up(http, key)) is None:
+        assert time.monotonic() < deadline
+        time.sleep(0.5)
+    assert retried.status_code == 202 and retried.json()["id"] == queued, (retried.text, queued)
+    assert wait_state(api, queued, A)["state"] == "SUCCESS"
+
+
+def _post_when_up(http, key):
+    response = http.post("/v1/jobs", headers=key, json=tiny_job(seed=79), timeout=60)
+    return None if response.status_code == 503 else response
 
 
 def read_events(api, job_id, headers, limit=None):

@@ -1,0 +1,100 @@
+"""kiq/publish.py against the real Redis (KIQ_TEST_REDIS_URL): a job's publish commits its Idempotency-Key in the
+same script, once, and only while the key's pending mark is the submit's own."""
+
+import inspect
+import json
+import uuid
+
+import pytest
+import redis
+from kombu.connection import ConnectionPool
+from kombu.transport import redis as kombu_redis
+
+from kiq import publish
+from kiq.celeryconf import priority_lists
+from kiq.errors import SubmitAbandoned
+from kiq.names import GENERATE_TASK
+from kiq.settings import Settings
+from producer.client import Client
+from tests.helpers import redis_databases
+
+REDIS_URL, SPARE_URL = redis_databases()
+
+
+@pytest.fixture
+def setup():
+    queue, mark = f"kiq-publish-{uuid.uuid4().hex[:8]}", f"kiq:test:idem:{uuid.uuid4().hex}"
+    client = Client(Settings.from_env({"KIQ_BROKER_URL": REDIS_URL, "KIQ_QUEUE": queue}))
+    db = redis.Redis.from_url(REDIS_URL)
+    yield client, db, queue, mark
+    publish.disarm()
+    db.delete(mark, *priority_lists(queue))
+    client.app.close()
+
+
+def send(client, queue, job_id):
+    client.app.send_task(GENERATE_TASK, args=[{}], task_id=job_id, queue=queue)
+
+
+def ids_on(db, queue):
+    return [json.loads(raw)["headers"]["id"] for name in priority_lists(queue) for raw in db.lrange(name, 0, -1)]
+
+
+def test_the_publish_pushes_and_commits_once_and_a_retried_publish_pushes_nothing(setup):
+    client, db, queue, mark = setup
+    job_id = str(uuid.uuid4())
+    db.set(mark, "pending-ours", px=60_000)
+    commit = publish.Commit(job_id, mark, "pending-ours", "committed", 600)
+    publish.arm(commit)
+    send(client, queue, job_id)
+    assert commit.done and ids_on(db, queue) == [job_id]
+    assert db.get(mark) == b"committed" and 590 < db.ttl(mark) <= 600
+    with client.app.producer_or_acquire() as producer:  # Celery's pool: kiq's transport as well
+        assert isinstance(producer.channel, publish.Channel)
+    send(client, queue, job_id)  # kombu's publish retry after a lost reply: the script finds it committed
+    assert ids_on(db, queue) == [job_id]
+    assert publish.disarm() is commit and publish.disarm() is None
+
+
+def test_a_mark_that_is_no_longer_the_submits_own_enqueues_nothing(setup):
+    client, db, queue, mark = setup
+    job_id = str(uuid.uuid4())
+    db.set(mark, "pending-another-request", px=60_000)
+    publish.arm(publish.Commit(job_id, mark, "pending-ours", "committed", 600))
+    with pytest.raises(SubmitAbandoned):
+        send(client, queue, job_id)
+    db.delete(mark)  # lapsed
+    with pytest.raises(SubmitAbandoned):
+        send(client, queue, job_id)
+    assert ids_on(db, queue) == [] and db.get(mark) is None
+
+
+def test_other_messages_publish_as_kombu_does(setup):
+    client, db, queue, mark = setup
+    armed, other = str(uuid.uuid4()), str(uuid.uuid4())
+    publish.arm(publish.Commit(armed, mark, "pending-ours", "committed", 600))
+    send(client, queue, other)  # not the armed job: no script, no commit
+    assert ids_on(db, queue) == [other] and db.get(mark) is None
+
+
+def test_only_one_redis_database_for_broker_and_results_commits_in_the_publish():
+    assert publish.shares_redis(Settings.from_env({"KIQ_BROKER_URL": REDIS_URL}))
+    split = Settings.from_env({"KIQ_BROKER_URL": REDIS_URL, "KIQ_RESULT_BACKEND": SPARE_URL})
+    assert not publish.shares_redis(split)
+
+
+def test_kombus_put_is_still_the_one_overridden():
+    """kiq/publish.py replaces kombu 5.7's Redis `_put` for armed messages: fail loudly if it changes."""
+    source = inspect.getsource(kombu_redis.Channel._put)
+    parts = (
+        "_get_message_priority(message, reverse=False)",
+        "self._q_for_pri(queue, pri)",
+        "kwargs.pop('_publish_batch', None)",
+        "client.lpush(key, dumps(message))",
+        "self._expires",
+    )
+    assert [part for part in parts if part not in source] == []
+    assert "PooledConnection(self, **dict(self.connection._info(resolve=False)))" in inspect.getsource(
+        ConnectionPool.new)  # fmt: skip
+    assert list(inspect.signature(kombu_redis.Channel._put).parameters) == ["self", "queue", "message", "kwargs"]
+    assert "EVAL" not in kombu_redis.GlobalKeyPrefixMixin.PREFIXED_COMPLEX_COMMANDS  # the script prefixes its keys
