@@ -132,7 +132,7 @@ def lapse_after_s(visibility_timeout_s: float) -> float:
     return visibility_timeout_s * 2 / 3
 
 
-_process_keeper: list[tuple[LeaseKeeper, float]] = []  # this worker process's keeper and its lapse bound
+_process_keeper: list[LeaseKeeper] = []  # this worker process's keeper (its `lapse_after_s` is the bound)
 
 
 def lapsed() -> float | None:
@@ -140,16 +140,16 @@ def lapsed() -> float | None:
     process without a keeper). Read at every denoising step: a run whose lease may be taken stops (self-fencing)."""
     if not _process_keeper:
         return None
-    keeper, bound_s = _process_keeper[0]
+    keeper = _process_keeper[0]
     age_s = time.monotonic() - keeper.last_renewed
-    return age_s if age_s > bound_s else None
+    return age_s if age_s > keeper.lapse_after_s else None
 
 
 def lapse_count() -> int:
     """How many times this process's leases lapsed (0 without a keeper). A run compares it with the count when it
     began: after a pause (SIGSTOP, a frozen VM) the keeper's first round notes the lapse and then renews within
     milliseconds, so `lapsed()` alone could miss that another worker may have taken the job meanwhile."""
-    return _process_keeper[0][0].lapses if _process_keeper else 0
+    return _process_keeper[0].lapses if _process_keeper else 0
 
 
 def lapsed_since(count: int | None) -> bool:
@@ -392,7 +392,7 @@ def install(app: Any, redis_factory: Callable[[], Any], visibility_timeout_s: fl
                                           *_stop_taking_jobs(Intake.of(c), visibility_timeout_s))  # fmt: skip
                 self.keeper.lapse_after_s = lapse_after_s(visibility_timeout_s)
                 self.keeper.start()
-                _process_keeper[:] = [(self.keeper, lapse_after_s(visibility_timeout_s))]
+                _process_keeper[:] = [self.keeper]
                 log.info("renewing message leases every %.1f s", interval)
             if self.others is None:
                 # Its own connection, used by its thread alone; a socket timeout so a half-open Redis ends a sweep.

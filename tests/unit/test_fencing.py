@@ -267,7 +267,8 @@ def test_a_run_whose_leases_lapsed_stops_at_its_next_step_even_when_redis_is_unr
     from kiq import leases
 
     keeper = leases.LeaseKeeper(redis=None, held=list, interval_s=1.0)
-    monkeypatch.setattr(leases, "_process_keeper", [(keeper, leases.lapse_after_s(6))])
+    keeper.lapse_after_s = leases.lapse_after_s(6)
+    monkeypatch.setattr(leases, "_process_keeper", [keeper])
     unreachable = redis.Redis(host="127.0.0.1", port=1, **leases.lease_sockets(6))  # as checks_client; nothing there
     records = JobRecords(backend(), Celery("fencing-test", set_as_current=False), Settings(), unreachable)
     ctx = records.context(job, limit_s=60)
@@ -352,7 +353,8 @@ def test_a_job_is_never_started_while_this_workers_leases_are_lapsed(monkeypatch
     monkeypatch.setattr(state, "reserved_requests", [starting])
     keeper = leases.LeaseKeeper(redis=None, held=list, interval_s=1.0)
     keeper.last_renewed -= 5.0
-    monkeypatch.setattr(leases, "_process_keeper", [(keeper, leases.lapse_after_s(6))])
+    keeper.lapse_after_s = leases.lapse_after_s(6)
+    monkeypatch.setattr(leases, "_process_keeper", [keeper])
     delivery = object.__new__(JobDelivery)  # no records, runner or guard: touching any of them fails the test
     delivery.job_id = "start-4"
     with pytest.raises(Ignore):
@@ -364,7 +366,8 @@ def _lapsed_keeper(monkeypatch):
     from kiq import leases
 
     keeper = leases.LeaseKeeper(redis=None, held=list, interval_s=1.0)
-    monkeypatch.setattr(leases, "_process_keeper", [(keeper, leases.lapse_after_s(6))])
+    keeper.lapse_after_s = leases.lapse_after_s(6)
+    monkeypatch.setattr(leases, "_process_keeper", [keeper])
     return keeper
 
 
@@ -481,7 +484,7 @@ def test_a_run_that_began_before_a_lapse_stops_even_once_renewals_resumed(monkey
 
     keeper = leases.LeaseKeeper(redis=None, held=list, interval_s=1.0)
     keeper.lapse_after_s = 4.0
-    monkeypatch.setattr(leases, "_process_keeper", [(keeper, 4.0)])
+    monkeypatch.setattr(leases, "_process_keeper", [keeper])
     monkeypatch.setattr(leases, "on_lapse", None)
     began = leases.lapse_count()
     records._raise_if_lapsed("p1", None, began)  # current leases: the run goes on
