@@ -24,16 +24,18 @@ from celery.backends.redis import RedisBackend, SentinelBackend
 
 from kiq import fencing, leases
 from kiq.library_internals import BackendWrites
-from kiq.names import TERMINAL_STATES, events_channel, events_key
+from kiq.names import TERMINAL_STATES, deleted_key, events_channel, events_key
 from kiq.redisconn import REDIS_ERRORS
 
 log = logging.getLogger(__name__)
 
-# KEYS: meta key, stream key, event channel. ARGV: meta, ttl (0 = none), the stream's ttl (0 = none), its cap.
-# Run behind fencing.GUARD, which takes the fence key and the token last.
+# KEYS: meta key, stream key, event channel, outputs-deleted tombstone. ARGV: meta, ttl (0 = none), the stream's ttl
+# (0 = none), its cap. Run behind fencing.GUARD, which takes the fence key and the token last.
 # A final state is never replaced (the first final wins): a cancel's REVOKED written by the API while the job's
-# run was starting stays REVOKED through the run's later progress or SUCCESS. Returns 0 then, writing nothing.
+# run was starting stays REVOKED through the run's later progress or SUCCESS. Nor is a job whose outputs were
+# deleted (the tombstone drops its status) written again. Returns 0 (final) or -1 (deleted) then, writing nothing.
 _WRITE = """
+if redis.call('EXISTS', KEYS[4]) == 1 then return -1 end
 local old = redis.call('GET', KEYS[1])
 if old then
   local ok, meta = pcall(cjson.decode, old)
@@ -83,7 +85,7 @@ class _EventStreams(BackendWrites):
         stream_ttl = min(ttl or DONE_STREAM_TTL_S, DONE_STREAM_TTL_S) if final else ttl
         token = fencing.held(job_id)  # a run's writes are refused once a later delivery of its job has begun
         fence, fence_arg = fencing.guard_args(job_id, token)
-        keys = (name, events_key(job_id), events_channel(job_id), fence)
+        keys = (name, events_key(job_id), events_channel(job_id), deleted_key(job_id), fence)
         script = self.__dict__.get("_write_script")
         if script is None:  # EVALSHA: Redis keeps the compiled script; EVAL would send and hash it every write
             script = self.__dict__["_write_script"] = self.client.register_script(fencing.guarded(_WRITE))
@@ -97,6 +99,10 @@ class _EventStreams(BackendWrites):
             fencing.refused(job_id, token, json.loads(value).get("status"))
         elif done == 0:
             log.info("job %s is final already; its %s write was dropped", job_id, json.loads(value).get("status"))
+        elif done == -1:
+            log.info(
+                "job %s: its outputs were deleted; its %s write was dropped", job_id, json.loads(value).get("status")
+            )
         return None
 
     def exception_safe_to_retry(self, exc: Exception) -> bool:

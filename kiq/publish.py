@@ -25,6 +25,7 @@ from celery.app.amqp import AMQP as CeleryAMQP
 from kombu import Connection as KombuConnection
 from kombu.connection import ConnectionPool, PooledConnection
 from kombu.transport import redis
+from kombu.utils.collections import HashedSeq
 from kombu.utils.json import dumps
 
 from kiq.errors import SubmitAbandoned
@@ -59,8 +60,9 @@ class Commit:
 
 def shares_redis(settings: Settings) -> bool:
     """Whether the broker's lists and the results' keys are on one Redis database (one script reaches both)."""
-    broker, results = settings.broker_server, settings.results_server
-    return (broker.scheme, broker.hosts, broker.db) == (results.scheme, results.hosts, results.db)
+    broker, results = settings.broker_server, settings.results_server  # and one user: its ACL must reach both
+    same = ("scheme", "hosts", "db", "username", "password")
+    return all(getattr(broker, field) == getattr(results, field) for field in same)
 
 
 def arm(commit: Commit) -> None:
@@ -125,6 +127,11 @@ class Connection(KombuConnection):
     def get_transport_cls(self) -> type:
         cls = super().get_transport_cls()
         return _OURS.get(cls, cls)
+
+    def __eqhash__(self) -> HashedSeq:
+        """kombu keys its process-wide pools by this, not by class: a plain Celery app's pool for the same broker
+        would otherwise be shared, and the publish would not commit (kiq's transport never ran)."""
+        return HashedSeq("kiq.publish", *super().__eqhash__())
 
     def Pool(self, limit: int | None = None, **kwargs: Any) -> ConnectionPool:
         return _Pool(self, limit=limit, **kwargs)  # Celery publishes through the pool: its connections too

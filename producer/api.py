@@ -467,7 +467,9 @@ class IdempotencyClaim:
     """
 
     def __init__(self, redis: Any, settings: Settings, owner: str, key: str, digest: str) -> None:
-        self.redis, self.ttl_s, self.digest = redis, settings.idempotency_ttl_s, digest
+        # A committed key never outlives its job's record: a replay could not tell a job whose record expired from
+        # one whose first try removed it (`keep_record`).
+        self.redis, self.ttl_s, self.digest = redis, min(settings.idempotency_ttl_s, settings.result_ttl_s), digest
         self.pending_ms, self.retry_s = int(settings.idempotency_pending_s * 1000), settings.redis_retry_s
         self.key = idempotency_key(owner, hashlib.sha256(key.encode()).hexdigest())
         self.job_id, self.value = "", ""
@@ -537,6 +539,9 @@ class IdempotencyClaim:
         expire, after which a retry would make a second job: the window one shared Redis closes)."""
         if not self.value or self.committed_by_publish():
             return
+        if self.atomic:
+            log.warning("job %s: its publish did not commit its Idempotency-Key (not kiq's producer transport?); "
+                        "committing it separately", self.job_id)  # fmt: skip
         enqueued = self._committed()
         try:
             redisconn.retrying(

@@ -44,6 +44,16 @@ PRIORITY_CLASSES = {0: "7-9", 3: "4-6", 6: "1-3", 9: "0"}
 log = logging.getLogger(__name__)
 
 
+# KEYS: the record, the owner's index, the outputs-deleted tombstone. ARGV: record, ttl, job id, index score. A
+# deleted job's record stays deleted from the index; an existing record is left as it is. 1 if written.
+_KEEP_RECORD = """
+if redis.call('EXISTS', KEYS[3]) == 1 then return 0 end
+if not redis.call('SET', KEYS[1], ARGV[1], 'EX', tonumber(ARGV[2]), 'NX') then return 0 end
+redis.call('ZADD', KEYS[2], 'NX', ARGV[4], ARGV[3])
+return 1
+"""
+
+
 class Client:
     def __init__(self, settings: Settings, app: Celery | None = None, s3_client: Any = None) -> None:
         self.settings = settings
@@ -216,11 +226,8 @@ class Client:
         """Write the job's record unless it exists: an idempotent retry whose first try's publish landed but
         raised (its reply lost) finds the job committed to its key and its record removed as unsent."""
         record = json.dumps({"owner": owner, "webhook_url": job.webhook_url or ""})
-        with self.redis.pipeline() as pipe:
-            pipe.set(job_record_key(job_id), record, ex=self.settings.result_ttl_s, nx=True)
-            pipe.zadd(jobs_index_key(owner), {job_id: time.time()}, nx=True)
-            written, _ = pipe.execute()
-        if written:
+        keys = [job_record_key(job_id), jobs_index_key(owner), deleted_key(job_id)]
+        if self.redis.eval(_KEEP_RECORD, 3, *keys, record, self.settings.result_ttl_s, job_id, time.time()):
             log.warning("job %s: its record was written again by an idempotent retry", job_id)
 
     def _forget(self, job_id: str, owner: str) -> None:

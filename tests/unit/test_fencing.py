@@ -14,7 +14,7 @@ from celery import Celery
 from kiq import fencing
 from kiq.contract import parse_job
 from kiq.events import EventsBackend
-from kiq.names import deliveries_key, events_key, fence_key, frames_key, webhook_queued_key
+from kiq.names import deleted_key, deliveries_key, events_key, fence_key, frames_key, webhook_queued_key
 from kiq.settings import Settings
 from kiq.status import ImageRef, Progress
 from kiq.webhooks import queue_webhook
@@ -113,6 +113,20 @@ def test_a_final_state_is_never_replaced_by_a_later_write_of_any_run(db, job, re
     assert json.loads(client.get(f"celery-task-meta-{job}"))["status"] == first
     events = [json.loads(meta[b"meta"])["status"] for _, meta in client.xrange(events_key(job))]
     assert events == [first] and not refusals
+
+
+def test_no_state_is_written_once_a_jobs_outputs_are_deleted(db, job, refusals):
+    """The tombstone drops the job's status; a run still going (a cancel raced its start) writes none again."""
+    client, keys = db
+    keys.append(deleted_key(job))
+    results = backend()
+    results.mark_as_revoked(job, reason="cancelled")
+    client.delete(f"celery-task-meta-{job}")
+    client.set(deleted_key(job), "1")  # what retention.tombstone leaves
+    fencing.hold(job, take(client, job))
+    results.store_result(job, {"stage": "decoder", "step": 3, "total": 9}, "PROGRESS")
+    results.mark_as_done(job, {"images": []})
+    assert client.get(f"celery-task-meta-{job}") is None and client.xlen(events_key(job)) == 1 and not refusals
 
 
 def test_set_and_delete_if_current(db, job, refusals):

@@ -98,3 +98,41 @@ def test_kombus_put_is_still_the_one_overridden():
         ConnectionPool.new)  # fmt: skip
     assert list(inspect.signature(kombu_redis.Channel._put).parameters) == ["self", "queue", "message", "kwargs"]
     assert "EVAL" not in kombu_redis.GlobalKeyPrefixMixin.PREFIXED_COMPLEX_COMMANDS  # the script prefixes its keys
+
+
+def test_a_plain_celery_apps_pool_for_the_same_broker_is_not_shared(setup):
+    """kombu pools connections process-wide by broker, not by class: kiq's producer must still get its own."""
+    from celery import Celery
+
+    from kiq.celeryconf import common_config
+
+    client = setup[0]
+    plain = Celery("plain", set_as_current=False)
+    plain.conf.update(common_config(client.settings))
+    with plain.producer_or_acquire() as producer:
+        assert not isinstance(producer.channel, publish.Channel)
+    with client.app.producer_or_acquire() as producer:
+        assert isinstance(producer.channel, publish.Channel)
+    plain.close()
+
+
+def test_a_replay_writes_back_a_forgotten_record_but_never_a_deleted_jobs(setup):
+    from kiq.contract import parse_job
+    from kiq.names import deleted_key, job_record_key, jobs_index_key
+
+    client, db = setup[:2]
+    owner, forgotten, deleted = f"owner-{uuid.uuid4().hex[:6]}", str(uuid.uuid4()), str(uuid.uuid4())
+    job = parse_job({"inputs": [{"text": "a cat", "weight": 1.0}], "webhook_url": "https://example.com/hook"})
+    db.set(deleted_key(deleted), "1")
+    try:
+        client.keep_record(forgotten, job, owner)
+        client.keep_record(deleted, job, owner)
+        record = json.loads(db.get(job_record_key(forgotten)))
+        assert record == {"owner": owner, "webhook_url": "https://example.com/hook"}
+        assert [m.decode() for m in db.zrange(jobs_index_key(owner), 0, -1)] == [forgotten]
+        assert db.get(job_record_key(deleted)) is None
+        db.set(job_record_key(forgotten), "as it was")
+        client.keep_record(forgotten, job, owner)  # an existing record is left alone
+        assert db.get(job_record_key(forgotten)) == b"as it was"
+    finally:
+        db.delete(deleted_key(deleted), job_record_key(forgotten), jobs_index_key(owner))
