@@ -15,6 +15,8 @@ class Proxy:
         self._conns: list[socket.socket] = []
         self._lock = threading.Lock()
         self._held: list[socket.socket] | None = None  # a list while new connections are held, not forwarded
+        self._cut_on: bytes | None = None
+        self.cut = threading.Event()
 
     @property
     def url(self) -> str:
@@ -55,6 +57,12 @@ class Proxy:
         for client in held:
             self._forward(client)
 
+    def cut_on(self, marker: bytes) -> None:
+        """Once: drop the first server reply that carries `marker` and cut that connection (both sides), so the
+        server acted on the command and its client never hears of it. `cut` is set when it happened."""
+        self.cut.clear()
+        self._cut_on = marker
+
     def _accept(self, listener: socket.socket) -> None:
         while True:
             try:
@@ -76,8 +84,23 @@ class Proxy:
         upstream.settimeout(None)  # the 5 s bound the connect only: an idle (pub/sub) connection stays up
         with self._lock:
             self._conns += [client, upstream]
-        for a, b in ((client, upstream), (upstream, client)):
-            threading.Thread(target=_pipe, args=(a, b), daemon=True).start()
+        threading.Thread(target=_pipe, args=(client, upstream), daemon=True).start()
+        threading.Thread(target=self._replies, args=(upstream, client), daemon=True).start()
+
+    def _replies(self, upstream: socket.socket, client: socket.socket) -> None:
+        try:
+            while data := upstream.recv(65536):
+                marker = self._cut_on
+                if marker is not None and marker in data:
+                    self._cut_on = None
+                    self.cut.set()
+                    break
+                client.sendall(data)
+        except OSError:
+            pass
+        finally:
+            _close(upstream)
+            _close(client)
 
 
 def _pipe(src: socket.socket, dst: socket.socket) -> None:
