@@ -147,20 +147,24 @@ def test_a_consumer_that_acks_gets_an_entry_and_a_no_ack_consumer_none_with_or_w
         assert not client.exists(prefix + names["queue"], prefix + names["unacked_key"])
 
 
-def test_basic_get_writes_an_entry_only_where_it_acks(names):
+@pytest.mark.parametrize("prefix", ["", "pfx-{tag}:"])
+def test_basic_get_writes_an_entry_only_where_it_acks(names, prefix):
+    prefix = prefix.format(tag=names["queue"])
     client = redis.Redis.from_url(REDIS_URL)
-    queue = publish(names, {"n": 1})
-    publish(names, {"n": 2})
-    with Connection(REDIS_URL, transport_options=options(names)) as conn:
+    unacked, index = prefix + names["unacked_key"], prefix + names["unacked_index_key"]
+    queue = publish(names, {"n": 1}, prefix=prefix)
+    publish(names, {"n": 2}, prefix=prefix)
+    with Connection(REDIS_URL, transport_options=options(names, global_keyprefix=prefix)) as conn:
         channel = conn.default_channel
         queue(channel).declare()
         acked = channel.basic_get(names["queue"])
-        assert acked.payload == {"n": 1} and client.hexists(names["unacked_key"], acked.delivery_tag)
+        assert acked.payload == {"n": 1} and client.hexists(unacked, acked.delivery_tag)
+        assert client.zscore(index, acked.delivery_tag) is not None
         free = channel.basic_get(names["queue"], no_ack=True)
-        assert free.payload == {"n": 2} and not client.hexists(names["unacked_key"], free.delivery_tag)
+        assert free.payload == {"n": 2} and not client.hexists(unacked, free.delivery_tag)
         assert channel.basic_get(names["queue"]) is None
         channel.basic_ack(acked.delivery_tag)
-    assert not client.exists(names["unacked_key"], names["unacked_index_key"])
+    assert not client.exists(unacked, index)
 
 
 def test_the_doorbell_is_bounded_and_expires():
