@@ -8,12 +8,16 @@ checks that too).
 
 kombu (its Redis transport's ack emulation): `Channel._qos`, `QoS._delivered`, `QoS._vrestore_count`,
 `QoS._on_collect`, `QoS._remove_from_indices`, `Channel._do_restore_message`, `Message._raw`.
+kombu (its Redis transport's consume, replaced by kiq/claim.py): `Channel._brpop_start`, `_brpop_read`, `_get`
+(overridden), `_in_poll`, `_brpop_sent_at`, `_queue_cycle`, `_q_for_pri`, `_flush_brpop_reauth`,
+`_maybe_update_queues_expire`, `Connection._deliver`.
 Celery: `celery.worker.state.active_requests` / `reserved_requests` / `should_stop` (a drained worker's warm
 shutdown), and `RedisBackend._set` (overridden).
 """
 
 from __future__ import annotations
 
+from time import monotonic
 from typing import Any
 
 from kombu.utils.encoding import bytes_to_str
@@ -69,6 +73,62 @@ def restore_by_tag(qos: Any, tag: Any, client: Any = None, leftmost: bool = Fals
 
     with qos.channel.conn_or_acquire(client) as client:
         return bool(client.transaction(restore, qos.unacked_key, value_from_callable=True))
+
+
+class ConsumeHooks:
+    """Mixed in before kombu's Redis Channel: its BRPOP consume (`_brpop_start`, `_brpop_read`, the poller's
+    'BRPOP' handler) and its synchronous get (`_get`) go to `start_claim`, `read_claim` and `get_claimed`."""
+
+    def _brpop_start(self, timeout: Any = None) -> None:
+        return self.start_claim(timeout)
+
+    def _brpop_read(self, **options: Any) -> bool:
+        return self.read_claim(**options)
+
+    def _get(self, queue: str) -> Any:
+        return self.get_claimed(queue)
+
+    def start_claim(self, timeout: Any) -> None:
+        return super()._brpop_start(timeout)  # type: ignore[misc]
+
+    def read_claim(self, **options: Any) -> bool:
+        return super()._brpop_read(**options)  # type: ignore[misc]
+
+    def get_claimed(self, queue: str) -> Any:
+        return super()._get(queue)  # type: ignore[misc]
+
+
+def consume_order(channel: Any) -> list[str]:
+    """The queues a BRPOP of the channel would name now, in its queue cycle's order (kombu's `_brpop_start`)."""
+    return channel._queue_cycle.consume(len(channel.active_queues))
+
+
+def priority_list(channel: Any, queue: str, priority: int) -> str:
+    """kombu's Redis list of `queue` for a priority step."""
+    return channel._q_for_pri(queue, priority)
+
+
+def poll_sent(channel: Any, connection: Any) -> None:
+    """What kombu's `_brpop_start` records before it sends: the poller's pause logic and its health check read it."""
+    channel._in_poll = connection
+    channel._brpop_sent_at = monotonic()
+
+
+def poll_done(channel: Any) -> None:
+    """What kombu's `_brpop_read` does once the reply is read (or failed): no read pending, a re-auth may go."""
+    channel._in_poll = None
+    channel._flush_brpop_reauth()
+
+
+def deliver(channel: Any, payload: Any, queue: str) -> None:
+    """kombu's `_brpop_read` after a pop: the queue moves in the cycle, the message goes to its consumer."""
+    channel._queue_cycle.rotate(queue)
+    channel.connection._deliver(payload, queue)
+
+
+def refresh_queue_expiry(channel: Any, client: Any, queue: str) -> None:
+    """What kombu's `_get` does after each read: renew the `x-expires` of the queue's lists, if it has one."""
+    channel._maybe_update_queues_expire(client, queue)
 
 
 # Celery

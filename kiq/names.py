@@ -125,6 +125,12 @@ def deleted_key(job_id: str) -> str:
     return f"kiq:deleted:{job_id}"
 
 
+def doorbell_key(queue: str) -> str:
+    """A queue's doorbell (a short list): the producer pushes a token after each publish to `queue`, and an idle
+    worker of the queue waits on it (kiq/claim.py) instead of polling."""
+    return f"kiq:doorbell:{queue}"
+
+
 def quota_keys(owner: str) -> tuple[str, str, str]:
     """A tenant's jobs queued and running (sorted sets scored by when the entry lapses, Redis clock) and its
     submits in the current minute (a hash: window, count)."""

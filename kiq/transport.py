@@ -10,6 +10,9 @@ reconnect. The broker URL stays `redis://`, `rediss://` or `sentinel://`, so pla
   hands back only what this process no longer holds (`hold_while`); the rest stays unacknowledged, its lease
   renewed (`kept_leases`), until the job's own ack, which still goes through the old channel's Redis pool.
 
+- No lost pops. kombu's BRPOP removes a message before its unacked entry is written: a reply lost on the way
+  loses the job. Here a Lua script claims it and writes the entry in one step (kiq/claim.py).
+
 Overrides kombu's Redis QoS (`append`, `restore_visible`, `restore_unacked`, `ack`, `reject`), whose private names
 it reaches through kiq/library_internals.py; tests/unit/test_transport.py fails if the overridden methods change.
 Also relies on `restore_by_tag`, `Mutex`/`MutexHeld`, `Channel.pool` after close, `Connection.get_transport_cls`.
@@ -29,6 +32,7 @@ from kombu.transport.virtual import QoS as VirtualQoS
 from kombu.utils.json import dumps
 
 from kiq import library_internals as internals
+from kiq.claim import Claiming
 
 log = logging.getLogger(__name__)
 
@@ -160,7 +164,7 @@ def forget(delivery_tag: str) -> None:
         _kept.pop(delivery_tag, None)
 
 
-class Channel(redis.Channel):
+class Channel(Claiming, redis.Channel):
     QoS = QoS
 
 
@@ -168,7 +172,7 @@ class Transport(redis.Transport):
     Channel = Channel
 
 
-class SentinelChannel(redis.SentinelChannel):
+class SentinelChannel(Claiming, redis.SentinelChannel):
     QoS = QoS
 
 

@@ -16,7 +16,7 @@ import uuid
 from collections.abc import Mapping
 from typing import Any
 
-from kiq import fencing, tracing
+from kiq import claim, fencing, tracing
 from kiq.names import WEBHOOK_QUEUE, WEBHOOK_TASK, webhook_queued_key
 
 log = logging.getLogger(__name__)
@@ -74,7 +74,6 @@ def queue_webhook(app: Any, redis: Any, job_id: str, url: str | None, ttl_s: int
     try:
         app.send_task(WEBHOOK_TASK, args=[job_id, url], queue=WEBHOOK_QUEUE, task_id=delivery_id(job_id),
                       headers=tracing.inject({"kiq_submitted_at": time.time()}))  # fmt: skip
-        return True
     except Exception as exc:  # noqa: BLE001
         log.error("could not queue the webhook of %s: %s", job_id, exc)
         try:
@@ -82,3 +81,17 @@ def queue_webhook(app: Any, redis: Any, job_id: str, url: str | None, ttl_s: int
         except Exception:  # noqa: BLE001 - best effort
             pass
         return False
+    _ring(app, redis)
+    return True
+
+
+def _ring(app: Any, redis: Any) -> None:
+    """Wake an idle webhook worker at once (kiq/claim.py; it claims the webhook within a second without), on the
+    results' Redis: the broker's too unless they are configured apart."""
+    prefix = (app.conf.broker_transport_options or {}).get("global_keyprefix", "")
+    try:
+        with redis.pipeline(transaction=False) as pipe:
+            claim.ring(pipe, WEBHOOK_QUEUE, prefix)
+            pipe.execute()
+    except Exception as exc:  # noqa: BLE001 - a webhook never fails its job
+        log.debug("could not ring the webhook queue's doorbell: %s", exc)

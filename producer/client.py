@@ -14,7 +14,7 @@ from typing import Any
 from celery import Celery
 from celery.result import AsyncResult
 
-from kiq import expiry, fairshare, logs, quota_counts, redisconn, s3, tracing
+from kiq import claim, expiry, fairshare, logs, quota_counts, redisconn, s3, tracing
 from kiq.celeryconf import PRIORITY_STEPS, PRODUCER_AMQP, common_config, priority_lists
 from kiq.contract import MAX_PRIORITY, Job, parse_job
 from kiq.errors import JobExpired, OutputsDeleted, SubmitNotReplicated, TransientError, UnknownJob, WaitTimeout
@@ -158,7 +158,18 @@ class Client:
         except Exception:
             self._forget(job_id, owner)
             raise
+        self.ring(queue)
         return deadline
+
+    def ring(self, queue: str) -> None:
+        """Wake an idle worker of `queue` at once (kiq/claim.py); without it one claims the job within a second."""
+        prefix = (self.app.conf.broker_transport_options or {}).get("global_keyprefix", "")
+        try:
+            with self.broker_redis.pipeline(transaction=False) as pipe:
+                claim.ring(pipe, queue, prefix)
+                pipe.execute()
+        except redisconn.REDIS_ERRORS as exc:
+            log.debug("could not ring the doorbell of %s (a worker claims the job within a second): %s", queue, exc)
 
     def fair_queue(self, routed: str, owner: str, weight: int) -> str:
         """The queue the owner's job waits in: its own tenant queue of `routed`, recorded for the workers (fair

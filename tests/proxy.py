@@ -17,6 +17,8 @@ class Proxy:
         self._held: list[socket.socket] | None = None  # a list while new connections are held, not forwarded
         self._trip: tuple[bytes, float] | None = None  # (bytes a client sends, outage seconds): see trip_after
         self.seen: list[bytes] = []  # the client chunks that carried a trip's bytes
+        self._cut_on: bytes | None = None
+        self.cut = threading.Event()
 
     @property
     def url(self) -> str:
@@ -80,6 +82,12 @@ class Proxy:
         threading.Event().wait(down_s)
         self.start()
 
+    def cut_on(self, marker: bytes) -> None:
+        """Once: drop the first server reply that carries `marker` and cut that connection (both sides), so the
+        server acted on the command and its client never hears of it. `cut` is set when it happened."""
+        self.cut.clear()
+        self._cut_on = marker
+
     def _accept(self, listener: socket.socket) -> None:
         while True:
             try:
@@ -104,15 +112,30 @@ class Proxy:
         muted = threading.Event()  # set once this connection tripped: the server's replies no longer reach the client
         threading.Thread(target=_pipe, args=(client, upstream, lambda data: self._watch(data, muted)),
                          daemon=True).start()  # fmt: skip
-        threading.Thread(target=_pipe, args=(upstream, client, None, muted), daemon=True).start()
+        threading.Thread(target=self._replies, args=(upstream, client, muted), daemon=True).start()
+
+    def _replies(self, upstream: socket.socket, client: socket.socket, muted: threading.Event) -> None:
+        try:
+            while data := upstream.recv(65536):
+                if muted.is_set():
+                    continue
+                marker = self._cut_on
+                if marker is not None and marker in data:
+                    self._cut_on = None
+                    self.cut.set()
+                    break
+                client.sendall(data)
+        except OSError:
+            pass
+        finally:
+            _close(upstream)
+            _close(client)
 
 
-def _pipe(src: socket.socket, dst: socket.socket, watch=None, muted: threading.Event | None = None) -> None:
+def _pipe(src: socket.socket, dst: socket.socket, watch=None) -> None:
     try:
         while data := src.recv(65536):
             then = watch(data) if watch is not None else None
-            if muted is not None and muted.is_set():
-                continue
             dst.sendall(data)
             if then is not None:
                 then()

@@ -70,6 +70,17 @@ def test_the_package_pins_kombu_and_celery_to_the_tested_minors_and_they_are_ins
         (KombuConsumer, "add_queue", ["self", "queue"]),
         (KombuConsumer, "consuming_from", ["self", "queue"]),
         (RedisBackend, "_set", ["self", "key", "value"]),
+        # kiq/claim.py: kombu's consume it replaces, and what it calls as kombu's _brpop_read and _get do
+        (kombu_redis.Channel, "_brpop_start", ["self", "timeout"]),
+        (kombu_redis.Channel, "_brpop_read", ["self", "options"]),
+        (kombu_redis.Channel, "_get", ["self", "queue"]),
+        (kombu_redis.Channel, "_q_for_pri", ["self", "queue", "pri"]),
+        (kombu_redis.Channel, "_maybe_update_queues_expire", ["self", "client", "queue"]),
+        (kombu_redis.Channel, "_flush_brpop_reauth", ["self"]),
+        (kombu_redis.Channel, "basic_consume", ["self", "queue", "args", "kwargs"]),
+        (virtual.Channel, "basic_consume", ["self", "queue", "no_ack", "callback", "consumer_tag", "kwargs"]),
+        (virtual.Channel, "basic_get", ["self", "queue", "no_ack", "kwargs"]),
+        (virtual.Transport, "_deliver", ["self", "message", "queue"]),
         (RedisBackend, "on_task_call", ["self", "producer", "task_id"]),
     ],
 )
@@ -163,7 +174,19 @@ PRIVATE = {
     "_do_restore_message": "kombu Redis Channel",
     "_raw": "kombu Message: the payload as received",
     "_set": "Celery RedisBackend: the state write",
+    "_brpop_start": "kombu Redis Channel: sends the consume (BRPOP), overridden by ConsumeHooks",
+    "_brpop_read": "kombu Redis Channel: reads it and delivers, overridden by ConsumeHooks",
+    "_get": "kombu Redis Channel: basic_get's read, overridden by ConsumeHooks",
+    "_in_poll": "kombu Redis Channel: the connection a consume reply is pending on",
+    "_brpop_sent_at": "kombu Redis Channel: when the consume was sent (its health check)",
+    "_queue_cycle": "kombu Redis Channel: the queue order of the consume",
+    "_q_for_pri": "kombu Redis Channel: a priority step's list",
+    "_flush_brpop_reauth": "kombu Redis Channel: a re-auth sent once no reply is pending",
+    "_maybe_update_queues_expire": "kombu Redis Channel: renews a queue's x-expires after a read",
+    "_deliver": "kombu virtual Transport: hands a message to its queue's consumer (requeues it without one)",
 }
+# Names in PRIVATE that kiq's own modules also give their own functions: elsewhere only this use is refused.
+SHARED = {"_deliver": "connection._deliver"}
 STATE_NAMES = {"active_requests", "reserved_requests"}  # celery.worker.state, an unpublished module
 
 
@@ -187,7 +210,8 @@ def test_no_module_but_the_adapter_touches_a_private_kombu_or_celery_name():
             if path == ADAPTER:
                 continue
             text = path.read_text()
-            used = private_attributes(ast.parse(text)) & set(PRIVATE)
+            used = private_attributes(ast.parse(text)) & (set(PRIVATE) - set(SHARED))
+            used |= {name for name, use in SHARED.items() if use in text}
             used |= {f"state.{name}" for name in STATE_NAMES if f"state.{name}" in text}
             if "celery.worker import state" in text or "celery.worker.state" in text:
                 used.add("celery.worker.state")
@@ -254,3 +278,65 @@ def test_each_celery_private_name_the_adapter_uses_is_there(monkeypatch):
     monkeypatch.setattr(RedisBackend, "_set", lambda self, key, value: writes.append(("celery", key)))
     Backend()._set("k", "v")
     assert writes == [("kiq", "k"), ("celery", "k")]
+
+
+def test_the_consume_kiq_claim_replaces_and_what_the_adapter_does_in_its_place():
+    """kiq/claim.py replaces kombu's BRPOP consume (`_brpop_start`, `_brpop_read`) and `_get` through
+    internals.ConsumeHooks; the adapter's helpers do what kombu's own methods did around the pop."""
+    source = {name: inspect.getsource(getattr(kombu_redis.Channel, name)) for name in ("_brpop_start", "_brpop_read",
+                                                                                       "_get", "__init__")}  # fmt: skip
+    assert "self.handlers = {'BRPOP': self._brpop_read" in source["__init__"]  # bound at init: the hook's
+    assert "channel._brpop_start()" in inspect.getsource(kombu_redis.MultiChannelPoller._register_BRPOP)
+    assert "chan.handlers[type]()" in inspect.getsource(kombu_redis.MultiChannelPoller.on_readable)
+    for step in ("self._queue_cycle.consume(len(self.active_queues))", "for pri in self.priority_steps",
+                 "for queue in queues]", "self._in_poll = self.client.connection",
+                 "self._brpop_sent_at = monotonic()"):  # fmt: skip
+        assert step in source["_brpop_start"], step  # internals.consume_order, priority_list, poll_sent
+    for step in ("bytes_to_str(dest).rsplit(self.sep, 1)[0]", "self._queue_cycle.rotate(dest)",
+                 "self.connection._deliver(loads(bytes_to_str(item)), dest)", "raise Empty()",
+                 "self.client.connection.disconnect()", "self._in_poll = None",
+                 "self._flush_brpop_reauth()"):  # fmt: skip
+        assert step in source["_brpop_read"], step  # internals.deliver, poll_done
+    for step in ("for pri in self.priority_steps:", "client.rpop(self._q_for_pri(queue, pri))",
+                 "self._maybe_update_queues_expire(client, queue)"):  # fmt: skip
+        assert step in source["_get"], step  # internals.refresh_queue_expiry
+    health = inspect.getsource(kombu_redis.MultiChannelPoller.maybe_check_brpop_health)
+    assert "channel._in_poll" in health and "channel._brpop_sent_at" in health and "channel.brpop_timeout" in health
+    # basic_get and the consume callback write the unacked entry only for a consumer that acks
+    assert "message = self.Message(self._get(queue), channel=self)" in inspect.getsource(virtual.Channel.basic_get)
+    consume = inspect.getsource(virtual.Channel.basic_consume)
+    assert "if not no_ack:\n                self.qos.append(message, message.delivery_tag)" in consume
+    assert "super().basic_consume(queue, *args, **kwargs)" in inspect.getsource(kombu_redis.Channel.basic_consume)
+    assert "self._reject_inbound_message(message)" in inspect.getsource(virtual.Transport._deliver)
+
+    calls = []
+    cycle = SimpleNamespace(consume=lambda n: ["a", "b"][:n], rotate=lambda q: calls.append(("rotate", q)))
+    connection = SimpleNamespace(_deliver=lambda payload, queue: calls.append(("deliver", payload, queue)))
+    channel = SimpleNamespace(_queue_cycle=cycle, active_queues=["a", "b"], connection=connection, sep="\x06\x16",
+                              _flush_brpop_reauth=lambda: calls.append("reauth"), priority_steps=[0, 3])  # fmt: skip
+    channel._maybe_update_queues_expire = lambda client, queue: calls.append(("expire", queue))
+    channel._q_for_pri = lambda queue, pri: kombu_redis.Channel._q_for_pri(channel, queue, pri)
+    channel.priority = lambda n: kombu_redis.Channel.priority(channel, n)
+    assert internals.consume_order(channel) == ["a", "b"]
+    assert internals.priority_list(channel, "a", 3) == "a\x06\x163" and internals.priority_list(channel, "a", 0) == "a"
+    internals.poll_sent(channel, "conn")
+    assert channel._in_poll == "conn" and isinstance(channel._brpop_sent_at, float)
+    internals.poll_done(channel)
+    internals.deliver(channel, {"m": 1}, "b")
+    internals.refresh_queue_expiry(channel, None, "a")
+    assert channel._in_poll is None
+    assert calls == ["reauth", ("rotate", "b"), ("deliver", {"m": 1}, "b"), ("expire", "a")]
+
+    class Hooked(internals.ConsumeHooks):
+        def start_claim(self, timeout):
+            return ("start", timeout)
+
+        def read_claim(self, **options):
+            return ("read", options)
+
+        def get_claimed(self, queue):
+            return ("get", queue)
+
+    hooked = Hooked()
+    assert hooked._brpop_start(3) == ("start", 3) and hooked._brpop_read(x=1) == ("read", {"x": 1})
+    assert hooked._get("q") == ("get", "q")

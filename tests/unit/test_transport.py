@@ -21,6 +21,9 @@ from kiq.leases import held_tags
 # sha256 (first 16 hex digits) of the kombu methods kiq.transport.QoS replaces, as of kombu 5.7.0.
 REWRITTEN = {"append": "35c655f6ecc62fe6", "restore_visible": "d4a4a40a3eaf9f23", "restore_unacked": "8954efef014d546e"}
 
+# ... and of the kombu Channel methods kiq.claim.Claiming replaces (through kiq.library_internals.ConsumeHooks).
+REPLACED = {"_brpop_start": "06723d707ddf2240", "_brpop_read": "c42518699709f2df", "_get": "be26a9f1eb4cf8da"}
+
 
 def digest(function):
     return hashlib.sha256(inspect.getsource(function).encode()).hexdigest()[:16]
@@ -29,6 +32,19 @@ def digest(function):
 def test_the_kombu_methods_kiq_rewrites_are_the_ones_it_was_written_against():
     assert kombu.__version__.startswith("5.7."), kombu.__version__  # pyproject.toml pins the minor
     assert {name: digest(getattr(redis.QoS, name)) for name in REWRITTEN} == REWRITTEN
+    assert {name: digest(getattr(redis.Channel, name)) for name in REPLACED} == REPLACED
+
+
+def test_both_channels_consume_by_claim_and_nothing_between_overrides_it():
+    from kiq.claim import Claiming
+
+    for ours, kombus in ((transport.Channel, redis.Channel), (transport.SentinelChannel, redis.SentinelChannel)):
+        assert ours.__mro__[1] is Claiming and issubclass(ours, kombus)
+        for name in (*REPLACED, "basic_consume", "basic_get"):
+            owner = next(cls for cls in ours.__mro__ if name in vars(cls))
+            assert owner.__module__.startswith("kiq."), (ours, name, owner)
+    for name in (*REPLACED, "basic_get", "basic_consume"):
+        assert name not in vars(redis.SentinelChannel), name  # Sentinel's channel consumes as the plain one
 
 
 def test_every_kombu_internal_kiq_uses_is_there():
