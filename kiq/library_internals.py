@@ -11,6 +11,8 @@ kombu (its Redis transport's ack emulation): `Channel._qos`, `QoS._delivered`, `
 kombu (its Redis transport's consume, replaced by kiq/claim.py): `Channel._brpop_start`, `_brpop_read`, `_get`
 (overridden), `_in_poll`, `_brpop_sent_at`, `_queue_cycle`, `_q_for_pri`, `_flush_brpop_reauth`,
 `_maybe_update_queues_expire`, `Connection._deliver`.
+kombu (its Redis transport's publish, for kiq/publish.py): `Channel._put` (overridden), `_expires`,
+`_get_message_priority`, `_q_for_pri`; `Connection._info` (ConnectionPool.new's arguments).
 Celery: `celery.worker.state.active_requests` / `reserved_requests` / `should_stop` (a drained worker's warm
 shutdown), and `RedisBackend._set` (overridden).
 """
@@ -96,6 +98,30 @@ class ConsumeHooks:
 
     def get_claimed(self, queue: str) -> Any:
         return super()._get(queue)  # type: ignore[misc]
+
+
+class PutHook:
+    """Mixed in before kombu's Redis Channel: its publish of one message to one queue (`_put`) goes to `put`."""
+
+    def _put(self, queue: str, message: Any, **kwargs: Any) -> None:
+        return self.put(queue, message, **kwargs)
+
+    def put(self, queue: str, message: Any, **kwargs: Any) -> None:
+        return super()._put(queue, message, **kwargs)  # type: ignore[misc]
+
+
+def single_push_list(channel: Any, queue: str, message: Any, kwargs: dict[str, Any]) -> str | None:
+    """The (prefixed) list kombu's `_put` would LPUSH the message to, or None where it would do more than that one
+    LPUSH (a batched publish; a queue with `x-expires`, whose lists it renews too)."""
+    if kwargs.get("_publish_batch") is not None or (channel._expires and queue in channel._expires):
+        return None
+    step = channel._get_message_priority(message, reverse=False)
+    return channel.global_keyprefix + channel._q_for_pri(queue, step)
+
+
+def connection_args(pool: Any) -> dict[str, Any]:
+    """What kombu's ConnectionPool.new passes its PooledConnection: the pool's connection's settings."""
+    return dict(pool.connection._info(resolve=False))
 
 
 def consume_order(channel: Any) -> list[str]:

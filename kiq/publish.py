@@ -11,8 +11,8 @@ own (`SubmitAbandoned`, nothing enqueued), and a retried publish whose first try
 job and pushes nothing again.
 
 The API arms a `Commit` right before its publish (`arm`, one-shot, for that job id only); kombu's Redis channel
-`_put` (the LPUSH of one message) is overridden to run the script when the message is that job's. Everything
-else, and any other Celery client, publishes as kombu does; the wire format is kombu's own.
+`_put` (the LPUSH of one message; kiq/library_internals.py) is overridden to run the script when the message is
+that job's. Everything else, and any other Celery client, publishes as kombu does; the wire format is kombu's own.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from kombu.transport import redis
 from kombu.utils.collections import HashedSeq
 from kombu.utils.json import dumps
 
+from kiq import library_internals as internals
 from kiq.errors import SubmitAbandoned
 from kiq.settings import Settings
 
@@ -83,15 +84,15 @@ def _armed_for(message: Any) -> Commit | None:
     return commit if commit is not None and headers.get("id") == commit.job_id else None
 
 
-class _CommittingPut:
-    """kombu's Redis `_put` (kombu 5.7), running the publish-and-commit script for an armed job's message."""
+class _CommittingPut(internals.PutHook):
+    """kombu's Redis `_put`, running the publish-and-commit script for an armed job's message."""
 
-    def _put(self, queue: str, message: Any, **kwargs: Any) -> None:
+    def put(self, queue: str, message: Any, **kwargs: Any) -> None:
         commit = _armed_for(message)
-        if commit is None or kwargs.get("_publish_batch") is not None or (self._expires and queue in self._expires):
-            return super()._put(queue, message, **kwargs)  # type: ignore[misc]
-        key = self.global_keyprefix + self._q_for_pri(queue, self._get_message_priority(message, reverse=False))
-        with self.conn_or_acquire() as client:  # EVAL's keys are not prefixed by kombu's client: done above
+        key = None if commit is None else internals.single_push_list(self, queue, message, kwargs)
+        if commit is None or key is None:
+            return super().put(queue, message, **kwargs)
+        with self.conn_or_acquire() as client:  # EVAL's keys are not prefixed by kombu's client: `key` is
             done = client.eval(_PUBLISH_AND_COMMIT, 2, key, commit.key, dumps(message), commit.pending,
                                commit.committed, commit.ttl_s)  # fmt: skip
         if int(done) == 0:
@@ -147,7 +148,7 @@ class _Pool(ConnectionPool):
     """kombu 5.7's ConnectionPool, whose `new` makes kombu's own PooledConnection: here one with kiq's transports."""
 
     def new(self) -> _PooledConnection:
-        return _PooledConnection(self, **dict(self.connection._info(resolve=False)))
+        return _PooledConnection(self, **internals.connection_args(self))
 
 
 class AMQP(CeleryAMQP):

@@ -88,8 +88,8 @@ def queue_webhook(app: Any, redis: Any, job_id: str, url: str | None, ttl_s: int
 def _ring(app: Any, redis: Any) -> None:
     """Wake an idle webhook worker at once (kiq/claim.py; it claims the webhook within a second without), on the
     results' Redis: the broker's too unless they are configured apart."""
-    prefix = (app.conf.broker_transport_options or {}).get("global_keyprefix", "")
     try:
+        prefix = (app.conf.broker_transport_options or {}).get("global_keyprefix", "")
         with redis.pipeline(transaction=False) as pipe:
             claim.ring(pipe, WEBHOOK_QUEUE, prefix)
             pipe.execute()

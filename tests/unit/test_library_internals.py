@@ -184,6 +184,11 @@ PRIVATE = {
     "_flush_brpop_reauth": "kombu Redis Channel: a re-auth sent once no reply is pending",
     "_maybe_update_queues_expire": "kombu Redis Channel: renews a queue's x-expires after a read",
     "_deliver": "kombu virtual Transport: hands a message to its queue's consumer (requeues it without one)",
+    "_put": "kombu Redis Channel: the LPUSH of one published message, overridden by PutHook",
+    "_expires": "kombu Redis Channel: queues with x-expires",
+    "_get_message_priority": "kombu Channel: a message's priority step",
+    "_info": "kombu Connection: its settings, as ConnectionPool.new passes them",
+    "_publish_batch": "kombu Redis Channel: `_put`'s keyword for a batched publish",
 }
 # Names in PRIVATE that kiq's own modules also give their own functions: elsewhere only this use is refused.
 SHARED = {"_deliver": "connection._deliver"}

@@ -10,6 +10,7 @@ import redis
 from kombu.connection import ConnectionPool
 from kombu.transport import redis as kombu_redis
 
+from kiq import library_internals as internals
 from kiq import publish
 from kiq.celeryconf import priority_lists
 from kiq.errors import SubmitAbandoned
@@ -98,6 +99,8 @@ def test_kombus_put_is_still_the_one_overridden():
         ConnectionPool.new)  # fmt: skip
     assert list(inspect.signature(kombu_redis.Channel._put).parameters) == ["self", "queue", "message", "kwargs"]
     assert "EVAL" not in kombu_redis.GlobalKeyPrefixMixin.PREFIXED_COMPLEX_COMMANDS  # the script prefixes its keys
+    for channel in (publish.Channel, publish.SentinelChannel):
+        assert channel._put is internals.PutHook._put  # nothing between the hook and kombu's _put overrides it
 
 
 def test_a_plain_celery_apps_pool_for_the_same_broker_is_not_shared(setup):
