@@ -15,15 +15,19 @@ message, the next one goes without the wait, so a backlog drains at full speed.
 
 from __future__ import annotations
 
+import logging
 from queue import Empty
 from typing import Any
 
 from kombu.utils.encoding import bytes_to_str
 from kombu.utils.json import loads
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError as RedisResponseError
 
 from kiq import library_internals as internals
 from kiq.names import doorbell_key
+
+log = logging.getLogger(__name__)
 
 WAIT_CAP_S = 1  # the longest an idle channel waits on its doorbells before it claims anyway
 REPLY_WAIT_S = 10  # the claim's reply follows the doorbell's at once; a connection silent this long is dropped
@@ -74,6 +78,7 @@ class Claiming(internals.ConsumeHooks):
     _claim_found = True  # the last claim found a message (the first claim goes at once)
     _claim_waits = False  # the claim in flight follows a doorbell wait (two replies to read)
     _get_acks = False  # inside basic_get(no_ack=False): `_get` writes the unacked entry
+    _kombu_pop = False  # the read in flight is kombu's BRPOP (a channel whose queues are all consumed without acks)
 
     def basic_consume(self, queue: str, *args: Any, **kwargs: Any) -> Any:
         no_ack = kwargs["no_ack"] if "no_ack" in kwargs else bool(args and args[0])  # kombu: (queue, no_ack, …)
@@ -100,6 +105,11 @@ class Claiming(internals.ConsumeHooks):
         queues = internals.consume_order(self)
         if not queues:
             return
+        # Reply queues (`celery inspect`, control) ack nothing, so there is no lease to lose, and nobody rings their
+        # doorbells: kombu's BRPOP delivers a reply at once, where a doorbell wait would outlast a 1 s inspect.
+        self._kombu_pop = not any(self._acks(q) for q in queues)
+        if self._kombu_pop:
+            return super().start_claim(timeout)
         commands = [self._claim(queues, self._acks)]
         self._claim_waits = not self._claim_found
         if self._claim_waits:
@@ -110,12 +120,14 @@ class Claiming(internals.ConsumeHooks):
         connection.send_packed_command(connection.pack_commands(commands))
 
     def read_claim(self, **options: Any) -> bool:
+        if self._kombu_pop:
+            return super().read_claim(**options)
         connection = self.client.connection
         try:
             try:
                 if self._claim_waits:
                     self._claim_waits = False
-                    self.client.parse_response(connection, "BLPOP", **options)
+                    self._read_doorbell(connection, **options)
                     if not connection.can_read(timeout=REPLY_WAIT_S):
                         raise RedisConnectionError("no reply to the claim after the doorbell's")
                 reply = self.client.parse_response(connection, "EVAL", **options)
@@ -131,6 +143,27 @@ class Claiming(internals.ConsumeHooks):
             return True
         finally:
             internals.poll_done(self)
+
+    def _read_doorbell(self, connection: Any, **options: Any) -> None:
+        """The doorbell wait's reply. An error reply (a doorbell key of another type, an ACL refusing BLPOP) is read
+        whole, so the claim's reply after it is still in step: read and deliver that, or its message (popped and
+        recorded by then) would be dropped here and handed back by every sweep, never run."""
+        try:
+            self.client.parse_response(connection, "BLPOP", **options)
+        except RedisResponseError as exc:
+            log.warning("the doorbell wait failed (%s); claiming without it", exc)
+
+    def poll_error(self, type: str, **options: Any) -> Any:
+        """kombu reads one reply on a poll error; a claim may have two in flight: drop the connection instead (an
+        unread claim's message keeps its entry, and a sweep hands it back)."""
+        if type != "BRPOP" or self._kombu_pop:
+            return super().poll_error(type, **options)
+        self._claim_waits = False
+        try:
+            self.client.connection.disconnect()
+        finally:
+            internals.poll_done(self)
+        return None
 
     def get_claimed(self, queue: str) -> Any:
         with self.conn_or_acquire() as client:

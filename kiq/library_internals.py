@@ -8,8 +8,8 @@ checks that too).
 
 kombu (its Redis transport's ack emulation): `Channel._qos`, `QoS._delivered`, `QoS._vrestore_count`,
 `QoS._on_collect`, `QoS._remove_from_indices`, `Channel._do_restore_message`, `Message._raw`.
-kombu (its Redis transport's consume, replaced by kiq/claim.py): `Channel._brpop_start`, `_brpop_read`, `_get`
-(overridden), `_in_poll`, `_brpop_sent_at`, `_queue_cycle`, `_q_for_pri`, `_flush_brpop_reauth`,
+kombu (its Redis transport's consume, replaced by kiq/claim.py): `Channel._brpop_start`, `_brpop_read`, `_get`,
+`_poll_error` (overridden), `_in_poll`, `_brpop_sent_at`, `_queue_cycle`, `_q_for_pri`, `_flush_brpop_reauth`,
 `_maybe_update_queues_expire`, `Connection._deliver`.
 kombu (its Redis transport's publish, for kiq/publish.py): `Channel._put` (overridden), `_expires`,
 `_get_message_priority`, `_q_for_pri`; `Connection._info` (ConnectionPool.new's arguments).
@@ -90,6 +90,9 @@ class ConsumeHooks:
     def _get(self, queue: str) -> Any:
         return self.get_claimed(queue)
 
+    def _poll_error(self, type: str, **options: Any) -> Any:
+        return self.poll_error(type, **options)
+
     def start_claim(self, timeout: Any) -> None:
         return super()._brpop_start(timeout)  # type: ignore[misc]
 
@@ -98,6 +101,9 @@ class ConsumeHooks:
 
     def get_claimed(self, queue: str) -> Any:
         return super()._get(queue)  # type: ignore[misc]
+
+    def poll_error(self, type: str, **options: Any) -> Any:
+        return super()._poll_error(type, **options)  # type: ignore[misc]
 
 
 class PutHook:

@@ -179,3 +179,55 @@ def test_the_doorbell_is_bounded_and_expires():
         assert 0 < client.ttl(doorbell_key(queue)) <= claim.DOORBELL_TTL_S
     finally:
         client.delete(doorbell_key(queue))
+
+
+def test_a_doorbell_wait_that_fails_still_delivers_the_claimed_message(names):
+    """An error reply to the doorbell's BLPOP (here a doorbell key of another type) is read whole: the claim's reply
+    after it is delivered, not dropped (its message popped and recorded, handed back by every sweep, never run)."""
+    client = redis.Redis.from_url(REDIS_URL)
+    client.set(doorbell_key(names["queue"]), "not a list")
+    queue = publish(names, {"n": 1})
+    got = []
+    with Connection(REDIS_URL, transport_options=options(names)) as conn:
+        conn.default_channel._claim_found = False  # as after an empty claim: the doorbell wait goes first
+        with conn.Consumer(queue, callbacks=[lambda body, message: got.append(message)]):
+            drain(conn)
+        assert [m.payload for m in got] == [{"n": 1}]
+        got[0].ack()
+    assert not client.exists(names["unacked_key"], *priority_lists(names["queue"]))
+
+
+def test_a_channel_consuming_only_without_acks_reads_by_kombus_brpop(names):
+    """Reply queues (`celery inspect`) ack nothing and nobody rings their doorbells: such a channel waits in kombu's
+    BRPOP (a reply arrives at once), not a doorbell wait that could hold a reply past inspect's 1 s timeout and
+    then pop it unseen. Redis says which command the idle consumer is blocked in."""
+    client = redis.Redis.from_url(REDIS_URL)
+    queue = Queue(names["queue"], Exchange(names["queue"], "direct"), names["queue"])
+    got = []
+    with Connection(REDIS_URL, transport_options=options(names)) as conn:
+        channel = conn.default_channel
+        channel.client.connection = channel.client.connection_pool.get_connection()  # the poll's, as kombu's
+        channel.client.connection.send_command("CLIENT", "ID")
+        consumer_id = channel.client.connection.read_response()
+        with conn.Consumer(queue, callbacks=[lambda body, message: got.append(body)], no_ack=True):
+            for _ in range(3):  # an empty claim would be followed by a doorbell wait
+                drain(conn, timeout=0.3)
+            (info,) = client.client_list(client_id=[consumer_id])
+            assert info["cmd"] == "brpop" and "b" in info["flags"], info
+            publish(names, {"reply": 1})
+            drain(conn, timeout=1.0)
+    assert got == [{"reply": 1}]
+
+
+def test_a_poll_error_drops_the_connection_of_a_claim_in_flight(names):
+    queue = Queue(names["queue"], Exchange(names["queue"], "direct"), names["queue"])
+    with Connection(REDIS_URL, transport_options=options(names)) as conn:
+        channel = conn.default_channel
+        with conn.Consumer(queue, callbacks=[lambda body, message: None]):
+            channel._claim_found = False
+            channel.client.connection = channel.client.connection_pool.get_connection()  # as the poller does
+            channel._brpop_start()  # doorbell wait + claim: two replies in flight
+            assert channel._in_poll
+            channel._poll_error("BRPOP")
+            assert not channel._in_poll and not channel._claim_waits
+            assert channel.client.connection._sock is None  # dropped, never read one reply of two

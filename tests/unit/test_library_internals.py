@@ -177,6 +177,7 @@ PRIVATE = {
     "_brpop_start": "kombu Redis Channel: sends the consume (BRPOP), overridden by ConsumeHooks",
     "_brpop_read": "kombu Redis Channel: reads it and delivers, overridden by ConsumeHooks",
     "_get": "kombu Redis Channel: basic_get's read, overridden by ConsumeHooks",
+    "_poll_error": "kombu Redis Channel: reads the reply on a poll error, overridden by ConsumeHooks",
     "_in_poll": "kombu Redis Channel: the connection a consume reply is pending on",
     "_brpop_sent_at": "kombu Redis Channel: when the consume was sent (its health check)",
     "_queue_cycle": "kombu Redis Channel: the queue order of the consume",

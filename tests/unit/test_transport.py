@@ -22,7 +22,12 @@ from kiq.leases import held_tags
 REWRITTEN = {"append": "35c655f6ecc62fe6", "restore_visible": "d4a4a40a3eaf9f23", "restore_unacked": "8954efef014d546e"}
 
 # ... and of the kombu Channel methods kiq.claim.Claiming replaces (through kiq.library_internals.ConsumeHooks).
-REPLACED = {"_brpop_start": "06723d707ddf2240", "_brpop_read": "c42518699709f2df", "_get": "be26a9f1eb4cf8da"}
+REPLACED = {
+    "_brpop_start": "06723d707ddf2240",
+    "_brpop_read": "c42518699709f2df",
+    "_get": "be26a9f1eb4cf8da",
+    "_poll_error": "2c941c0124b99fab",
+}
 
 
 def digest(function):
