@@ -72,6 +72,18 @@ def ring(pipe: Any, queue: str, prefix: str = "") -> None:
     pipe.lpush(key, 1).ltrim(key, 0, DOORBELL_TOKENS - 1).expire(key, DOORBELL_TTL_S)
 
 
+def ring_after_publish(app: Any, redis: Any, queue: str) -> None:
+    """Wake an idle consumer of `queue` at once after a publish to it (without, one claims within `WAIT_CAP_S`),
+    on `redis` with the broker's key prefix; never raises: a doorbell is only a wake-up."""
+    try:
+        prefix = (app.conf.broker_transport_options or {}).get("global_keyprefix", "")
+        with redis.pipeline(transaction=False) as pipe:
+            ring(pipe, queue, prefix)
+            pipe.execute()
+    except Exception as exc:  # noqa: BLE001
+        log.debug("could not ring the doorbell of %s (a consumer claims within %d s): %s", queue, WAIT_CAP_S, exc)
+
+
 class Claiming(internals.ConsumeHooks):
     """Mixed in before kombu's Redis Channel (or SentinelChannel): consume by `CLAIM` (see the module's doc)."""
 

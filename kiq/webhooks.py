@@ -81,17 +81,5 @@ def queue_webhook(app: Any, redis: Any, job_id: str, url: str | None, ttl_s: int
         except Exception:  # noqa: BLE001 - best effort
             pass
         return False
-    _ring(app, redis)
+    claim.ring_after_publish(app, redis, WEBHOOK_QUEUE)  # on the results' Redis: the broker's unless set apart
     return True
-
-
-def _ring(app: Any, redis: Any) -> None:
-    """Wake an idle webhook worker at once (kiq/claim.py; it claims the webhook within a second without), on the
-    results' Redis: the broker's too unless they are configured apart."""
-    try:
-        prefix = (app.conf.broker_transport_options or {}).get("global_keyprefix", "")
-        with redis.pipeline(transaction=False) as pipe:
-            claim.ring(pipe, WEBHOOK_QUEUE, prefix)
-            pipe.execute()
-    except Exception as exc:  # noqa: BLE001 - a webhook never fails its job
-        log.debug("could not ring the webhook queue's doorbell: %s", exc)

@@ -54,6 +54,11 @@ return 1
 """
 
 
+def _record(job: Job, owner: str) -> dict[str, str]:
+    """A job's record: who submitted it and where its webhook goes."""
+    return {"owner": owner, "webhook_url": job.webhook_url or ""}
+
+
 class Client:
     def __init__(self, settings: Settings, app: Celery | None = None, s3_client: Any = None) -> None:
         self.settings = settings
@@ -127,7 +132,7 @@ class Client:
                  weight: int, counted: bool) -> float:  # fmt: skip
         """Store inline images, write the record, send the message; return the deadline to start (Redis clock)."""
         parsed = self.store_inline_images(parsed, owner, job_id)
-        record = {"owner": owner, "webhook_url": parsed.webhook_url or ""}
+        record = _record(parsed, owner)
         ttl, index = self.settings.result_ttl_s, jobs_index_key(owner)
 
         def write() -> float:  # the record and the tenant's index entry live as long as the result
@@ -158,18 +163,8 @@ class Client:
         except Exception:
             self._forget(job_id, owner)
             raise
-        self.ring(queue)
+        claim.ring_after_publish(self.app, self.broker_redis, queue)
         return deadline
-
-    def ring(self, queue: str) -> None:
-        """Wake an idle worker of `queue` at once (kiq/claim.py); without it one claims the job within a second."""
-        prefix = (self.app.conf.broker_transport_options or {}).get("global_keyprefix", "")
-        try:
-            with self.broker_redis.pipeline(transaction=False) as pipe:
-                claim.ring(pipe, queue, prefix)
-                pipe.execute()
-        except redisconn.REDIS_ERRORS as exc:
-            log.debug("could not ring the doorbell of %s (a worker claims the job within a second): %s", queue, exc)
 
     def fair_queue(self, routed: str, owner: str, weight: int) -> str:
         """The queue the owner's job waits in: its own tenant queue of `routed`, recorded for the workers (fair
@@ -236,7 +231,7 @@ class Client:
     def keep_record(self, job_id: str, job: Job, owner: str) -> None:
         """Write the job's record unless it exists: an idempotent retry whose first try's publish landed but
         raised (its reply lost) finds the job committed to its key and its record removed as unsent."""
-        record = json.dumps({"owner": owner, "webhook_url": job.webhook_url or ""})
+        record = json.dumps(_record(job, owner))
         keys = [job_record_key(job_id), jobs_index_key(owner), deleted_key(job_id)]
         if self.redis.eval(_KEEP_RECORD, 3, *keys, record, self.settings.result_ttl_s, job_id, time.time()):
             log.warning("job %s: its record was written again by an idempotent retry", job_id)
